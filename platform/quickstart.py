@@ -1,0 +1,263 @@
+"""``loraplane quickstart``: the whole loop on one machine, for real.
+
+Build the demo base model, write two task datasets, train one adapter per task in a trainer
+process, serve them with a local vLLM server, register both, evaluate each against the base model on
+its own task through the live endpoint, promote the winner to ``prod``, and ask it one question
+through the official ``openai`` client. Every process it starts is stopped when it ends, fails or
+is interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loraplane.common.errors import LoraplaneError
+from loraplane.platform.adapters import evaluate_adapter, promote_adapter, register_adapter
+from loraplane.platform.registry import EvalRecord, LocalRegistry
+from loraplane.platform.settings import Settings
+from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
+
+MARKER = ".loraplane-quickstart"
+BASE_NAME = "demo-base"
+
+
+@dataclass
+class QuickstartOptions:
+    workdir: Path
+    port: int | None = None
+    epochs: float = 6.0
+    learning_rate: float = 1e-2
+    server_timeout: float = 600.0
+
+
+@dataclass
+class QuickstartResult:
+    workdir: Path
+    evals: dict[str, EvalRecord]
+    winner: str
+    promoted: str
+    answer: str
+    question: str
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Use an empty or missing directory, or one an earlier quickstart made (it is cleared)."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists():
+            raise LoraplaneError(f"{workdir} exists and is not empty",
+                                 hint="choose another --workdir; quickstart only clears directories it made")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("created by loraplane quickstart; cleared by the next one\n")
+
+
+class TrainerProcess:
+    """``python -m loraplane.trainer`` as a child process, reporting progress from its JSON logs."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[str] | None = None
+
+    def run(self, on_step: Callable[[int, int], None]) -> dict[str, str]:
+        env = {**os.environ, "LORAPLANE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraplane.trainer", "--config", str(self.config_path), "-v"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+        )
+        assert self.proc.stderr is not None and self.proc.stdout is not None
+        with self.log_path.open("w") as log_file:
+            for line in self.proc.stderr:
+                log_file.write(line)
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    event = json.loads(line)
+                    if event.get("msg") == "train progress":
+                        on_step(int(event["step"]), int(event["max_steps"]))
+        out = self.proc.stdout.read()
+        code = self.proc.wait()
+        if code != 0:
+            tail = "\n".join(self.log_path.read_text().splitlines()[-15:])
+            raise LoraplaneError(f"training with {self.config_path} failed (exit {code})",
+                                 hint=f"log: {self.log_path}\n{tail}")
+        result: dict[str, str] = json.loads(out.strip().splitlines()[-1])
+        return result
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _trainer_config(opts: QuickstartOptions, task: str, model_dir: Path, train_path: Path, adapters: Path) -> dict[str, object]:
+    return {
+        "base_model": {"path": str(model_dir)},
+        "dataset": {"path": str(train_path)},
+        "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+        "training": {"learning_rate": opts.learning_rate, "epochs": opts.epochs, "batch_size": 8,
+                     "max_seq_length": 128, "logging_steps": 5, "seed": 0},
+        "output": {"adapters_root": str(adapters), "name": task},
+    }
+
+
+def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> QuickstartResult:
+    from loraplane.trainer.demo_model import build_demo_model
+    from loraplane.trainer.demo_tasks import TASKS, write_task_files
+
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    work = opts.workdir.resolve()
+    prepare_workdir(work)
+    api_key = secrets.token_urlsafe(24)
+    port = opts.port or free_port()
+    settings = Settings(home=work / "state", adapters_root=work / "adapters",
+                        server_url=f"http://127.0.0.1:{port}", api_key=api_key, max_lora_rank=8)
+    server: VLLMServer | None = None
+    trainer: TrainerProcess | None = None
+
+    def step(label: str) -> Callable[[], None]:
+        t0 = time.monotonic()
+        console.print(f"[bold cyan]>[/] {label}")
+
+        def done() -> None:
+            timings[label] = round(time.monotonic() - t0, 1)
+            console.print(f"  [green]done[/] in {timings[label]:.1f}s")
+        return done
+
+    try:
+        done = step("Building the demo base model (tiny Llama + locally trained tokenizer)")
+        model_dir = build_demo_model(work / "base-model")
+        done()
+
+        done = step("Starting vLLM (CPU) in the background; it loads while the adapters train")
+        server = VLLMServer(
+            VLLMServerConfig(model=str(model_dir), served_model_name=BASE_NAME, port=port, max_loras=2,
+                             max_lora_rank=8, max_model_len=256, dtype="float32", kv_cache_gib=1,
+                             api_key=api_key),
+            log_path=work / "logs" / "vllm.log",
+        )
+        server.start()
+        done()
+
+        eval_sets: dict[str, Path] = {}
+        published: dict[str, Path] = {}
+        (work / "configs").mkdir()
+        for task in TASKS.values():
+            train_path, eval_path = write_task_files(task, work / "data")
+            eval_sets[task.name] = eval_path
+            config_path = work / "configs" / f"{task.name}.yaml"
+            config_path.write_text(yaml.safe_dump(_trainer_config(opts, task.name, model_dir, train_path,
+                                                                  work / "adapters")))
+            done = step(f"Training adapter '{task.name}': {task.description}")
+            with _progress(console) as progress:
+                bar = progress.add_task("steps", total=None)
+                trainer = TrainerProcess(config_path, work / "logs" / f"train-{task.name}.log")
+                result = trainer.run(lambda s, n, b=bar: progress.update(b, completed=s, total=n))
+                trainer = None
+            published[task.name] = Path(result["adapter"])
+            done()
+
+        done = step(f"Waiting for vLLM to be ready at {server.url}")
+        server.wait_ready(timeout=opts.server_timeout)
+        done()
+
+        done = step("Registering both adapters (preflight: safetensors, under the adapters root, rank)")
+        for path in published.values():
+            register_adapter(settings, path)
+        done()
+
+        evals: dict[str, EvalRecord] = {}
+        state = LocalRegistry(settings.home).read()
+        for task, path in published.items():
+            ref = state.resolve(task).ref
+            done = step(f"Evaluating {ref} against the base model on the '{task}' eval set (live endpoint)")
+            with _progress(console) as progress:
+                bar = progress.add_task("requests", total=None)
+                evals[task] = asyncio.run(evaluate_adapter(
+                    settings, ref, eval_sets[task], report_dir=work / "reports",
+                    on_progress=lambda d, n, b=bar: progress.update(b, completed=d, total=2 * n)))
+            done()
+
+        passed = {t: e for t, e in evals.items() if e.passed}
+        if not passed:
+            raise LoraplaneError("no adapter beat the base model; nothing to promote",
+                                 hint=f"see the eval reports in {work / 'reports'}")
+        winner = max(passed, key=lambda t: passed[t].delta)
+        done = step(f"Promoting the winner '{winner}' to the alias 'prod'")
+        promoted, _ = asyncio.run(promote_adapter(settings, winner, alias="prod"))
+        done()
+
+        done = step(f"Asking '{winner}:prod' one question through the openai client")
+        from openai import OpenAI
+
+        served = LocalRegistry(settings.home).read().resolve(f"{winner}:prod").served_name
+        from loraplane.evals.dataset import load_eval_set
+
+        example = load_eval_set(eval_sets[winner])[0]
+        client = OpenAI(base_url=f"{settings.server_url}/v1", api_key=api_key)
+        reply = client.chat.completions.create(model=served, messages=example.as_chat(),  # type: ignore[arg-type]
+                                               temperature=0, max_tokens=16)
+        answer = reply.choices[0].message.content or ""
+        question = example.messages[-1][1]
+        done()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping every process quickstart started[/]")
+        raise
+    finally:
+        if trainer is not None:
+            trainer.kill()
+        if server is not None:
+            server.stop()
+
+    return QuickstartResult(workdir=work, evals=evals, winner=winner, promoted=promoted.served_name,
+                            answer=answer, question=question, seconds=time.monotonic() - started,
+                            timings=timings)
+
+
+@contextlib.contextmanager
+def _progress(console: Console):  # type: ignore[no-untyped-def]
+    with Progress(SpinnerColumn(), TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        yield progress
+
+
+def summary_table(result: QuickstartResult) -> Table:
+    table = Table(title=f"loraplane quickstart: {result.seconds:.0f}s, workdir {result.workdir}")
+    for col in ("adapter", "task", "base EM", "adapter EM", "delta", "gate", "alias"):
+        table.add_column(col, justify="right" if "EM" in col or col == "delta" else "left")
+    for task, record in result.evals.items():
+        table.add_row(
+            record.candidate_model,
+            task,
+            f"{record.baseline['exact_match']:.2f}",
+            f"{record.candidate['exact_match']:.2f}",
+            f"{record.delta:+.2f}",
+            "[green]pass[/]" if record.passed else "[red]fail[/]",
+            "prod" if task == result.winner else "",
+        )
+    return table

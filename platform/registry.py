@@ -1,0 +1,160 @@
+"""The adapter registry: adapters, their immutable versions, aliases, and an append-only history.
+
+The local backend keeps everything in one JSON file under a state directory. Every change happens in
+a :meth:`LocalRegistry.transaction`: the file is locked, read, changed in memory and written back
+atomically (temp file + fsync + rename) only if the whole change succeeded. A failed command, a
+crash or Ctrl-C leaves the previous file untouched.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock
+from pydantic import BaseModel, Field, ValidationError
+
+from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.common.files import atomic_write_text
+
+VersionState = Literal["registered", "serving", "retired"]
+REF_PATTERN = re.compile(r"^(?P<name>[a-z0-9][a-z0-9-]*)(?:@(?P<version>v[0-9]+)|:(?P<alias>[a-z0-9][a-z0-9-]*))?$")
+
+
+class RegistryError(LoraplaneError):
+    """The registry cannot do what was asked (unknown adapter, duplicate version, ...)."""
+
+    exit_code = 2
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class EvalRecord(BaseModel):
+    """A side-by-side evaluation of a version against a baseline on one eval set."""
+
+    dataset: str
+    endpoint: str
+    created_at: str = Field(default_factory=now)
+    metric: str = "exact_match"
+    candidate_model: str
+    candidate: dict[str, float]
+    baseline_model: str
+    baseline: dict[str, float]
+    passed: bool
+    report_path: str | None = None
+
+    @property
+    def delta(self) -> float:
+        return self.candidate[self.metric] - self.baseline[self.metric]
+
+
+class AdapterVersion(BaseModel):
+    name: str
+    version: str
+    served_name: str = Field(description="Immutable name the server uses: <name>@<version>.")
+    path: str
+    weights_sha256: str
+    base_model: str | None = None
+    manifest: dict[str, Any] = Field(default_factory=dict)
+    state: VersionState = "registered"
+    registered_at: str = Field(default_factory=now)
+    evals: list[EvalRecord] = Field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def latest_eval(self) -> EvalRecord | None:
+        return self.evals[-1] if self.evals else None
+
+
+class Adapter(BaseModel):
+    name: str
+    versions: dict[str, AdapterVersion] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict, description="alias -> version")
+
+
+class HistoryEvent(BaseModel):
+    at: str = Field(default_factory=now)
+    who: str = Field(default_factory=lambda: getpass.getuser())
+    action: Literal["register", "load", "eval", "promote", "retire"]
+    adapter: str
+    version: str | None = None
+    alias: str | None = None
+    previous: str | None = None
+    reason: str | None = None
+    forced: bool = False
+
+
+class RegistryState(BaseModel):
+    schema_version: Literal[1] = 1
+    adapters: dict[str, Adapter] = Field(default_factory=dict)
+    history: list[HistoryEvent] = Field(default_factory=list)
+
+    def adapter(self, name: str) -> Adapter:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            known = ", ".join(sorted(self.adapters)) or "none registered yet"
+            raise RegistryError(f"unknown adapter {name!r} (known: {known})",
+                                hint="register it first: loraplane adapters register PATH") from None
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """``name@v3`` (exact), ``name:prod`` (alias), or ``name`` (its ``prod`` alias, else newest)."""
+        match = REF_PATTERN.match(ref)
+        if not match:
+            raise InvalidInputError(f"{ref!r} is not an adapter reference",
+                                    hint="use NAME@VERSION (support-bot@v3) or NAME:ALIAS (support-bot:prod)")
+        adapter = self.adapter(match["name"])
+        if match["version"]:
+            version = match["version"]
+        elif match["alias"]:
+            if match["alias"] not in adapter.aliases:
+                raise RegistryError(f"adapter {adapter.name!r} has no alias {match['alias']!r} "
+                                    f"(aliases: {', '.join(sorted(adapter.aliases)) or 'none'})")
+            version = adapter.aliases[match["alias"]]
+        elif "prod" in adapter.aliases:
+            version = adapter.aliases["prod"]
+        else:
+            live = [v for v in adapter.versions.values() if v.state != "retired"]
+            if not live:
+                raise RegistryError(f"adapter {adapter.name!r} has no version that is not retired")
+            version = max(live, key=lambda v: int(v.version[1:])).version
+        if version not in adapter.versions:
+            raise RegistryError(f"adapter {adapter.name!r} has no version {version!r} "
+                                f"(versions: {', '.join(sorted(adapter.versions)) or 'none'})")
+        return adapter.versions[version]
+
+
+class LocalRegistry:
+    """The embedded registry backend: ``<state_dir>/registry.json`` guarded by a file lock."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / "registry.json"
+        self._lock = FileLock(str(self.state_dir / "registry.lock"), timeout=30)
+
+    def read(self) -> RegistryState:
+        if not self.path.exists():
+            return RegistryState()
+        try:
+            return RegistryState.model_validate_json(self.path.read_bytes())
+        except ValidationError as exc:
+            raise LoraplaneError(f"{self.path}: the registry file is corrupt ({exc.error_count()} errors)",
+                                 hint="restore it from a backup; loraplane never writes a partial file") from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[RegistryState]:
+        """Lock, read, yield the state for changing; write it back only if the block succeeds."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            state = self.read()
+            yield state
+            atomic_write_text(self.path, state.model_dump_json(indent=2) + "\n")

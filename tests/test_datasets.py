@@ -1,0 +1,61 @@
+"""Bad datasets get errors naming the file and line, and nothing is trained or written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraplane.common.jsonl import DatasetError
+from loraplane.evals.dataset import load_eval_set
+from loraplane.trainer.config import load_config
+from loraplane.trainer.data import load_chat_jsonl
+from loraplane.trainer.train import train_and_publish
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"messages": [', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        ('{"text": "no messages"}', "missing 'messages'"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "messages[0].role is 'robot'"),
+        ('{"messages": [{"role": "user", "content": "  "}]}', "messages[0].content is empty"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ],
+)
+def test_bad_line_is_named_with_file_and_line_number(tmp_path: Path, bad_line: str, message: str) -> None:
+    path = _write(tmp_path / "train.jsonl", [json.dumps(GOOD), "", json.dumps(GOOD), bad_line])
+    with pytest.raises(DatasetError) as info:
+        load_chat_jsonl(path)
+    assert f"{path}:4:" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_good_file_loads_every_conversation(tmp_path: Path) -> None:
+    path = _write(tmp_path / "train.jsonl", [json.dumps(GOOD)] * 3)
+    assert len(load_chat_jsonl(path)) == 3
+
+
+def test_eval_set_needs_expected_answer(tmp_path: Path) -> None:
+    path = _write(tmp_path / "eval.jsonl", ['{"prompt": "2+2?", "expected": "4"}', '{"prompt": "3+3?"}'])
+    with pytest.raises(DatasetError, match=r"eval.jsonl:2: missing 'expected'"):
+        load_eval_set(path)
+
+
+def test_training_on_a_bad_dataset_writes_nothing(tmp_path: Path, demo_model: Path) -> None:
+    data = _write(tmp_path / "train.jsonl", [json.dumps(GOOD), "not json"])
+    adapters = tmp_path / "adapters"
+    cfg = load_config(None, [f"base_model.path={demo_model}", f"dataset.path={data}",
+                             f"output.adapters_root={adapters}", "output.name=bot"])
+    with pytest.raises(DatasetError, match=r"train.jsonl:2: not valid JSON"):
+        train_and_publish(cfg)
+    assert not adapters.exists() or not any(adapters.rglob("*"))

@@ -1,0 +1,113 @@
+"""The local registry: references, immutability, atomic writes, and failed commands change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from conftest import write_fake_adapter
+
+from loraplane.common.errors import InvalidInputError
+from loraplane.platform.adapters import IntegrityError, PromotionRefusedError, promote_adapter, register_adapter
+from loraplane.platform.registry import EvalRecord, LocalRegistry, RegistryError
+from loraplane.platform.settings import Settings
+from loraplane.serving.preflight import AdapterPreflightError
+
+
+def _snapshot(settings: Settings) -> bytes | None:
+    path = settings.home / "registry.json"
+    return path.read_bytes() if path.exists() else None
+
+
+def test_register_and_resolve(settings: Settings, fake_adapter: Path) -> None:
+    entry = register_adapter(settings, fake_adapter, name="demo", version="v1")
+    assert entry.served_name == "demo@v1"
+    state = LocalRegistry(settings.home).read()
+    assert state.resolve("demo@v1").weights_sha256 == entry.weights_sha256
+    assert state.resolve("demo").version == "v1"  # no prod alias yet: newest version
+    with pytest.raises(RegistryError, match="has no alias 'prod'"):
+        state.resolve("demo:prod")
+    with pytest.raises(RegistryError, match="unknown adapter 'other'"):
+        state.resolve("other@v1")
+    with pytest.raises(InvalidInputError, match="not an adapter reference"):
+        state.resolve("Demo/../x")
+    assert [e.action for e in state.history] == ["register"]
+
+
+def test_duplicate_version_is_refused_and_registry_unchanged(settings: Settings, fake_adapter: Path) -> None:
+    register_adapter(settings, fake_adapter, name="demo", version="v1")
+    before = _snapshot(settings)
+    other = write_fake_adapter(settings.adapters_dir / "demo" / "v1-copy")
+    with pytest.raises(RegistryError, match="already registered"):
+        register_adapter(settings, other, name="demo", version="v1")
+    assert _snapshot(settings) == before
+
+
+def test_missing_adapter_path_is_refused_and_registry_unchanged(settings: Settings, fake_adapter: Path) -> None:
+    register_adapter(settings, fake_adapter, name="demo", version="v1")
+    before = _snapshot(settings)
+    with pytest.raises(AdapterPreflightError, match="does not exist"):
+        register_adapter(settings, settings.adapters_dir / "demo" / "v9", name="demo", version="v9")
+    assert _snapshot(settings) == before
+
+
+def test_failed_transaction_leaves_file_untouched(settings: Settings, fake_adapter: Path) -> None:
+    register_adapter(settings, fake_adapter, name="demo", version="v1")
+    before = _snapshot(settings)
+    registry = LocalRegistry(settings.home)
+    with pytest.raises(RuntimeError), registry.transaction() as state:
+        state.adapters.clear()
+        raise RuntimeError("crash in the middle of a change")
+    assert _snapshot(settings) == before
+    assert not list(settings.home.glob(".registry.json.*"))  # no temp file left behind
+
+
+def test_promotion_without_passing_eval_is_refused(settings: Settings, fake_adapter: Path) -> None:
+    register_adapter(settings, fake_adapter, name="demo", version="v1")
+    before = _snapshot(settings)
+    with pytest.raises(PromotionRefusedError, match="never been evaluated"):
+        asyncio.run(promote_adapter(settings, "demo@v1"))
+    with LocalRegistry(settings.home).transaction() as state:
+        state.resolve("demo@v1").evals.append(EvalRecord(
+            dataset="d.jsonl", endpoint="x", candidate_model="demo@v1", candidate={"exact_match": 0.2},
+            baseline_model="base", baseline={"exact_match": 0.5}, passed=False))
+    before = _snapshot(settings)
+    with pytest.raises(PromotionRefusedError, match=r"exact_match 0.200 vs 0.500"):
+        asyncio.run(promote_adapter(settings, "demo@v1"))
+    with pytest.raises(InvalidInputError, match="--force needs --reason"):
+        asyncio.run(promote_adapter(settings, "demo@v1", force=True))
+    assert _snapshot(settings) == before
+
+
+def test_changed_weights_block_promotion(settings: Settings, fake_adapter: Path) -> None:
+    register_adapter(settings, fake_adapter, name="demo", version="v1")
+    (fake_adapter / "adapter_model.safetensors").write_bytes(b"tampered")
+    before = _snapshot(settings)
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        asyncio.run(promote_adapter(settings, "demo@v1", force=True, reason="testing"))
+    assert _snapshot(settings) == before
+
+
+def _register_many(home: str, root: str, start: int) -> None:
+    settings = Settings(home=Path(home), adapters_root=Path(root), max_lora_rank=8)
+    for i in range(start, start + 10):
+        register_adapter(settings, Path(root) / "demo" / f"v{i}", name="demo", version=f"v{i}")
+
+
+def test_concurrent_writers_lose_nothing(settings: Settings) -> None:
+    for i in range(1, 21):
+        write_fake_adapter(settings.adapters_dir / "demo" / f"v{i}")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_register_many, args=(str(settings.home), str(settings.adapters_dir), s))
+             for s in (1, 11)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    state = json.loads((settings.home / "registry.json").read_text())
+    assert len(state["adapters"]["demo"]["versions"]) == 20
+    assert len(state["history"]) == 20

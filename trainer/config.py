@@ -1,0 +1,154 @@
+"""The training job's configuration: one pydantic model, from a YAML file plus ``key=value`` overrides.
+
+Every value is checked here, before any model or dataset is loaded, and an invalid one is reported
+with its dotted field name, the value given and what to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraplane.common.errors import ConfigError, format_validation_error
+
+# vLLM's --max-lora-rank accepts only these values; an adapter of another rank needs the next one up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a DNS label: usable in Kubernetes names too
+VERSION_PATTERN = r"^v[0-9]{1,6}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelSpec(_Strict):
+    path: str = Field(description="Local directory or Hugging Face hub id of the base model.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a local directory or a hub id such as 'meta-llama/Llama-3.2-1B'")
+        return v
+
+
+class DatasetSpec(_Strict):
+    path: Path = Field(description="Training data: JSONL, one chat conversation per line ({'messages': [...]}).")
+    eval_path: Path | None = Field(default=None, description="Optional held-out JSONL in the same format.")
+
+
+class LoraSpec(_Strict):
+    r: Annotated[int, Field(ge=1, le=512)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_rslora: bool = False
+
+    @field_validator("r")
+    @classmethod
+    def _servable_rank(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            up = next(x for x in VLLM_LORA_RANKS if x >= v)
+            raise ValueError(f"vLLM serves only ranks {list(VLLM_LORA_RANKS)}; use r={up}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_modules(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:
+            raise ValueError("list at least one module (e.g. [q_proj, v_proj]) or use 'all-linear'")
+        return v
+
+
+class TrainingSpec(_Strict):
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    max_seq_length: Annotated[int, Field(ge=16)] = 1024
+    assistant_only_loss: bool = True
+    seed: int = 0
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+
+    @model_validator(mode="after")
+    def _steps(self) -> TrainingSpec:
+        if self.max_steps == 0:
+            raise ValueError("training.max_steps: 0 trains nothing; use -1 (train for 'epochs') or a positive number")
+        return self
+
+
+class OutputSpec(_Strict):
+    adapters_root: Path = Field(description="Directory under which adapters are published as <name>/<version>/.")
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
+        description="Adapter name: lowercase letters, digits and '-', at most 63 characters."
+    )
+    version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = Field(
+        default=None, description="Version to publish (v1, v2, ...). Default: the next free one."
+    )
+    run_dir: Path | None = Field(default=None, description="Scratch directory for the run (default: a temp dir).")
+
+
+class TrainJobConfig(_Strict):
+    base_model: BaseModelSpec
+    dataset: DatasetSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    output: OutputSpec
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}={raw}: {key} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> TrainJobConfig:
+    """Read a YAML file, apply ``section.key=value`` overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = "command-line overrides"
+    if path is not None:
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+        base = path.parent
+        # Relative paths in a config file are relative to the file, not to the current directory.
+        for section, key in (("dataset", "path"), ("dataset", "eval_path"), ("output", "adapters_root"),
+                             ("output", "run_dir"), ("base_model", "path")):
+            value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                candidate = base / value
+                if key != "path" or section != "base_model" or candidate.exists():
+                    data[section][key] = str(candidate)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. training.epochs=3")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw.strip())
+    try:
+        return TrainJobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source=source) from None
