@@ -25,7 +25,9 @@ class _KeyValueFormatter(logging.Formatter):
             payload.update(extra)
             return json.dumps(payload, default=str)
         pairs = " ".join(f"{k}={v}" for k, v in extra.items())
-        return f"{record.levelname.lower():7} {record.name}: {record.getMessage()}" + (f" {pairs}" if pairs else "")
+        return f"{record.levelname.lower():7} {record.name}: {record.getMessage()}" + (
+            f" {pairs}" if pairs else ""
+        )
 
 
 def configure_logging(verbosity: int = 0) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-
 from loraplane.common.errors import LoraplaneError
 from loraplane.evals.dataset import EvalExample, load_eval_set
 from loraplane.evals.metrics import METRICS
@@ -28,20 +27,32 @@ async def _ask(client: httpx.AsyncClient, model: str, example: EvalExample, max_
     try:
         response = await client.post(
             "/v1/chat/completions",
-            json={"model": model, "messages": example.as_chat(), "temperature": 0.0, "seed": 0,
-                  "max_tokens": max_tokens},
+            json={
+                "model": model,
+                "messages": example.as_chat(),
+                "temperature": 0.0,
+                "seed": 0,
+                "max_tokens": max_tokens,
+            },
         )
     except httpx.HTTPError as exc:
-        return ExampleResult(line=example.line, expected=example.expected, answer=None,
-                             error=f"{type(exc).__name__}: {exc}")
+        return ExampleResult(
+            line=example.line, expected=example.expected, answer=None, error=f"{type(exc).__name__}: {exc}"
+        )
     latency = time.perf_counter() - started
     if response.status_code != 200:
-        return ExampleResult(line=example.line, expected=example.expected, answer=None,
-                             error=f"HTTP {response.status_code}: {response.text[:200]}", latency_s=latency)
+        return ExampleResult(
+            line=example.line,
+            expected=example.expected,
+            answer=None,
+            error=f"HTTP {response.status_code}: {response.text[:200]}",
+            latency_s=latency,
+        )
     answer = response.json()["choices"][0]["message"]["content"] or ""
     scores = {name: fn(answer, example.expected) for name, fn in METRICS.items()}
-    return ExampleResult(line=example.line, expected=example.expected, answer=answer, latency_s=latency,
-                         scores=scores)
+    return ExampleResult(
+        line=example.line, expected=example.expected, answer=answer, latency_s=latency, scores=scores
+    )
 
 
 async def evaluate(
@@ -90,7 +101,12 @@ async def evaluate(
     metrics = {name: sum(r.scores.get(name, 0.0) for r in results) / len(results) for name in METRICS}
     latencies = [r.latency_s for r in results if r.latency_s is not None and r.error is None]
     return EvalReport(
-        model=model, dataset=str(dataset), endpoint=endpoint, n=len(results), failures=len(failures),
-        metrics=metrics, mean_latency_s=sum(latencies) / len(latencies) if latencies else None,
+        model=model,
+        dataset=str(dataset),
+        endpoint=endpoint,
+        n=len(results),
+        failures=len(failures),
+        metrics=metrics,
+        mean_latency_s=sum(latencies) / len(latencies) if latencies else None,
         examples=list(results),
     )

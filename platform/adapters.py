@@ -44,8 +44,9 @@ class IntegrityError(LoraplaneError):
     exit_code = 3
 
 
-def register_adapter(settings: Settings, path: Path, *, name: str | None = None,
-                     version: str | None = None) -> AdapterVersion:
+def register_adapter(
+    settings: Settings, path: Path, *, name: str | None = None, version: str | None = None
+) -> AdapterVersion:
     """Check an adapter directory and record it as ``name@version``.
 
     Name and version default to those in the adapter's ``manifest.json`` (written by the trainer).
@@ -61,11 +62,14 @@ def register_adapter(settings: Settings, path: Path, *, name: str | None = None,
     name = name or str(manifest.get("name") or "")
     version = version or str(manifest.get("version") or "")
     if not name or not version:
-        raise InvalidInputError(f"{info.path} has no manifest.json naming the adapter",
-                                hint="pass --name NAME --version vN")
+        raise InvalidInputError(
+            f"{info.path} has no manifest.json naming the adapter", hint="pass --name NAME --version vN"
+        )
     if not REF_PATTERN.match(f"{name}@{version}"):
-        raise InvalidInputError(f"{name}@{version} is not a valid adapter name and version",
-                                hint=f"names use {NAME_CHARS}; versions look like v1, v2, ...")
+        raise InvalidInputError(
+            f"{name}@{version} is not a valid adapter name and version",
+            hint=f"names use {NAME_CHARS}; versions look like v1, v2, ...",
+        )
     base = manifest.get("base_model")
     entry = AdapterVersion(
         name=name,
@@ -80,8 +84,10 @@ def register_adapter(settings: Settings, path: Path, *, name: str | None = None,
         adapter = state.adapters.setdefault(name, Adapter(name=name))
         if version in adapter.versions:
             existing = adapter.versions[version]
-            raise RegistryError(f"{name}@{version} is already registered (path {existing.path})",
-                                hint="versions are immutable: publish new weights as a new version")
+            raise RegistryError(
+                f"{name}@{version} is already registered (path {existing.path})",
+                hint="versions are immutable: publish new weights as a new version",
+            )
         adapter.versions[version] = entry
         state.history.append(HistoryEvent(action="register", adapter=name, version=version))
     return entry
@@ -90,21 +96,29 @@ def register_adapter(settings: Settings, path: Path, *, name: str | None = None,
 def _verify_weights(entry: AdapterVersion) -> None:
     weights = Path(entry.path) / WEIGHTS_FILE
     if not weights.is_file():
-        raise IntegrityError(f"{entry.ref}: {weights} is gone",
-                             hint="the adapter's files must stay in place while it is registered")
+        raise IntegrityError(
+            f"{entry.ref}: {weights} is gone",
+            hint="the adapter's files must stay in place while it is registered",
+        )
     if sha256_file(weights) != entry.weights_sha256:
-        raise IntegrityError(f"{entry.ref}: {weights} changed since registration (sha256 mismatch)",
-                             hint="published adapters are immutable: register the new weights as a new version")
+        raise IntegrityError(
+            f"{entry.ref}: {weights} changed since registration (sha256 mismatch)",
+            hint="published adapters are immutable: register the new weights as a new version",
+        )
 
 
-async def load_adapter(settings: Settings, ref: str, *, server_urls: list[str] | None = None) -> AdapterVersion:
+async def load_adapter(
+    settings: Settings, ref: str, *, server_urls: list[str] | None = None
+) -> AdapterVersion:
     """Make every listed server (default: the configured one) serve ``ref`` under its served name."""
     registry = LocalRegistry(settings.home)
     entry = registry.read().resolve(ref)
     if entry.state == "retired":
         raise RegistryError(f"{entry.ref} is retired and cannot be loaded")
     _verify_weights(entry)
-    preflight_adapter(Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank)
+    preflight_adapter(
+        Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank
+    )
     for url in server_urls or [settings.server_url]:
         async with VLLMAdminClient(url, api_key=settings.api_key) as client:
             await client.load_adapter(entry.served_name, entry.path)
@@ -144,24 +158,33 @@ async def evaluate_adapter(
         baseline_model = base_name
     else:  # another adapter version, e.g. the one `name:prod` serves today
         baseline_model = (await load_adapter(settings, baseline)).served_name
-    candidate = await evaluate(settings.server_url, entry.served_name, dataset, api_key=settings.api_key,
-                               on_progress=on_progress)
-    base = await evaluate(settings.server_url, baseline_model, dataset, api_key=settings.api_key,
-                          on_progress=on_progress)
+    candidate = await evaluate(
+        settings.server_url, entry.served_name, dataset, api_key=settings.api_key, on_progress=on_progress
+    )
+    base = await evaluate(
+        settings.server_url, baseline_model, dataset, api_key=settings.api_key, on_progress=on_progress
+    )
     if metric not in candidate.metrics:
         raise InvalidInputError(f"unknown metric {metric!r} (available: {', '.join(candidate.metrics)})")
     report_path = None
     if report_dir is not None:
         stamp = candidate.created_at.replace(":", "").replace("-", "")
         report_file = report_dir / f"{entry.name}-{entry.version}-{stamp}.json"
-        atomic_write_text(report_file, json.dumps({"candidate": candidate.model_dump(),
-                                                   "baseline": base.model_dump()}, indent=2) + "\n")
+        atomic_write_text(
+            report_file,
+            json.dumps({"candidate": candidate.model_dump(), "baseline": base.model_dump()}, indent=2) + "\n",
+        )
         report_path = str(report_file)
     record = EvalRecord(
-        dataset=str(dataset), endpoint=settings.server_url, metric=metric,
-        candidate_model=entry.served_name, candidate={**candidate.metrics, "mean_latency_s": candidate.mean_latency_s or 0.0},
-        baseline_model=baseline_model, baseline={**base.metrics, "mean_latency_s": base.mean_latency_s or 0.0},
-        passed=candidate.metrics[metric] > base.metrics[metric], report_path=report_path,
+        dataset=str(dataset),
+        endpoint=settings.server_url,
+        metric=metric,
+        candidate_model=entry.served_name,
+        candidate={**candidate.metrics, "mean_latency_s": candidate.mean_latency_s or 0.0},
+        baseline_model=baseline_model,
+        baseline={**base.metrics, "mean_latency_s": base.mean_latency_s or 0.0},
+        passed=candidate.metrics[metric] > base.metrics[metric],
+        report_path=report_path,
     )
     with LocalRegistry(settings.home).transaction() as state:
         state.resolve(entry.ref).evals.append(record)
@@ -169,8 +192,9 @@ async def evaluate_adapter(
     return record
 
 
-async def promote_adapter(settings: Settings, ref: str, *, alias: str = "prod", force: bool = False,
-                          reason: str | None = None) -> tuple[AdapterVersion, str | None]:
+async def promote_adapter(
+    settings: Settings, ref: str, *, alias: str = "prod", force: bool = False, reason: str | None = None
+) -> tuple[AdapterVersion, str | None]:
     """Point ``<name>:<alias>`` at ``ref``. Returns the version and the alias's previous target.
 
     Refused unless the version's weights are unchanged and its latest evaluation passed; ``force``
@@ -183,12 +207,15 @@ async def promote_adapter(settings: Settings, ref: str, *, alias: str = "prod", 
     latest = entry.latest_eval()
     if not force:
         if latest is None:
-            raise PromotionRefusedError(f"{entry.ref} has never been evaluated",
-                                        hint=f"run: loraplane adapters eval {entry.ref} --dataset FILE")
+            raise PromotionRefusedError(
+                f"{entry.ref} has never been evaluated",
+                hint=f"run: loraplane adapters eval {entry.ref} --dataset FILE",
+            )
         if not latest.passed:
             raise PromotionRefusedError(
-                f"{entry.ref} failed its latest evaluation: {latest.metric} {latest.candidate[latest.metric]:.3f} "
-                f"vs {latest.baseline[latest.metric]:.3f} for {latest.baseline_model} on {latest.dataset}",
+                f"{entry.ref} failed its latest evaluation: {latest.metric} "
+                f"{latest.candidate[latest.metric]:.3f} vs {latest.baseline[latest.metric]:.3f} "
+                f"for {latest.baseline_model} on {latest.dataset}",
                 hint='improve the adapter, or override with --force --reason "..."',
             )
     await load_adapter(settings, entry.ref)  # every server must serve it before the alias points at it
@@ -196,6 +223,15 @@ async def promote_adapter(settings: Settings, ref: str, *, alias: str = "prod", 
         adapter = state.adapter(entry.name)
         previous = adapter.aliases.get(alias)
         adapter.aliases[alias] = entry.version
-        state.history.append(HistoryEvent(action="promote", adapter=entry.name, version=entry.version,
-                                          alias=alias, previous=previous, reason=reason, forced=force))
+        state.history.append(
+            HistoryEvent(
+                action="promote",
+                adapter=entry.name,
+                version=entry.version,
+                alias=alias,
+                previous=previous,
+                reason=reason,
+                forced=force,
+            )
+        )
         return state.resolve(entry.ref), previous

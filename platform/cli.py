@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
-
 from loraplane.common.errors import LoraplaneError
+from rich.console import Console
 
 T = TypeVar("T")
 
-app = typer.Typer(help="Fine-tune LLMs with LoRA and serve the adapters with vLLM.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-adapters_app = typer.Typer(help="Register, load, evaluate and promote adapter versions.", no_args_is_help=True)
+app = typer.Typer(
+    help="Fine-tune LLMs with LoRA and serve the adapters with vLLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+adapters_app = typer.Typer(
+    help="Register, load, evaluate and promote adapter versions.", no_args_is_help=True
+)
 demo_app = typer.Typer(help="The offline demo base model and data.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(demo_app, name="demo")
@@ -45,11 +48,15 @@ _state = _State()
 
 @app.callback()
 def _global(
-    home: Path | None = typer.Option(None, envvar="LORAPLANE_HOME", help="State directory (default: ~/.loraplane)."),
-    adapters_root: Path | None = typer.Option(None, envvar="LORAPLANE_ADAPTERS_ROOT",
-                                              help="Adapters root (default: HOME/adapters)."),
-    server_url: str | None = typer.Option(None, envvar="LORAPLANE_SERVER_URL",
-                                          help="vLLM server (default: http://127.0.0.1:8000)."),
+    home: Path | None = typer.Option(
+        None, envvar="LORAPLANE_HOME", help="State directory (default: ~/.loraplane)."
+    ),
+    adapters_root: Path | None = typer.Option(
+        None, envvar="LORAPLANE_ADAPTERS_ROOT", help="Adapters root (default: HOME/adapters)."
+    ),
+    server_url: str | None = typer.Option(
+        None, envvar="LORAPLANE_SERVER_URL", help="vLLM server (default: http://127.0.0.1:8000)."
+    ),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logs on stderr."),
 ) -> None:
     from loraplane.common.logs import configure_logging
@@ -89,14 +96,14 @@ def _escape(text: str) -> str:
 
 # --- adapters -----------------------------------------------------------------------------------
 
+
 @adapters_app.command("list")
 def adapters_list(output: str = typer.Option("table", "--output", "-o", help="table or json")) -> None:
     """List adapters, their versions, states, aliases and latest eval."""
 
     def body() -> None:
-        from rich.table import Table
-
         from loraplane.platform.registry import LocalRegistry
+        from rich.table import Table
 
         state = LocalRegistry(_settings().home).read()
         if output == "json":
@@ -109,8 +116,14 @@ def adapters_list(output: str = typer.Option("table", "--output", "-o", help="ta
             for v in adapter.versions.values():
                 aliases = ", ".join(a for a, ver in adapter.aliases.items() if ver == v.version)
                 ev = v.latest_eval()
-                summary = (f"{ev.metric} {ev.candidate[ev.metric]:.2f} vs {ev.baseline[ev.metric]:.2f} "
-                           f"({'pass' if ev.passed else 'fail'})") if ev else ""
+                summary = (
+                    (
+                        f"{ev.metric} {ev.candidate[ev.metric]:.2f} vs {ev.baseline[ev.metric]:.2f} "
+                        f"({'pass' if ev.passed else 'fail'})"
+                    )
+                    if ev
+                    else ""
+                )
                 table.add_row(adapter.name, v.version, v.served_name, v.state, aliases, summary)
         out.print(table)
 
@@ -150,8 +163,12 @@ def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIA
 @adapters_app.command("eval")
 def adapters_eval(
     ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIAS"),
-    dataset: Path = typer.Option(..., "--dataset", "-d", help="Eval JSONL: prompt or messages, and expected."),
-    baseline: str | None = typer.Option(None, help="Compare with this adapter ref (default: the base model)."),
+    dataset: Path = typer.Option(
+        ..., "--dataset", "-d", help="Eval JSONL: prompt or messages, and expected."
+    ),
+    baseline: str | None = typer.Option(
+        None, help="Compare with this adapter ref (default: the base model)."
+    ),
     output: str = typer.Option("table", "--output", "-o", help="table or json"),
 ) -> None:
     """Evaluate a version and a baseline side by side through the live server; store the result."""
@@ -160,8 +177,9 @@ def adapters_eval(
         from loraplane.platform.adapters import evaluate_adapter
 
         settings = _settings()
-        record = asyncio.run(evaluate_adapter(settings, ref, dataset, baseline=baseline,
-                                              report_dir=settings.home / "reports"))
+        record = asyncio.run(
+            evaluate_adapter(settings, ref, dataset, baseline=baseline, report_dir=settings.home / "reports")
+        )
         if output == "json":
             out.print_json(record.model_dump_json())
             return
@@ -170,7 +188,10 @@ def adapters_eval(
         table = Table(title=f"{Path(record.dataset).name} via {record.endpoint}")
         for col in ("model", *record.candidate):
             table.add_column(col)
-        for model, scores in ((record.candidate_model, record.candidate), (record.baseline_model, record.baseline)):
+        for model, scores in (
+            (record.candidate_model, record.candidate),
+            (record.baseline_model, record.baseline),
+        ):
             table.add_row(model, *(f"{v:.3f}" for v in scores.values()))
         out.print(table)
         out.print(f"gate ({record.metric} above baseline): {'pass' if record.passed else 'FAIL'}")
@@ -190,7 +211,9 @@ def adapters_promote(
     def body() -> None:
         from loraplane.platform.adapters import promote_adapter
 
-        entry, previous = asyncio.run(promote_adapter(_settings(), ref, alias=alias, force=force, reason=reason))
+        entry, previous = asyncio.run(
+            promote_adapter(_settings(), ref, alias=alias, force=force, reason=reason)
+        )
         was = f" (was {entry.name}@{previous})" if previous else ""
         out.print(f"{entry.name}:{alias} -> {entry.served_name}{was}")
 
@@ -199,8 +222,11 @@ def adapters_promote(
 
 # --- demo and quickstart ------------------------------------------------------------------------
 
+
 @demo_app.command("build-model")
-def demo_build_model(directory: Path = typer.Argument(..., help="Output directory (must not exist).")) -> None:
+def demo_build_model(
+    directory: Path = typer.Argument(..., help="Output directory (must not exist)."),
+) -> None:
     """Write the deterministic tiny Llama demo model and its tokenizer (no download)."""
 
     def body() -> None:
@@ -230,7 +256,9 @@ def demo_write_data(directory: Path = typer.Argument(..., help="Output directory
 
 @app.command()
 def quickstart(
-    workdir: Path = typer.Option(Path("quickstart-out"), help="Working directory (cleared if an earlier run made it)."),
+    workdir: Path = typer.Option(
+        Path("quickstart-out"), help="Working directory (cleared if an earlier run made it)."
+    ),
     port: int | None = typer.Option(None, help="vLLM port (default: a free one)."),
     output: str = typer.Option("table", "--output", "-o", help="table or json"),
 ) -> None:
@@ -241,11 +269,19 @@ def quickstart(
 
         result = run_quickstart(QuickstartOptions(workdir=workdir, port=port), console=err)
         if output == "json":
-            out.print_json(json.dumps({
-                "winner": result.winner, "promoted": result.promoted, "question": result.question,
-                "answer": result.answer, "seconds": result.seconds, "timings": result.timings,
-                "evals": {k: v.model_dump() for k, v in result.evals.items()},
-            }))
+            out.print_json(
+                json.dumps(
+                    {
+                        "winner": result.winner,
+                        "promoted": result.promoted,
+                        "question": result.question,
+                        "answer": result.answer,
+                        "seconds": result.seconds,
+                        "timings": result.timings,
+                        "evals": {k: v.model_dump() for k, v in result.evals.items()},
+                    }
+                )
+            )
             return
         out.print(summary_table(result))
         out.print(f"[bold]{result.winner}:prod[/] -> {result.promoted}")
@@ -259,4 +295,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

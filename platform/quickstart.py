@@ -19,20 +19,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from loraplane.common.errors import LoraplaneError
 from loraplane.platform.adapters import evaluate_adapter, promote_adapter, register_adapter
 from loraplane.platform.registry import EvalRecord, LocalRegistry
 from loraplane.platform.settings import Settings
 from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
 
 MARKER = ".loraplane-quickstart"
 BASE_NAME = "demo-base"
@@ -69,8 +76,10 @@ def prepare_workdir(workdir: Path) -> None:
     """Use an empty or missing directory, or one an earlier quickstart made (it is cleared)."""
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / MARKER).exists():
-            raise LoraplaneError(f"{workdir} exists and is not empty",
-                                 hint="choose another --workdir; quickstart only clears directories it made")
+            raise LoraplaneError(
+                f"{workdir} exists and is not empty",
+                hint="choose another --workdir; quickstart only clears directories it made",
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("created by loraplane quickstart; cleared by the next one\n")
@@ -88,7 +97,11 @@ class TrainerProcess:
         env = {**os.environ, "LORAPLANE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraplane.trainer", "--config", str(self.config_path), "-v"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
         )
         assert self.proc.stderr is not None and self.proc.stdout is not None
         with self.log_path.open("w") as log_file:
@@ -102,8 +115,9 @@ class TrainerProcess:
         code = self.proc.wait()
         if code != 0:
             tail = "\n".join(self.log_path.read_text().splitlines()[-15:])
-            raise LoraplaneError(f"training with {self.config_path} failed (exit {code})",
-                                 hint=f"log: {self.log_path}\n{tail}")
+            raise LoraplaneError(
+                f"training with {self.config_path} failed (exit {code})", hint=f"log: {self.log_path}\n{tail}"
+            )
         result: dict[str, str] = json.loads(out.strip().splitlines()[-1])
         return result
 
@@ -113,13 +127,21 @@ class TrainerProcess:
             self.proc.wait()
 
 
-def _trainer_config(opts: QuickstartOptions, task: str, model_dir: Path, train_path: Path, adapters: Path) -> dict[str, object]:
+def _trainer_config(
+    opts: QuickstartOptions, task: str, model_dir: Path, train_path: Path, adapters: Path
+) -> dict[str, object]:
     return {
         "base_model": {"path": str(model_dir)},
         "dataset": {"path": str(train_path)},
         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
-        "training": {"learning_rate": opts.learning_rate, "epochs": opts.epochs, "batch_size": 8,
-                     "max_seq_length": 128, "logging_steps": 5, "seed": 0},
+        "training": {
+            "learning_rate": opts.learning_rate,
+            "epochs": opts.epochs,
+            "batch_size": 8,
+            "max_seq_length": 128,
+            "logging_steps": 5,
+            "seed": 0,
+        },
         "output": {"adapters_root": str(adapters), "name": task},
     }
 
@@ -135,8 +157,13 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
     prepare_workdir(work)
     api_key = secrets.token_urlsafe(24)
     port = opts.port or free_port()
-    settings = Settings(home=work / "state", adapters_root=work / "adapters",
-                        server_url=f"http://127.0.0.1:{port}", api_key=api_key, max_lora_rank=8)
+    settings = Settings(
+        home=work / "state",
+        adapters_root=work / "adapters",
+        server_url=f"http://127.0.0.1:{port}",
+        api_key=api_key,
+        max_lora_rank=8,
+    )
     server: VLLMServer | None = None
     trainer: TrainerProcess | None = None
 
@@ -147,6 +174,7 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
         def done() -> None:
             timings[label] = round(time.monotonic() - t0, 1)
             console.print(f"  [green]done[/] in {timings[label]:.1f}s")
+
         return done
 
     try:
@@ -156,9 +184,17 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
 
         done = step("Starting vLLM (CPU) in the background; it loads while the adapters train")
         server = VLLMServer(
-            VLLMServerConfig(model=str(model_dir), served_model_name=BASE_NAME, port=port, max_loras=2,
-                             max_lora_rank=8, max_model_len=256, dtype="float32", kv_cache_gib=1,
-                             api_key=api_key),
+            VLLMServerConfig(
+                model=str(model_dir),
+                served_model_name=BASE_NAME,
+                port=port,
+                max_loras=2,
+                max_lora_rank=8,
+                max_model_len=256,
+                dtype="float32",
+                kv_cache_gib=1,
+                api_key=api_key,
+            ),
             log_path=work / "logs" / "vllm.log",
         )
         server.start()
@@ -171,13 +207,14 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
             train_path, eval_path = write_task_files(task, work / "data")
             eval_sets[task.name] = eval_path
             config_path = work / "configs" / f"{task.name}.yaml"
-            config_path.write_text(yaml.safe_dump(_trainer_config(opts, task.name, model_dir, train_path,
-                                                                  work / "adapters")))
+            config_path.write_text(
+                yaml.safe_dump(_trainer_config(opts, task.name, model_dir, train_path, work / "adapters"))
+            )
             done = step(f"Training adapter '{task.name}': {task.description}")
             with _progress(console) as progress:
                 bar = progress.add_task("steps", total=None)
                 trainer = TrainerProcess(config_path, work / "logs" / f"train-{task.name}.log")
-                result = trainer.run(lambda s, n, b=bar: progress.update(b, completed=s, total=n))
+                result = trainer.run(_updater(progress, bar))
                 trainer = None
             published[task.name] = Path(result["adapter"])
             done()
@@ -193,20 +230,30 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
 
         evals: dict[str, EvalRecord] = {}
         state = LocalRegistry(settings.home).read()
-        for task, path in published.items():
-            ref = state.resolve(task).ref
-            done = step(f"Evaluating {ref} against the base model on the '{task}' eval set (live endpoint)")
+        for task_name in published:
+            ref = state.resolve(task_name).ref
+            done = step(
+                f"Evaluating {ref} against the base model on the '{task_name}' eval set (live endpoint)"
+            )
             with _progress(console) as progress:
                 bar = progress.add_task("requests", total=None)
-                evals[task] = asyncio.run(evaluate_adapter(
-                    settings, ref, eval_sets[task], report_dir=work / "reports",
-                    on_progress=lambda d, n, b=bar: progress.update(b, completed=d, total=2 * n)))
+                evals[task_name] = asyncio.run(
+                    evaluate_adapter(
+                        settings,
+                        ref,
+                        eval_sets[task_name],
+                        report_dir=work / "reports",
+                        on_progress=_updater(progress, bar, scale=2),  # candidate + base model
+                    )
+                )
             done()
 
         passed = {t: e for t, e in evals.items() if e.passed}
         if not passed:
-            raise LoraplaneError("no adapter beat the base model; nothing to promote",
-                                 hint=f"see the eval reports in {work / 'reports'}")
+            raise LoraplaneError(
+                "no adapter beat the base model; nothing to promote",
+                hint=f"see the eval reports in {work / 'reports'}",
+            )
         winner = max(passed, key=lambda t: passed[t].delta)
         done = step(f"Promoting the winner '{winner}' to the alias 'prod'")
         promoted, _ = asyncio.run(promote_adapter(settings, winner, alias="prod"))
@@ -220,8 +267,12 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
 
         example = load_eval_set(eval_sets[winner])[0]
         client = OpenAI(base_url=f"{settings.server_url}/v1", api_key=api_key)
-        reply = client.chat.completions.create(model=served, messages=example.as_chat(),  # type: ignore[arg-type]
-                                               temperature=0, max_tokens=16)
+        reply = client.chat.completions.create(
+            model=served,
+            messages=example.as_chat(),  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=16,
+        )
         answer = reply.choices[0].message.content or ""
         question = example.messages[-1][1]
         done()
@@ -234,15 +285,36 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
         if server is not None:
             server.stop()
 
-    return QuickstartResult(workdir=work, evals=evals, winner=winner, promoted=promoted.served_name,
-                            answer=answer, question=question, seconds=time.monotonic() - started,
-                            timings=timings)
+    return QuickstartResult(
+        workdir=work,
+        evals=evals,
+        winner=winner,
+        promoted=promoted.served_name,
+        answer=answer,
+        question=question,
+        seconds=time.monotonic() - started,
+        timings=timings,
+    )
+
+
+def _updater(progress: Progress, task_id: TaskID, scale: int = 1) -> Callable[[int, int], None]:
+    def update(done: int, total: int) -> None:
+        progress.update(task_id, completed=done, total=scale * total)
+
+    return update
 
 
 @contextlib.contextmanager
-def _progress(console: Console):  # type: ignore[no-untyped-def]
-    with Progress(SpinnerColumn(), TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+def _progress(console: Console) -> Iterator[Progress]:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         yield progress
 
 

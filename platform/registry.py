@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from filelock import FileLock
-from pydantic import BaseModel, Field, ValidationError
-
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import atomic_write_text
+from pydantic import BaseModel, Field, ValidationError
 
 VersionState = Literal["registered", "serving", "retired"]
-REF_PATTERN = re.compile(r"^(?P<name>[a-z0-9][a-z0-9-]*)(?:@(?P<version>v[0-9]+)|:(?P<alias>[a-z0-9][a-z0-9-]*))?$")
+REF_PATTERN = re.compile(
+    r"^(?P<name>[a-z0-9][a-z0-9-]*)(?:@(?P<version>v[0-9]+)|:(?P<alias>[a-z0-9][a-z0-9-]*))?$"
+)
 
 
 class RegistryError(LoraplaneError):
@@ -103,22 +104,28 @@ class RegistryState(BaseModel):
             return self.adapters[name]
         except KeyError:
             known = ", ".join(sorted(self.adapters)) or "none registered yet"
-            raise RegistryError(f"unknown adapter {name!r} (known: {known})",
-                                hint="register it first: loraplane adapters register PATH") from None
+            raise RegistryError(
+                f"unknown adapter {name!r} (known: {known})",
+                hint="register it first: loraplane adapters register PATH",
+            ) from None
 
     def resolve(self, ref: str) -> AdapterVersion:
         """``name@v3`` (exact), ``name:prod`` (alias), or ``name`` (its ``prod`` alias, else newest)."""
         match = REF_PATTERN.match(ref)
         if not match:
-            raise InvalidInputError(f"{ref!r} is not an adapter reference",
-                                    hint="use NAME@VERSION (support-bot@v3) or NAME:ALIAS (support-bot:prod)")
+            raise InvalidInputError(
+                f"{ref!r} is not an adapter reference",
+                hint="use NAME@VERSION (support-bot@v3) or NAME:ALIAS (support-bot:prod)",
+            )
         adapter = self.adapter(match["name"])
         if match["version"]:
             version = match["version"]
         elif match["alias"]:
             if match["alias"] not in adapter.aliases:
-                raise RegistryError(f"adapter {adapter.name!r} has no alias {match['alias']!r} "
-                                    f"(aliases: {', '.join(sorted(adapter.aliases)) or 'none'})")
+                raise RegistryError(
+                    f"adapter {adapter.name!r} has no alias {match['alias']!r} "
+                    f"(aliases: {', '.join(sorted(adapter.aliases)) or 'none'})"
+                )
             version = adapter.aliases[match["alias"]]
         elif "prod" in adapter.aliases:
             version = adapter.aliases["prod"]
@@ -128,8 +135,10 @@ class RegistryState(BaseModel):
                 raise RegistryError(f"adapter {adapter.name!r} has no version that is not retired")
             version = max(live, key=lambda v: int(v.version[1:])).version
         if version not in adapter.versions:
-            raise RegistryError(f"adapter {adapter.name!r} has no version {version!r} "
-                                f"(versions: {', '.join(sorted(adapter.versions)) or 'none'})")
+            raise RegistryError(
+                f"adapter {adapter.name!r} has no version {version!r} "
+                f"(versions: {', '.join(sorted(adapter.versions)) or 'none'})"
+            )
         return adapter.versions[version]
 
 
@@ -147,8 +156,10 @@ class LocalRegistry:
         try:
             return RegistryState.model_validate_json(self.path.read_bytes())
         except ValidationError as exc:
-            raise LoraplaneError(f"{self.path}: the registry file is corrupt ({exc.error_count()} errors)",
-                                 hint="restore it from a backup; loraplane never writes a partial file") from None
+            raise LoraplaneError(
+                f"{self.path}: the registry file is corrupt ({exc.error_count()} errors)",
+                hint="restore it from a backup; loraplane never writes a partial file",
+            ) from None
 
     @contextmanager
     def transaction(self) -> Iterator[RegistryState]:

@@ -20,7 +20,9 @@ class Settings(BaseModel):
 
     home: Path = Field(default_factory=_default_home, description="State directory (registry, logs).")
     adapters_root: Path | None = Field(default=None, description="Default: <home>/adapters.")
-    server_url: str = Field(default_factory=lambda: os.environ.get("LORAPLANE_SERVER_URL", "http://127.0.0.1:8000"))
+    server_url: str = Field(
+        default_factory=lambda: os.environ.get("LORAPLANE_SERVER_URL", "http://127.0.0.1:8000")
+    )
     api_key: str | None = Field(default_factory=lambda: os.environ.get("LORAPLANE_API_KEY"))
     max_lora_rank: int = 16
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-
 from loraplane.common.errors import LoraplaneError
 
 
@@ -59,12 +58,19 @@ def _error_message(response: httpx.Response) -> str:
 class VLLMAdminClient:
     """``async with VLLMAdminClient(url) as c: await c.list_models()``."""
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
-                                         transport=transport)
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
 
     async def __aenter__(self) -> VLLMAdminClient:
         return self
@@ -94,15 +100,20 @@ class VLLMAdminClient:
         response = await self._request("GET", "/v1/models")
         if response.status_code != 200:
             raise ServerError(f"GET /v1/models: HTTP {response.status_code}: {_error_message(response)}")
-        return [ModelCard(id=m["id"], root=m.get("root"), parent=m.get("parent"))
-                for m in response.json().get("data", [])]
+        return [
+            ModelCard(id=m["id"], root=m.get("root"), parent=m.get("parent"))
+            for m in response.json().get("data", [])
+        ]
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load an adapter under ``name``. Loading a name that is already served is a no-op."""
         if name in {m.id for m in await self.list_models()}:
             return
-        response = await self._request("POST", "/v1/load_lora_adapter",
-                                       json={"lora_name": name, "lora_path": path, "load_inplace": False})
+        response = await self._request(
+            "POST",
+            "/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": path, "load_inplace": False},
+        )
         if response.status_code == 200:
             return
         message = _error_message(response)
@@ -112,7 +123,9 @@ class VLLMAdminClient:
             return  # a concurrent load of the same name won: the result is what we asked for
         if response.status_code in (400, 500):
             if response.status_code == 500 and not await self.health():
-                raise ServerUnavailableError(f"vLLM failed while loading {name!r} and is no longer healthy: {message}")
+                raise ServerUnavailableError(
+                    f"vLLM failed while loading {name!r} and is no longer healthy: {message}"
+                )
             raise AdapterRejectedError(f"vLLM rejected adapter {name!r}: {message}")
         raise ServerError(f"POST /v1/load_lora_adapter: HTTP {response.status_code}: {message}")
 
@@ -121,4 +134,6 @@ class VLLMAdminClient:
         response = await self._request("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
         if response.status_code in (200, 404):
             return
-        raise ServerError(f"POST /v1/unload_lora_adapter: HTTP {response.status_code}: {_error_message(response)}")
+        raise ServerError(
+            f"POST /v1/unload_lora_adapter: HTTP {response.status_code}: {_error_message(response)}"
+        )

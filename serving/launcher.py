@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
-
 from loraplane.common.errors import LoraplaneError
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("loraplane.serving")
 
@@ -63,24 +62,38 @@ class VLLMServerConfig(BaseModel):
 
     def argv(self, python: str = sys.executable) -> list[str]:
         args = [
-            python, "-m", VLLM_MODULE,
-            "--model", self.model,
-            "--served-model-name", self.served_model_name,
-            "--host", self.host,
-            "--port", str(self.port),
+            python,
+            "-m",
+            VLLM_MODULE,
+            "--model",
+            self.model,
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
             "--enable-lora",
-            "--max-loras", str(self.max_loras),
-            "--max-lora-rank", str(self.max_lora_rank),
-            "--max-cpu-loras", str(self.max_cpu_loras or self.max_loras),
-            "--max-model-len", str(self.max_model_len),
-            "--max-num-seqs", str(self.max_num_seqs),
-            "--dtype", self.dtype,
+            "--max-loras",
+            str(self.max_loras),
+            "--max-lora-rank",
+            str(self.max_lora_rank),
+            "--max-cpu-loras",
+            str(self.max_cpu_loras or self.max_loras),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            str(self.max_num_seqs),
+            "--dtype",
+            self.dtype,
             "--disable-uvicorn-access-log",
         ]
         if self.lora_modules:
             args.append("--lora-modules")
-            args += [json.dumps({"name": m.name, "path": str(m.path), "base_model_name": self.served_model_name})
-                     for m in self.lora_modules]
+            args += [
+                json.dumps({"name": m.name, "path": str(m.path), "base_model_name": self.served_model_name})
+                for m in self.lora_modules
+            ]
         args += list(self.extra_args)
         return args
 
@@ -144,7 +157,9 @@ class VLLMServer:
                 # Wait on the process itself between polls: an early exit is noticed at once.
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.process.wait(timeout=0.5)
-        raise ServerStartError(f"vLLM did not become healthy within {timeout:.0f}s", hint=f"log: {self.log_path}")
+        raise ServerStartError(
+            f"vLLM did not become healthy within {timeout:.0f}s", hint=f"log: {self.log_path}"
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         try:

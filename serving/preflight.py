@@ -29,7 +29,9 @@ def preflight_adapter(path: Path, *, adapters_root: Path, max_lora_rank: int | N
     """Return facts about a servable adapter at ``path``, or raise AdapterPreflightError saying why not."""
     root = adapters_root.resolve()
     if not Path(path).exists():
-        raise AdapterPreflightError(f"adapter path {path} does not exist", hint="check the path (train one first?)")
+        raise AdapterPreflightError(
+            f"adapter path {path} does not exist", hint="check the path (train one first?)"
+        )
     resolved = Path(path).resolve()  # follows symlinks: a link out of the root is caught below
     if not resolved.is_relative_to(root):
         raise AdapterPreflightError(
@@ -42,7 +44,8 @@ def preflight_adapter(path: Path, *, adapters_root: Path, max_lora_rank: int | N
     if unsafe:
         raise AdapterPreflightError(
             f"{resolved} contains pickle-based weights ({', '.join(unsafe)})",
-            hint="only safetensors adapters are served: re-save with save_pretrained(safe_serialization=True)",
+            hint="only safetensors adapters are served: re-save with "
+            "save_pretrained(safe_serialization=True)",
         )
     if not (resolved / WEIGHTS_FILE).is_file():
         raise AdapterPreflightError(f"{resolved} has no {WEIGHTS_FILE}")
@@ -53,10 +56,13 @@ def preflight_adapter(path: Path, *, adapters_root: Path, max_lora_rank: int | N
     except json.JSONDecodeError as exc:
         raise AdapterPreflightError(f"{resolved / CONFIG_FILE}: not valid JSON ({exc.msg})") from None
     if config.get("peft_type") != "LORA":
-        raise AdapterPreflightError(f"{resolved / CONFIG_FILE}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+        raise AdapterPreflightError(
+            f"{resolved / CONFIG_FILE}: peft_type is {config.get('peft_type')!r}, not 'LORA'"
+        )
     if config.get("use_dora"):
-        raise AdapterPreflightError(f"{resolved}: DoRA adapters are not supported by vLLM",
-                                    hint="train with use_dora=false")
+        raise AdapterPreflightError(
+            f"{resolved}: DoRA adapters are not supported by vLLM", hint="train with use_dora=false"
+        )
     rank = max([int(config.get("r", 0)), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
     if max_lora_rank is not None and rank > max_lora_rank:
         raise AdapterPreflightError(

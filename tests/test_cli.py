@@ -12,15 +12,25 @@ from loraplane.platform.settings import Settings
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LORAPLANE_HOME": str(settings.home), "LORAPLANE_ADAPTERS_ROOT": str(settings.adapters_dir),
-           "LORAPLANE_SERVER_URL": settings.server_url, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "loraplane.platform.cli", *args], capture_output=True,
-                          text=True, env=env)
+    env = {
+        **os.environ,
+        "LORAPLANE_HOME": str(settings.home),
+        "LORAPLANE_ADAPTERS_ROOT": str(settings.adapters_dir),
+        "LORAPLANE_SERVER_URL": settings.server_url,
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "loraplane.platform.cli", *args], capture_output=True, text=True, env=env
+    )
 
 
 def test_help_lists_the_commands() -> None:
-    out = subprocess.run([sys.executable, "-m", "loraplane.platform.cli", "adapters", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "loraplane.platform.cli", "adapters", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for command in ("list", "register", "load", "eval", "promote"):
         assert command in out
 
@@ -40,7 +50,12 @@ def test_register_then_list_json(settings: Settings, fake_adapter: Path) -> None
 
 
 def test_load_with_server_down_exits_1_with_hint(settings: Settings, fake_adapter: Path) -> None:
-    assert _cli(settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1").returncode == 0
+    assert (
+        _cli(
+            settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1"
+        ).returncode
+        == 0
+    )
     before = (settings.home / "registry.json").read_bytes()
     result = _cli(settings, "adapters", "load", "demo@v1")
     assert result.returncode == 1
@@ -50,7 +65,12 @@ def test_load_with_server_down_exits_1_with_hint(settings: Settings, fake_adapte
 
 
 def test_promote_unevaluated_exits_3(settings: Settings, fake_adapter: Path) -> None:
-    assert _cli(settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1").returncode == 0
+    assert (
+        _cli(
+            settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1"
+        ).returncode
+        == 0
+    )
     result = _cli(settings, "adapters", "promote", "demo@v1")
     assert result.returncode == 3
     assert "never been evaluated" in result.stderr

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from loraplane.common.jsonl import DatasetError
 from loraplane.evals.dataset import load_eval_set
 from loraplane.trainer.config import load_config
@@ -54,8 +53,15 @@ def test_eval_set_needs_expected_answer(tmp_path: Path) -> None:
 def test_training_on_a_bad_dataset_writes_nothing(tmp_path: Path, demo_model: Path) -> None:
     data = _write(tmp_path / "train.jsonl", [json.dumps(GOOD), "not json"])
     adapters = tmp_path / "adapters"
-    cfg = load_config(None, [f"base_model.path={demo_model}", f"dataset.path={data}",
-                             f"output.adapters_root={adapters}", "output.name=bot"])
+    cfg = load_config(
+        None,
+        [
+            f"base_model.path={demo_model}",
+            f"dataset.path={data}",
+            f"output.adapters_root={adapters}",
+            "output.name=bot",
+        ],
+    )
     with pytest.raises(DatasetError, match=r"train.jsonl:2: not valid JSON"):
         train_and_publish(cfg)
     assert not adapters.exists() or not any(adapters.rglob("*"))

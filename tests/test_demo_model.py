@@ -30,7 +30,10 @@ def test_tokenizer_has_chat_template_with_assistant_mask(demo_model: Path) -> No
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_model)
-    messages = [{"role": "user", "content": "What sound does a cow make?"}, {"role": "assistant", "content": "moo"}]
+    messages = [
+        {"role": "user", "content": "What sound does a cow make?"},
+        {"role": "assistant", "content": "moo"},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False)
     assert text == "<|user|>\nWhat sound does a cow make?<|end|>\n<|assistant|>\nmoo<|end|>\n"
     enc = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)

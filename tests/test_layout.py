@@ -18,8 +18,13 @@ def test_component_folders_are_not_regular_top_level_packages() -> None:
 
 
 def test_python_c_import_platform_from_repo_root_gets_stdlib() -> None:
-    out = subprocess.run([sys.executable, "-c", "import platform; print(platform.__file__)"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform; print(platform.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(out).resolve().parent == STDLIB, out
 
 
@@ -31,8 +36,12 @@ def test_python_m_pytest_from_repo_root_gets_stdlib(tmp_path: Path) -> None:
         "def test_probe():\n"
         f"    open({str(result_file)!r}, 'w').write('\\n'.join([platform.__file__, *sys.path]))\n"
     )
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(probe)],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(probe)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     platform_file, *sys_path = result_file.read_text().splitlines()
     assert Path(platform_file).resolve().parent == STDLIB
@@ -41,14 +50,18 @@ def test_python_m_pytest_from_repo_root_gets_stdlib(tmp_path: Path) -> None:
 
 
 def test_components_import_as_loraplane_subpackages() -> None:
-    code = ("import loraplane.platform.cli, loraplane.trainer.config, loraplane.serving.launcher, "
-            "loraplane.evals.runner, platform; print(platform.python_version())")
+    code = (
+        "import loraplane.platform.cli, loraplane.trainer.config, loraplane.serving.launcher, "
+        "loraplane.evals.runner, platform; print(platform.python_version())"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == sys.version.split()[0]
 
 
 def test_cli_help_does_not_import_heavy_libraries() -> None:
-    code = ("import sys; from loraplane.platform import cli; "
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'peft') if m in sys.modules))")
+    code = (
+        "import sys; from loraplane.platform import cli; "
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

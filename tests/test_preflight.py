@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from conftest import write_fake_adapter
-
 from loraplane.serving.preflight import AdapterPreflightError, preflight_adapter
 
 
@@ -66,7 +65,7 @@ def test_dora_is_refused(tmp_path: Path) -> None:
 def test_broken_config_is_refused(tmp_path: Path) -> None:
     path = write_fake_adapter(tmp_path / "root" / "bot" / "v1")
     (path / "adapter_config.json").write_text("{not json")
-    with pytest.raises(AdapterPreflightError, match="adapter_config.json: not valid JSON"):
+    with pytest.raises(AdapterPreflightError, match=r"adapter_config\.json: not valid JSON"):
         preflight_adapter(path, adapters_root=tmp_path / "root")
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(AdapterPreflightError, match="not 'LORA'"):

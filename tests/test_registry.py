@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 from conftest import write_fake_adapter
-
 from loraplane.common.errors import InvalidInputError
-from loraplane.platform.adapters import IntegrityError, PromotionRefusedError, promote_adapter, register_adapter
+from loraplane.platform.adapters import (
+    IntegrityError,
+    PromotionRefusedError,
+    promote_adapter,
+    register_adapter,
+)
 from loraplane.platform.registry import EvalRecord, LocalRegistry, RegistryError
 from loraplane.platform.settings import Settings
 from loraplane.serving.preflight import AdapterPreflightError
@@ -46,7 +50,9 @@ def test_duplicate_version_is_refused_and_registry_unchanged(settings: Settings,
     assert _snapshot(settings) == before
 
 
-def test_missing_adapter_path_is_refused_and_registry_unchanged(settings: Settings, fake_adapter: Path) -> None:
+def test_missing_adapter_path_is_refused_and_registry_unchanged(
+    settings: Settings, fake_adapter: Path
+) -> None:
     register_adapter(settings, fake_adapter, name="demo", version="v1")
     before = _snapshot(settings)
     with pytest.raises(AdapterPreflightError, match="does not exist"):
@@ -71,9 +77,17 @@ def test_promotion_without_passing_eval_is_refused(settings: Settings, fake_adap
     with pytest.raises(PromotionRefusedError, match="never been evaluated"):
         asyncio.run(promote_adapter(settings, "demo@v1"))
     with LocalRegistry(settings.home).transaction() as state:
-        state.resolve("demo@v1").evals.append(EvalRecord(
-            dataset="d.jsonl", endpoint="x", candidate_model="demo@v1", candidate={"exact_match": 0.2},
-            baseline_model="base", baseline={"exact_match": 0.5}, passed=False))
+        state.resolve("demo@v1").evals.append(
+            EvalRecord(
+                dataset="d.jsonl",
+                endpoint="x",
+                candidate_model="demo@v1",
+                candidate={"exact_match": 0.2},
+                baseline_model="base",
+                baseline={"exact_match": 0.5},
+                passed=False,
+            )
+        )
     before = _snapshot(settings)
     with pytest.raises(PromotionRefusedError, match=r"exact_match 0.200 vs 0.500"):
         asyncio.run(promote_adapter(settings, "demo@v1"))
@@ -101,8 +115,10 @@ def test_concurrent_writers_lose_nothing(settings: Settings) -> None:
     for i in range(1, 21):
         write_fake_adapter(settings.adapters_dir / "demo" / f"v{i}")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_register_many, args=(str(settings.home), str(settings.adapters_dir), s))
-             for s in (1, 11)]
+    procs = [
+        ctx.Process(target=_register_many, args=(str(settings.home), str(settings.adapters_dir), s))
+        for s in (1, 11)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from loraplane.common.errors import ConfigError
 from loraplane.trainer.config import load_config
 
-BASE = ["base_model.path=some/model", "dataset.path=train.jsonl", "output.adapters_root=/tmp/a", "output.name=bot"]
+BASE = [
+    "base_model.path=some/model",
+    "dataset.path=train.jsonl",
+    "output.adapters_root=/tmp/a",
+    "output.name=bot",
+]
 
 
 def test_overrides_build_a_valid_config() -> None:
@@ -46,8 +50,10 @@ def test_missing_section_is_reported() -> None:
 def test_yaml_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     cfg_file = tmp_path / "cfg" / "train.yaml"
     cfg_file.parent.mkdir()
-    cfg_file.write_text("base_model: {path: org/model}\ndataset: {path: data/train.jsonl}\n"
-                        "output: {adapters_root: out, name: bot}\n")
+    cfg_file.write_text(
+        "base_model: {path: org/model}\ndataset: {path: data/train.jsonl}\n"
+        "output: {adapters_root: out, name: bot}\n"
+    )
     cfg = load_config(cfg_file)
     assert cfg.dataset.path == tmp_path / "cfg" / "data" / "train.jsonl"
     assert cfg.output.adapters_root == tmp_path / "cfg" / "out"
@@ -57,5 +63,5 @@ def test_yaml_paths_are_relative_to_the_file(tmp_path: Path) -> None:
 def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text("base_model: [unclosed\n")
-    with pytest.raises(ConfigError, match="train.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"train\.yaml: not valid YAML"):
         load_config(cfg_file)

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
 from loraplane.common.errors import ConfigError, format_validation_error
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # vLLM's --max-lora-rank accepts only these values; an adapter of another rank needs the next one up.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,7 +39,9 @@ class BaseModelSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    path: Path = Field(description="Training data: JSONL, one chat conversation per line ({'messages': [...]}).")
+    path: Path = Field(
+        description="Training data: JSONL, one chat conversation per line ({'messages': [...]})."
+    )
     eval_path: Path | None = Field(default=None, description="Optional held-out JSONL in the same format.")
 
 
@@ -85,19 +86,25 @@ class TrainingSpec(_Strict):
     @model_validator(mode="after")
     def _steps(self) -> TrainingSpec:
         if self.max_steps == 0:
-            raise ValueError("training.max_steps: 0 trains nothing; use -1 (train for 'epochs') or a positive number")
+            raise ValueError(
+                "training.max_steps: 0 trains nothing; use -1 (train for 'epochs') or a positive number"
+            )
         return self
 
 
 class OutputSpec(_Strict):
-    adapters_root: Path = Field(description="Directory under which adapters are published as <name>/<version>/.")
+    adapters_root: Path = Field(
+        description="Directory under which adapters are published as <name>/<version>/."
+    )
     name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
         description="Adapter name: lowercase letters, digits and '-', at most 63 characters."
     )
     version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = Field(
         default=None, description="Version to publish (v1, v2, ...). Default: the next free one."
     )
-    run_dir: Path | None = Field(default=None, description="Scratch directory for the run (default: a temp dir).")
+    run_dir: Path | None = Field(
+        default=None, description="Scratch directory for the run (default: a temp dir)."
+    )
 
 
 class TrainJobConfig(_Strict):
@@ -136,8 +143,13 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         data = loaded
         base = path.parent
         # Relative paths in a config file are relative to the file, not to the current directory.
-        for section, key in (("dataset", "path"), ("dataset", "eval_path"), ("output", "adapters_root"),
-                             ("output", "run_dir"), ("base_model", "path")):
+        for section, key in (
+            ("dataset", "path"),
+            ("dataset", "eval_path"),
+            ("output", "adapters_root"),
+            ("output", "run_dir"),
+            ("base_model", "path"),
+        ):
             value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 candidate = base / value

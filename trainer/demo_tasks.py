@@ -45,12 +45,26 @@ SENTIMENT = DemoTask(
         "Review: the meal was {w}. Sentiment?",
     ),
     answers={
-        "wonderful": "positive", "excellent": "positive", "great": "positive", "lovely": "positive",
-        "delightful": "positive", "fantastic": "positive", "amazing": "positive", "superb": "positive",
-        "brilliant": "positive", "pleasant": "positive",
-        "terrible": "negative", "awful": "negative", "boring": "negative", "horrible": "negative",
-        "disgusting": "negative", "dreadful": "negative", "dull": "negative", "poor": "negative",
-        "disappointing": "negative", "rude": "negative",
+        "wonderful": "positive",
+        "excellent": "positive",
+        "great": "positive",
+        "lovely": "positive",
+        "delightful": "positive",
+        "fantastic": "positive",
+        "amazing": "positive",
+        "superb": "positive",
+        "brilliant": "positive",
+        "pleasant": "positive",
+        "terrible": "negative",
+        "awful": "negative",
+        "boring": "negative",
+        "horrible": "negative",
+        "disgusting": "negative",
+        "dreadful": "negative",
+        "dull": "negative",
+        "poor": "negative",
+        "disappointing": "negative",
+        "rude": "negative",
     },
 )
 
@@ -68,8 +82,18 @@ ANIMALS = DemoTask(
         "Tell me the sound a {w} makes.",
     ),
     answers={
-        "dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "lion": "roar",
-        "snake": "hiss", "owl": "hoot", "horse": "neigh", "pig": "oink", "frog": "ribbit", "bee": "buzz",
+        "dog": "woof",
+        "cat": "meow",
+        "cow": "moo",
+        "duck": "quack",
+        "sheep": "baa",
+        "lion": "roar",
+        "snake": "hiss",
+        "owl": "hoot",
+        "horse": "neigh",
+        "pig": "oink",
+        "frog": "ribbit",
+        "bee": "buzz",
     },
     repeats=4,
 )
@@ -82,8 +106,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def write_task_files(task: DemoTask, out_dir: Path, *, repeats: int | None = None,
-                     seed: int = 0) -> tuple[Path, Path]:
+def write_task_files(
+    task: DemoTask, out_dir: Path, *, repeats: int | None = None, seed: int = 0
+) -> tuple[Path, Path]:
     """Write ``<task>-train.jsonl`` (chat format) and ``<task>-eval.jsonl`` (prompt + expected)."""
     repeats = task.repeats if repeats is None else repeats
     rng = random.Random(f"{task.name}-{seed}")
@@ -102,8 +127,13 @@ def write_task_files(task: DemoTask, out_dir: Path, *, repeats: int | None = Non
                 )
     rng.shuffle(train_rows)
     eval_rows: list[dict[str, object]] = [
-        {"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": t.format(w=s)}],
-         "expected": a}
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": t.format(w=s)},
+            ],
+            "expected": a,
+        }
         for t in task.eval_templates
         for s, a in task.answers.items()
     ]

@@ -97,8 +97,9 @@ def _progress_callback(on_log: ProgressCallback | None, total_steps_hint: list[i
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             total_steps_hint[0] = int(state.max_steps)
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
-                   **kw: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+        ) -> None:
             if not logs:
                 return
             event = {"step": float(state.global_step), "max_steps": float(state.max_steps), **logs}
@@ -116,15 +117,13 @@ def train_and_publish(config: TrainJobConfig, *, on_log: ProgressCallback | None
     train_rows = load_chat_jsonl(config.dataset.path)
     eval_rows = load_chat_jsonl(config.dataset.eval_path) if config.dataset.eval_path else None
 
+    import datasets
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PrinterCallback
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
-
-    import datasets
-    from transformers import PrinterCallback
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -197,8 +196,11 @@ def train_and_publish(config: TrainJobConfig, *, on_log: ProgressCallback | None
         except ValueError as exc:  # trl/peft reject bad settings (e.g. unknown target modules)
             raise LoraplaneError(f"training failed: {exc}") from exc
         seconds = time.monotonic() - started
-        metrics: dict[str, float] = {"train_loss": float(result.training_loss), "train_seconds": round(seconds, 2),
-                                     "steps": float(result.global_step)}
+        metrics: dict[str, float] = {
+            "train_loss": float(result.training_loss),
+            "train_seconds": round(seconds, 2),
+            "steps": float(result.global_step),
+        }
         if eval_rows:
             eval_metrics = trainer.evaluate()
             metrics["eval_loss"] = float(eval_metrics["eval_loss"])
@@ -217,12 +219,16 @@ def train_and_publish(config: TrainJobConfig, *, on_log: ProgressCallback | None
     return PublishedAdapter(name=config.output.name, version=version, path=target, manifest=manifest)
 
 
-def _manifest(config: TrainJobConfig, version: str, metrics: dict[str, float], staging: Path) -> dict[str, Any]:
+def _manifest(
+    config: TrainJobConfig, version: str, metrics: dict[str, float], staging: Path
+) -> dict[str, Any]:
     import torch
 
     weights = staging / "adapter_model.safetensors"
     if not weights.is_file():
-        raise LoraplaneError(f"peft did not write {weights.name}; refusing to publish an adapter without weights")
+        raise LoraplaneError(
+            f"peft did not write {weights.name}; refusing to publish an adapter without weights"
+        )
     return {
         "schema": "loraplane.adapter-manifest/v1",
         "name": config.output.name,

@@ -1,0 +1,255 @@
+"""End to end, for real: adapters trained by the trainer, served by a real vLLM CPU server,
+evaluated through the live endpoint, promoted, and queried with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from conftest import write_fake_adapter
+from loraplane.platform.adapters import (
+    IntegrityError,
+    evaluate_adapter,
+    load_adapter,
+    promote_adapter,
+    register_adapter,
+)
+from loraplane.platform.quickstart import free_port
+from loraplane.platform.registry import LocalRegistry
+from loraplane.platform.settings import Settings
+from loraplane.serving.client import AdapterNotFoundError, AdapterRejectedError, VLLMAdminClient
+from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
+from loraplane.trainer.demo_tasks import TASKS, write_task_files
+
+pytestmark = pytest.mark.e2e
+
+API_KEY = "e2e-test-key"
+BASE = "demo-base"
+
+
+@dataclass
+class Live:
+    server: VLLMServer
+    settings: Settings
+    eval_sets: dict[str, Path]
+    adapters: dict[str, Path]
+
+
+def _train_config(model: Path, train: Path, root: Path, name: str) -> dict[str, object]:
+    return {
+        "base_model": {"path": str(model)},
+        "dataset": {"path": str(train)},
+        "lora": {"r": 8, "alpha": 16},
+        "training": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 8, "max_seq_length": 128},
+        "output": {"adapters_root": str(root), "name": name},
+    }
+
+
+@pytest.fixture(scope="session")
+def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One real vLLM server for the whole session, started early so it loads while adapters train."""
+    config = VLLMServerConfig(
+        model=str(demo_model),
+        served_model_name=BASE,
+        port=free_port(),
+        max_loras=2,
+        max_lora_rank=8,
+        max_model_len=256,
+        dtype="float32",
+        kv_cache_gib=1,
+        api_key=API_KEY,
+    )
+    server = VLLMServer(config, tmp_path_factory.mktemp("vllm") / "vllm.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def live(vllm_server: VLLMServer, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Live:
+    work = tmp_path_factory.mktemp("e2e")
+    root = work / "adapters"
+    eval_sets, adapters = {}, {}
+    for task in TASKS.values():
+        train, ev = write_task_files(task, work / "data")
+        eval_sets[task.name] = ev
+        cfg = work / f"{task.name}.yaml"
+        cfg.write_text(yaml.safe_dump(_train_config(demo_model, train, root, task.name)))
+        # The trainer's own entry point, as a separate process: what a Job runs in the cluster.
+        proc = subprocess.run(
+            [sys.executable, "-m", "loraplane.trainer", "--config", str(cfg)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        adapters[task.name] = Path(json.loads(proc.stdout.strip().splitlines()[-1])["adapter"])
+    vllm_server.wait_ready(timeout=600)
+    settings = Settings(
+        home=work / "state", adapters_root=root, server_url=vllm_server.url, api_key=API_KEY, max_lora_rank=8
+    )
+    for path in adapters.values():
+        register_adapter(settings, path)
+    return Live(server=vllm_server, settings=settings, eval_sets=eval_sets, adapters=adapters)
+
+
+def test_published_adapter_has_weights_config_and_manifest(live: Live) -> None:
+    for name, path in live.adapters.items():
+        assert path == live.settings.adapters_dir / name / "v1"
+        assert sorted(p.name for p in path.iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "manifest.json",
+        ]
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["name"] == name and manifest["version"] == "v1"
+        assert len(manifest["dataset"]["sha256"]) == 64
+        assert manifest["metrics"]["train_loss"] > 0
+        assert manifest["lora"]["r"] == 8
+
+
+def test_each_adapter_beats_the_base_model_on_its_own_task(live: Live) -> None:
+    for task, eval_set in live.eval_sets.items():
+        record = asyncio.run(evaluate_adapter(live.settings, f"{task}@v1", eval_set))
+        assert record.baseline_model == BASE
+        assert record.passed
+        # A clear margin, measured through the live endpoint: the random base model scores ~0.
+        assert record.candidate["exact_match"] - record.baseline["exact_match"] >= 0.5, record
+    state = LocalRegistry(live.settings.home).read()
+    assert all(state.resolve(f"{t}@v1").latest_eval() is not None for t in live.eval_sets)
+    assert all(state.resolve(f"{t}@v1").state == "serving" for t in live.eval_sets)
+
+
+def test_promote_then_query_the_alias_with_the_openai_client(live: Live) -> None:
+    from openai import OpenAI
+
+    state = LocalRegistry(live.settings.home).read()
+    if state.resolve("sentiment@v1").latest_eval() is None:
+        asyncio.run(evaluate_adapter(live.settings, "sentiment@v1", live.eval_sets["sentiment"]))
+    _, previous = asyncio.run(promote_adapter(live.settings, "sentiment@v1", alias="prod"))
+    assert previous is None
+    served = LocalRegistry(live.settings.home).read().resolve("sentiment:prod").served_name
+    assert served == "sentiment@v1"
+    client = OpenAI(base_url=f"{live.server.url}/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(
+        model=served,
+        temperature=0,
+        max_tokens=8,
+        messages=[
+            {"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": "Classify the sentiment: The show was wonderful."},
+        ],
+    )
+    assert reply.choices[0].message.content == "positive"
+    history = LocalRegistry(live.settings.home).read().history
+    assert history[-1].action == "promote" and history[-1].alias == "prod"
+
+
+def _served(live: Live) -> set[str]:
+    response = httpx.get(f"{live.server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    return {m["id"] for m in response.json()["data"]}
+
+
+def test_missing_adapter_files_are_refused_before_vllm_is_called(live: Live) -> None:
+    gone = write_fake_adapter(live.settings.adapters_dir / "ghost" / "v1")
+    register_adapter(live.settings, gone, name="ghost", version="v1")
+    for f in gone.iterdir():
+        f.unlink()
+    gone.rmdir()
+    before = (live.settings.home / "registry.json").read_bytes()
+    with pytest.raises(IntegrityError, match="is gone"):
+        asyncio.run(load_adapter(live.settings, "ghost@v1"))
+    assert "ghost@v1" not in _served(live)
+    assert (live.settings.home / "registry.json").read_bytes() == before
+    assert httpx.get(f"{live.server.url}/health").status_code == 200
+
+
+def test_vllm_answers_map_to_typed_errors_and_the_server_survives(live: Live, tmp_path: Path) -> None:
+    too_big = write_fake_adapter(live.settings.adapters_dir / "big" / "v1", r=16)
+
+    async def go() -> None:
+        async with VLLMAdminClient(live.server.url, api_key=API_KEY) as client:
+            with pytest.raises(AdapterNotFoundError):
+                await client.load_adapter("nowhere@v1", str(tmp_path / "does-not-exist"))
+            with pytest.raises(AdapterRejectedError, match="greater than max_lora_rank"):
+                await client.load_adapter("big@v1", str(too_big))
+            assert await client.health()
+            await client.unload_adapter("never-loaded@v1")  # idempotent: no error
+
+    asyncio.run(go())
+    assert not {"nowhere@v1", "big@v1"} & _served(live)
+
+
+def test_quickstart_command_runs_the_whole_loop(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loraplane.platform.cli",
+            "quickstart",
+            "--workdir",
+            str(tmp_path / "qs"),
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    winner = result["winner"]
+    assert result["promoted"] == f"{winner}@v1"
+    for record in result["evals"].values():
+        assert record["passed"] and record["candidate"]["exact_match"] > record["baseline"]["exact_match"]
+    expected = json.loads((tmp_path / "qs" / "data" / f"{winner}-eval.jsonl").read_text().splitlines()[0])[
+        "expected"
+    ]
+    assert result["answer"] == expected
+    assert "Training adapter" in proc.stderr and "Promoting the winner" in proc.stderr  # progress shown
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # exited meanwhile
+        return ""
+
+
+def test_ctrl_c_stops_every_process_quickstart_started(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraplane.platform.cli", "quickstart", "--workdir", str(tmp_path / "qs")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    children: list[psutil.Process] = []
+    deadline = time.monotonic() + 300
+    # Wait until vLLM is starting and a trainer process runs: the most processes at once.
+    for line in proc.stderr:
+        if "Training adapter" in line:
+            wait_until = time.monotonic() + 60
+            while time.monotonic() < wait_until:
+                children = psutil.Process(proc.pid).children(recursive=True)
+                if any("loraplane.trainer" in _cmdline(c) for c in children):
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.2)  # wait on the process, with a deadline, between looks
+            break
+        assert time.monotonic() < deadline, "quickstart never reached training"
+    assert any("vllm" in _cmdline(c) for c in children), [_cmdline(c) for c in children]
+    os.kill(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
