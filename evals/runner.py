@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
 from loraplane.common.errors import LoraplaneError
 from loraplane.evals.dataset import EvalExample, load_eval_set
 from loraplane.evals.metrics import METRICS

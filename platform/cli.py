@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from loraplane.common.errors import LoraplaneError
 from rich.console import Console
+
+from loraplane.common.errors import LoraplaneError
 
 T = TypeVar("T")
 
@@ -102,8 +103,9 @@ def adapters_list(output: str = typer.Option("table", "--output", "-o", help="ta
     """List adapters, their versions, states, aliases and latest eval."""
 
     def body() -> None:
-        from loraplane.platform.registry import LocalRegistry
         from rich.table import Table
+
+        from loraplane.platform.registry import LocalRegistry
 
         state = LocalRegistry(_settings().home).read()
         if output == "json":

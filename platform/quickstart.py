@@ -24,11 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from loraplane.common.errors import LoraplaneError
-from loraplane.platform.adapters import evaluate_adapter, promote_adapter, register_adapter
-from loraplane.platform.registry import EvalRecord, LocalRegistry
-from loraplane.platform.settings import Settings
-from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -40,6 +35,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+
+from loraplane.common.errors import LoraplaneError
+from loraplane.platform.adapters import evaluate_adapter, promote_adapter, register_adapter
+from loraplane.platform.registry import EvalRecord, LocalRegistry
+from loraplane.platform.settings import Settings
+from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
 
 MARKER = ".loraplane-quickstart"
 BASE_NAME = "demo-base"
@@ -127,16 +128,23 @@ class TrainerProcess:
             self.proc.wait()
 
 
-def _trainer_config(
-    opts: QuickstartOptions, task: str, model_dir: Path, train_path: Path, adapters: Path
+def demo_trainer_config(
+    task: str,
+    model_dir: Path,
+    train_path: Path,
+    adapters: Path,
+    *,
+    epochs: float = 6.0,
+    learning_rate: float = 1e-2,
 ) -> dict[str, object]:
+    """The training config (as YAML data) the quickstart and the tests use for a demo task."""
     return {
         "base_model": {"path": str(model_dir)},
         "dataset": {"path": str(train_path)},
         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
         "training": {
-            "learning_rate": opts.learning_rate,
-            "epochs": opts.epochs,
+            "learning_rate": learning_rate,
+            "epochs": epochs,
             "batch_size": 8,
             "max_seq_length": 128,
             "logging_steps": 5,
@@ -144,6 +152,21 @@ def _trainer_config(
         },
         "output": {"adapters_root": str(adapters), "name": task},
     }
+
+
+def demo_server_config(model_dir: Path, port: int, api_key: str) -> VLLMServerConfig:
+    """A vLLM CPU server for the demo model: two adapter slots, rank 8, 1 GiB of KV cache, loopback."""
+    return VLLMServerConfig(
+        model=str(model_dir),
+        served_model_name=BASE_NAME,
+        port=port,
+        max_loras=2,
+        max_lora_rank=8,
+        max_model_len=256,
+        dtype="float32",  # bf16 works too, but float32 keeps CPU results close to the trainer's
+        kv_cache_gib=1,
+        api_key=api_key,
+    )
 
 
 def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> QuickstartResult:
@@ -184,17 +207,7 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
 
         done = step("Starting vLLM (CPU) in the background; it loads while the adapters train")
         server = VLLMServer(
-            VLLMServerConfig(
-                model=str(model_dir),
-                served_model_name=BASE_NAME,
-                port=port,
-                max_loras=2,
-                max_lora_rank=8,
-                max_model_len=256,
-                dtype="float32",
-                kv_cache_gib=1,
-                api_key=api_key,
-            ),
+            demo_server_config(model_dir, port, api_key),
             log_path=work / "logs" / "vllm.log",
         )
         server.start()
@@ -208,7 +221,16 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
             eval_sets[task.name] = eval_path
             config_path = work / "configs" / f"{task.name}.yaml"
             config_path.write_text(
-                yaml.safe_dump(_trainer_config(opts, task.name, model_dir, train_path, work / "adapters"))
+                yaml.safe_dump(
+                    demo_trainer_config(
+                        task.name,
+                        model_dir,
+                        train_path,
+                        work / "adapters",
+                        epochs=opts.epochs,
+                        learning_rate=opts.learning_rate,
+                    )
+                )
             )
             done = step(f"Training adapter '{task.name}': {task.description}")
             with _progress(console) as progress:

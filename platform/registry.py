@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from filelock import FileLock
+from pydantic import BaseModel, Field, ValidationError
+
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import atomic_write_text
-from pydantic import BaseModel, Field, ValidationError
 
 VersionState = Literal["registered", "serving", "retired"]
 REF_PATTERN = re.compile(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
 from loraplane.common.errors import LoraplaneError
 
 

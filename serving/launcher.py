@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import httpx
-from loraplane.common.errors import LoraplaneError
 from pydantic import BaseModel, ConfigDict, Field
+
+from loraplane.common.errors import LoraplaneError
 
 log = logging.getLogger("loraplane.serving")
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from loraplane.common.jsonl import DatasetError
 from loraplane.evals.dataset import load_eval_set
 from loraplane.trainer.config import load_config

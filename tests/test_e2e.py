@@ -19,6 +19,7 @@ import psutil
 import pytest
 import yaml
 from conftest import write_fake_adapter
+
 from loraplane.platform.adapters import (
     IntegrityError,
     evaluate_adapter,
@@ -26,17 +27,17 @@ from loraplane.platform.adapters import (
     promote_adapter,
     register_adapter,
 )
-from loraplane.platform.quickstart import free_port
+from loraplane.platform.quickstart import BASE_NAME, demo_server_config, demo_trainer_config, free_port
 from loraplane.platform.registry import LocalRegistry
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import AdapterNotFoundError, AdapterRejectedError, VLLMAdminClient
-from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
+from loraplane.serving.launcher import VLLMServer
 from loraplane.trainer.demo_tasks import TASKS, write_task_files
 
 pytestmark = pytest.mark.e2e
 
 API_KEY = "e2e-test-key"
-BASE = "demo-base"
+BASE = BASE_NAME
 
 
 @dataclass
@@ -47,31 +48,12 @@ class Live:
     adapters: dict[str, Path]
 
 
-def _train_config(model: Path, train: Path, root: Path, name: str) -> dict[str, object]:
-    return {
-        "base_model": {"path": str(model)},
-        "dataset": {"path": str(train)},
-        "lora": {"r": 8, "alpha": 16},
-        "training": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 8, "max_seq_length": 128},
-        "output": {"adapters_root": str(root), "name": name},
-    }
-
-
 @pytest.fixture(scope="session")
 def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One real vLLM server for the whole session, started early so it loads while adapters train."""
-    config = VLLMServerConfig(
-        model=str(demo_model),
-        served_model_name=BASE,
-        port=free_port(),
-        max_loras=2,
-        max_lora_rank=8,
-        max_model_len=256,
-        dtype="float32",
-        kv_cache_gib=1,
-        api_key=API_KEY,
+    server = VLLMServer(
+        demo_server_config(demo_model, free_port(), API_KEY), tmp_path_factory.mktemp("vllm") / "vllm.log"
     )
-    server = VLLMServer(config, tmp_path_factory.mktemp("vllm") / "vllm.log")
     server.start()
     yield server
     server.stop()
@@ -86,7 +68,7 @@ def live(vllm_server: VLLMServer, demo_model: Path, tmp_path_factory: pytest.Tem
         train, ev = write_task_files(task, work / "data")
         eval_sets[task.name] = ev
         cfg = work / f"{task.name}.yaml"
-        cfg.write_text(yaml.safe_dump(_train_config(demo_model, train, root, task.name)))
+        cfg.write_text(yaml.safe_dump(demo_trainer_config(task.name, demo_model, train, root)))
         # The trainer's own entry point, as a separate process: what a Job runs in the cluster.
         proc = subprocess.run(
             [sys.executable, "-m", "loraplane.trainer", "--config", str(cfg)], capture_output=True, text=True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_fake_adapter
+
 from loraplane.serving.preflight import AdapterPreflightError, preflight_adapter
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_fake_adapter
+
 from loraplane.common.errors import InvalidInputError
 from loraplane.platform.adapters import (
     IntegrityError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from loraplane.common.errors import ConfigError
 from loraplane.trainer.config import load_config
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from loraplane.common.errors import ConfigError, format_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraplane.common.errors import ConfigError, format_validation_error
 
 # vLLM's --max-lora-rank accepts only these values; an adapter of another rank needs the next one up.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

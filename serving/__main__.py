@@ -1,0 +1,84 @@
+"""``python -m loraplane.serving``: validate the server config, then become the vLLM server.
+
+The container in the cluster and ``loraplane`` in local mode start vLLM through this one entry point,
+so the flags and environment are built in one place (:class:`VLLMServerConfig`). The process
+replaces itself with vLLM (``exec``), so signals reach vLLM directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from loraplane.common.errors import ConfigError, format_validation_error
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loraplane.serving", description=__doc__)
+    p.add_argument("--model", required=True, help="base model directory or hub id")
+    p.add_argument("--served-model-name", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--max-cpu-loras", type=int)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-gib", type=float)
+    p.add_argument("--api-key-file", type=Path, help="file holding the API key (a mounted Secret)")
+    p.add_argument(
+        "--runtime-lora-updating",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="enable vLLM's runtime adapter routes; they include unauthenticated ones, so turn this off "
+        "wherever users can reach the server directly",
+    )
+    p.add_argument("--print-argv", action="store_true", help="print the vLLM command line and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from loraplane.serving.launcher import VLLMServerConfig
+
+    args = _parse(argv)
+    api_key = os.environ.get("LORAPLANE_API_KEY")
+    if args.api_key_file is not None:
+        try:
+            api_key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            print(f"error: --api-key-file: {exc}", file=sys.stderr)  # noqa: T201
+            return 2
+    try:
+        config = VLLMServerConfig(
+            model=args.model,
+            served_model_name=args.served_model_name,
+            host=args.host,
+            port=args.port,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras,
+            max_model_len=args.max_model_len,
+            dtype=args.dtype,
+            kv_cache_gib=args.kv_cache_gib,
+            api_key=api_key,
+            allow_runtime_lora_updating=args.runtime_lora_updating,
+        )
+    except ValidationError as exc:
+        error: ConfigError = format_validation_error(exc, source="python -m loraplane.serving")
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201
+        return error.exit_code
+    argv_out = config.argv()
+    env = config.env()
+    if args.print_argv:  # the environment vLLM gets from us (never the API key), then the command
+        shown = {k: v for k, v in config.env({}).items() if k != "VLLM_API_KEY"}
+        print(" ".join([*(f"{k}={v}" for k, v in sorted(shown.items())), *argv_out]))  # noqa: T201
+        return 0
+    os.execve(argv_out[0], argv_out, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

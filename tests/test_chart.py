@@ -1,0 +1,77 @@
+"""The Helm chart, rendered by the real helm binary that `make setup` builds."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "loraplane"
+HELM = shutil.which("helm") or str(ROOT / ".venv" / "bin" / "helm")
+
+
+def _helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HELM, *args], capture_output=True, text=True)
+
+
+def _render(*sets: str) -> dict[str, dict[str, Any]]:
+    args = ["template", "platform", str(CHART), "--namespace", "ml"]
+    for s in sets:
+        args += ["--set", s]
+    result = _helm(*args)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def test_helm_lint_is_clean() -> None:
+    result = _helm("lint", "--strict", str(CHART))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_render_has_kept_pvc_and_hardened_vllm() -> None:
+    objs = _render()
+    pvc = objs["PersistentVolumeClaim/platform-loraplane-data"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    deploy = objs["Deployment/platform-loraplane-vllm"]
+    pod = deploy["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "loraplane.serving"]
+    assert "--no-runtime-lora-updating" in container["args"]  # admin routes stay closed by default
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["runAsNonRoot"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "platform-loraplane-data"
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert objs["Service/platform-loraplane-vllm"]["spec"]["type"] == "ClusterIP"
+
+
+def test_existing_claim_and_api_key_secret() -> None:
+    objs = _render("storage.existingClaim=shared", "serving.apiKeySecret.name=vllm-key")
+    assert not any(k.startswith("PersistentVolumeClaim/") for k in objs)
+    pod = objs["Deployment/platform-loraplane-vllm"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "shared"
+    assert "--api-key-file=/etc/loraplane/api-key/api-key" in pod["containers"][0]["args"]
+    assert {"name": "api-key", "secret": {"secretName": "vllm-key"}} in pod["volumes"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("serving.maxLoraRank=12", "maxLoraRank"),
+        ("storage.size=lots", "size"),
+        ("serving.unknown=1", "unknown"),
+    ],
+)
+def test_schema_rejects_bad_values(bad: str, message: str) -> None:
+    result = _helm("template", "platform", str(CHART), "--set", bad)
+    assert result.returncode != 0
+    assert message in result.stderr

@@ -1,0 +1,65 @@
+"""``python -m loraplane.serving``: the one way vLLM is started, in the cluster and locally."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from loraplane.serving.launcher import LoraModule, VLLMServerConfig
+
+
+def _entry(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loraplane.serving", *args], capture_output=True, text=True)
+
+
+def test_config_becomes_exact_vllm_arguments_and_environment() -> None:
+    config = VLLMServerConfig(
+        model="/m",
+        served_model_name="base",
+        port=8123,
+        max_loras=2,
+        max_lora_rank=8,
+        kv_cache_gib=1,
+        api_key="secret",
+        lora_modules=(LoraModule(name="bot@v1", path=Path("/a/bot/v1")),),
+    )
+    argv = config.argv(python="python")
+    assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--max-lora-rank") + 1] == "8"
+    assert argv[argv.index("--max-cpu-loras") + 1] == "2"  # defaults to max_loras
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback unless told otherwise
+    assert (
+        argv[argv.index("--lora-modules") + 1]
+        == '{"name": "bot@v1", "path": "/a/bot/v1", "base_model_name": "base"}'
+    )
+    assert "secret" not in " ".join(argv)  # the key goes through the environment, not the command line
+    env = config.env({})
+    assert env["VLLM_API_KEY"] == "secret"
+    assert env["VLLM_PLUGINS"] == ""  # no resolver plugins that load adapters by name
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_entry_point_can_turn_off_runtime_adapter_routes() -> None:
+    on = _entry("--model", "/m", "--served-model-name", "b", "--print-argv")
+    off = _entry("--model", "/m", "--served-model-name", "b", "--no-runtime-lora-updating", "--print-argv")
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1" in on.stdout
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=0" in off.stdout
+
+
+def test_entry_point_rejects_bad_values_naming_the_field(tmp_path: Path) -> None:
+    bad = _entry("--model", "/m", "--served-model-name", "b", "--max-lora-rank", "12")
+    assert bad.returncode == 2
+    assert "max_lora_rank: got 12" in bad.stderr
+    missing = _entry("--model", "/m", "--served-model-name", "b", "--api-key-file", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert "--api-key-file" in missing.stderr
+
+
+def test_api_key_file_is_used_and_never_printed(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    out = _entry("--model", "/m", "--served-model-name", "b", "--api-key-file", str(key), "--print-argv")
+    assert out.returncode == 0
+    assert "s3cret" not in out.stdout
