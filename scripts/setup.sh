@@ -39,7 +39,7 @@ ensure_uv() {
   if [ ! -x "$UV" ]; then
     log "installing uv $UV_VERSION into $UV_DIR"
     rm -rf "$UV_DIR.tmp"
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check --target "$UV_DIR.tmp" "uv==$UV_VERSION"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$UV_DIR.tmp" "uv==$UV_VERSION"
     rm -rf "$UV_DIR" && mv "$UV_DIR.tmp" "$UV_DIR"
   fi
 }

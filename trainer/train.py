@@ -90,22 +90,25 @@ def _model_dtype(config: TrainJobConfig, use_cuda: bool) -> Any:
     return getattr(torch, name)
 
 
-def _progress_callback(on_log: ProgressCallback | None, total_steps_hint: list[int]) -> Any:
+def _progress_callback(on_log: ProgressCallback | None) -> Any:
+    """A TrainerCallback that reports progress as structured log lines (and to ``on_log``)."""
     from transformers import TrainerCallback
+
+    def emit(state: Any, logs: dict[str, float]) -> None:
+        event = {"step": float(state.global_step), "max_steps": float(state.max_steps), **logs}
+        log.info("train progress", extra={k: v for k, v in event.items() if isinstance(v, int | float)})
+        if on_log is not None:
+            on_log(event)
 
     class _Progress(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            total_steps_hint[0] = int(state.max_steps)
+            emit(state, {})  # announces max_steps before the first step
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
         ) -> None:
-            if not logs:
-                return
-            event = {"step": float(state.global_step), "max_steps": float(state.max_steps), **logs}
-            log.info("train progress", extra={k: v for k, v in event.items() if isinstance(v, int | float)})
-            if on_log is not None:
-                on_log(event)
+            if logs:
+                emit(state, logs)
 
     return _Progress()
 
@@ -152,7 +155,6 @@ def train_and_publish(config: TrainJobConfig, *, on_log: ProgressCallback | None
         bias="none",
         task_type="CAUSAL_LM",
     )
-    total_steps = [0]
     with tempfile.TemporaryDirectory(prefix="loraplane-run-") as tmp:
         run_dir = config.output.run_dir or Path(tmp)
         args = SFTConfig(
@@ -189,7 +191,7 @@ def train_and_publish(config: TrainJobConfig, *, on_log: ProgressCallback | None
                 eval_dataset=Dataset.from_list([{"messages": m} for m in eval_rows]) if eval_rows else None,
                 processing_class=tokenizer,
                 peft_config=peft_config,
-                callbacks=[_progress_callback(on_log, total_steps)],
+                callbacks=[_progress_callback(on_log)],
             )
             trainer.remove_callback(PrinterCallback)  # progress goes through our callback and logger
             result = trainer.train()
