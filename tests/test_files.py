@@ -30,8 +30,8 @@ def test_staged_directory_cleans_up_on_error_and_never_overwrites(tmp_path: Path
         raise RuntimeError("disk full")
     assert list(final.parent.iterdir()) == []
     final.mkdir()
-    with pytest.raises(FileExistsError), staged_directory(final):
-        pass
+    with pytest.raises(FileExistsError):
+        staged_directory(final).__enter__()  # refused on entry: a published directory is never reused
 
 
 def test_process_killed_mid_write_publishes_nothing(tmp_path: Path) -> None:
