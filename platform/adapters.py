@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.common.files import atomic_write_text, sha256_file
-from loraplane.evals.runner import evaluate
+from loraplane.common.files import sha256_file
+from loraplane.evals.render import write_report
+from loraplane.evals.runner import SuiteIncompleteError, run_suite
+from loraplane.evals.suite import LoadedSuite, load_suite, suite_for_dataset
 from loraplane.platform.registry import (
     REF_PATTERN,
     Adapter,
@@ -138,53 +140,63 @@ async def base_model_name(settings: Settings) -> str:
     return bases[0]
 
 
+def _report_stem(entry: AdapterVersion, created_at: str) -> str:
+    return f"{entry.name}-{entry.version}-{created_at.replace(':', '').replace('-', '')}"
+
+
 async def evaluate_adapter(
     settings: Settings,
     ref: str,
-    dataset: Path,
+    suite: LoadedSuite | Path,
     *,
-    baseline: str | None = None,
-    metric: str = "exact_match",
     report_dir: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EvalRecord:
-    """Evaluate ``ref`` and a baseline (default: the base model) on ``dataset`` through the live server.
+    """Run an eval suite on ``ref``, the current ``prod`` of that adapter and the base model, side by side,
+    through the live server; write the report files and store the verdict with the version.
 
-    The result is stored with the version; it passes when the candidate scores higher than the baseline.
+    ``suite`` is a loaded suite, a suite YAML file, or a JSONL eval set (then the default suite:
+    common metrics, gated on beating the base model beyond noise). A run that cannot finish writes
+    a partial report marked incomplete and records nothing in the registry.
     """
+    if isinstance(suite, Path):
+        loaded = suite_for_dataset(suite) if suite.suffix in (".jsonl", ".json") else load_suite(suite)
+    else:
+        loaded = suite
+    report_dir = report_dir or settings.home / "reports"
     entry = await load_adapter(settings, ref)
-    base_name = await base_model_name(settings)
-    if baseline is None or baseline == base_name:
-        baseline_model = base_name
-    else:  # another adapter version, e.g. the one `name:prod` serves today
-        baseline_model = (await load_adapter(settings, baseline)).served_name
-    candidate = await evaluate(
-        settings.server_url, entry.served_name, dataset, api_key=settings.api_key, on_progress=on_progress
-    )
-    base = await evaluate(
-        settings.server_url, baseline_model, dataset, api_key=settings.api_key, on_progress=on_progress
-    )
-    if metric not in candidate.metrics:
-        raise InvalidInputError(f"unknown metric {metric!r} (available: {', '.join(candidate.metrics)})")
-    report_path = None
-    if report_dir is not None:
-        stamp = candidate.created_at.replace(":", "").replace("-", "")
-        report_file = report_dir / f"{entry.name}-{entry.version}-{stamp}.json"
-        atomic_write_text(
-            report_file,
-            json.dumps({"candidate": candidate.model_dump(), "baseline": base.model_dump()}, indent=2) + "\n",
+    models = {"candidate": entry.served_name}
+    adapter = LocalRegistry(settings.home).read().adapter(entry.name)
+    prod_version = adapter.aliases.get("prod")
+    if prod_version and prod_version != entry.version:
+        models["prod"] = (await load_adapter(settings, f"{entry.name}@{prod_version}")).served_name
+    models["base"] = await base_model_name(settings)
+    try:
+        report = await run_suite(
+            loaded, settings.server_url, models, api_key=settings.api_key, on_progress=on_progress
         )
-        report_path = str(report_file)
+    except SuiteIncompleteError as exc:
+        files = write_report(
+            exc.report, report_dir, _report_stem(entry, exc.report.created_at) + "-INCOMPLETE"
+        )
+        raise LoraplaneError(
+            f"evaluation of {entry.ref} did not finish: {exc.message}",
+            hint=f"nothing was recorded in the registry; the partial report is {files.markdown}",
+        ) from None
+    files = write_report(report, report_dir, _report_stem(entry, report.created_at))
+    gate = report.gate
     record = EvalRecord(
-        dataset=str(dataset),
+        suite=report.suite,
+        suite_path=report.suite_path,
+        suite_sha256=report.suite_sha256,
         endpoint=settings.server_url,
-        metric=metric,
+        created_at=report.created_at,
         candidate_model=entry.served_name,
-        candidate={**candidate.metrics, "mean_latency_s": candidate.mean_latency_s or 0.0},
-        baseline_model=baseline_model,
-        baseline={**base.metrics, "mean_latency_s": base.mean_latency_s or 0.0},
-        passed=candidate.metrics[metric] > base.metrics[metric],
-        report_path=report_path,
+        models=report.models,
+        scores=report.scores(),
+        checks=gate.checks if gate else [],
+        passed=gate.passed if gate else True,
+        report_path=str(files.json),
     )
     with LocalRegistry(settings.home).transaction() as state:
         state.resolve(entry.ref).evals.append(record)
@@ -212,11 +224,11 @@ async def promote_adapter(
                 hint=f"run: loraplane adapters eval {entry.ref} --dataset FILE",
             )
         if not latest.passed:
+            failed = "\n".join(f"  - {c.rule}: {c.message}" for c in latest.failed_checks())
             raise PromotionRefusedError(
-                f"{entry.ref} failed its latest evaluation: {latest.metric} "
-                f"{latest.candidate[latest.metric]:.3f} vs {latest.baseline[latest.metric]:.3f} "
-                f"for {latest.baseline_model} on {latest.dataset}",
-                hint='improve the adapter, or override with --force --reason "..."',
+                f"{entry.ref} failed the gate of its latest evaluation "
+                f"(suite {latest.suite!r}, {latest.created_at}):\n{failed}",
+                hint='improve the adapter and evaluate again, or override with --force --reason "..."',
             )
     await load_adapter(settings, entry.ref)  # every server must serve it before the alias points at it
     with LocalRegistry(settings.home).transaction() as state:

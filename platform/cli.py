@@ -10,15 +10,16 @@ adapter, unknown name); 3 refused (promotion gate, changed weights); 130 interru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from loraplane.common.errors import LoraplaneError
+from loraplane.common.errors import InvalidInputError, LoraplaneError
 
 T = TypeVar("T")
 
@@ -32,7 +33,11 @@ adapters_app = typer.Typer(
 )
 demo_app = typer.Typer(help="The offline demo base model and data.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+evals_app = typer.Typer(
+    help="Run eval suites against any OpenAI-compatible endpoint; check suite files.", no_args_is_help=True
+)
 app.add_typer(demo_app, name="demo")
+app.add_typer(evals_app, name="evals")
 
 out = Console()
 err = Console(stderr=True)
@@ -89,6 +94,67 @@ def _run(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
+@contextlib.contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr when it is a terminal; otherwise nothing (logs stay quiet)."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _print_report(report: Any) -> None:
+    """One table per dataset (value and CI per model, difference to each baseline), then the gate."""
+    from rich.table import Table
+
+    from loraplane.evals.metrics import FIGURES
+
+    roles = report.roles()
+    for d in report.datasets:
+        table = Table(title=f"{report.suite} / {d.name}: {d.n} examples via {report.endpoint}")
+        present = [r for r in roles if r in d.runs]
+        others = [r for r in present if r != "candidate"]
+        table.add_column("metric")
+        for role in present:
+            table.add_column(f"{role}\n{report.models[role]}", justify="right")
+        for role in others:
+            table.add_column(f"Δ vs {role}", justify="right")
+        for figure in d.figures:
+            info = FIGURES[figure]
+            row = [f"{figure} {'↑' if info.higher_is_better else '↓'}"]
+            for role in present:
+                e = d.runs[role].metrics.get(figure)
+                text = "n/a" if e is None or e.value is None else f"{e.value:.3f}"
+                if e is not None and e.ci_low is not None and e.ci_high is not None:
+                    text += f" [{e.ci_low:.2f}, {e.ci_high:.2f}]"
+                row.append(text)
+            for role in others:
+                c = next((c for c in d.comparisons if c.metric == figure and c.baseline == role), None)
+                if c is None or c.delta.value is None:
+                    row.append("n/a")
+                    continue
+                color = {"better": "green", "worse": "red"}.get(c.verdict, "white")
+                verdict = "" if c.verdict == "n/a" else f" [{color}]{c.verdict}[/]"
+                row.append(f"{c.delta.value:+.3f}{verdict}")
+            table.add_row(*row)
+        out.print(table)
+        failed = {r: d.runs[r].failures for r in present if d.runs[r].failures}
+        if failed:
+            out.print("failed requests: " + ", ".join(f"{r} {n}/{d.n}" for r, n in failed.items()))
+    if report.gate is not None:
+        verdict = "[green]PASS[/]" if report.gate.passed else "[red]FAIL[/]"
+        out.print(f"gate: {verdict}")
+        for c in report.gate.checks:
+            mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]skip[/]"}[c.passed]
+            out.print(f"  {mark} {c.rule}: {_escape(c.message)}")
+
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 
@@ -118,14 +184,7 @@ def adapters_list(output: str = typer.Option("table", "--output", "-o", help="ta
             for v in adapter.versions.values():
                 aliases = ", ".join(a for a, ver in adapter.aliases.items() if ver == v.version)
                 ev = v.latest_eval()
-                summary = (
-                    (
-                        f"{ev.metric} {ev.candidate[ev.metric]:.2f} vs {ev.baseline[ev.metric]:.2f} "
-                        f"({'pass' if ev.passed else 'fail'})"
-                    )
-                    if ev
-                    else ""
-                )
+                summary = ev.summary() if ev else ""
                 table.add_row(adapter.name, v.version, v.served_name, v.state, aliases, summary)
         out.print(table)
 
@@ -165,38 +224,43 @@ def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIA
 @adapters_app.command("eval")
 def adapters_eval(
     ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIAS"),
-    dataset: Path = typer.Option(
-        ..., "--dataset", "-d", help="Eval JSONL: prompt or messages, and expected."
+    suite: Path | None = typer.Option(
+        None, "--suite", "-s", help="Eval suite YAML (datasets, metrics, gate)."
     ),
-    baseline: str | None = typer.Option(
-        None, help="Compare with this adapter ref (default: the base model)."
+    dataset: Path | None = typer.Option(
+        None, "--dataset", "-d", help="Or one eval JSONL with the default metrics and gate."
     ),
+    report_dir: Path | None = typer.Option(None, help="Where report files go (default: HOME/reports)."),
     output: str = typer.Option("table", "--output", "-o", help="table or json"),
 ) -> None:
-    """Evaluate a version and a baseline side by side through the live server; store the result."""
+    """Evaluate a version, the adapter's current prod and the base model side by side through the live
+    server; write JSON, Markdown and PNG reports and store the verdict of the suite's gate.
+
+    \b
+    Example:
+      loraplane adapters eval support-bot@v3 --suite evals/support.yaml
+    """
 
     def body() -> None:
+        from loraplane.evals.report import SuiteReport
         from loraplane.platform.adapters import evaluate_adapter
 
-        settings = _settings()
-        record = asyncio.run(
-            evaluate_adapter(settings, ref, dataset, baseline=baseline, report_dir=settings.home / "reports")
-        )
+        if (suite is None) == (dataset is None):
+            raise InvalidInputError("give exactly one of --suite FILE or --dataset FILE")
+        source = suite or dataset
+        assert source is not None
+        with _progress_bar("requests") as progress:
+            record = asyncio.run(
+                evaluate_adapter(_settings(), ref, source, report_dir=report_dir, on_progress=progress)
+            )
         if output == "json":
             out.print_json(record.model_dump_json())
             return
-        from rich.table import Table
-
-        table = Table(title=f"{Path(record.dataset).name} via {record.endpoint}")
-        for col in ("model", *record.candidate):
-            table.add_column(col)
-        for model, scores in (
-            (record.candidate_model, record.candidate),
-            (record.baseline_model, record.baseline),
-        ):
-            table.add_row(model, *(f"{v:.3f}" for v in scores.values()))
-        out.print(table)
-        out.print(f"gate ({record.metric} above baseline): {'pass' if record.passed else 'FAIL'}")
+        assert record.report_path is not None
+        report = SuiteReport.model_validate_json(Path(record.report_path).read_bytes())
+        _print_report(report)
+        stem = Path(record.report_path).with_suffix("")
+        out.print(f"report: {stem}.md, {stem}.png, {stem}.json")
 
     _run(body)
 
@@ -218,6 +282,88 @@ def adapters_promote(
         )
         was = f" (was {entry.name}@{previous})" if previous else ""
         out.print(f"{entry.name}:{alias} -> {entry.served_name}{was}")
+
+    _run(body)
+
+
+# --- evals ----------------------------------------------------------------------------------------
+
+
+@evals_app.command("run")
+def evals_run(
+    suite: Path = typer.Argument(..., help="Eval suite YAML."),
+    endpoint: str = typer.Option(
+        ..., "--endpoint", "-e", envvar="LORAPLANE_EVAL_ENDPOINT", help="OpenAI-compatible base URL."
+    ),
+    candidate: str = typer.Option(..., "--candidate", "-m", help="Model name to evaluate."),
+    prod: str | None = typer.Option(None, help="Model serving production today (compared, gated on)."),
+    base: str | None = typer.Option(None, help="Base model name (compared, gated on)."),
+    api_key_env: str | None = typer.Option(
+        None,
+        help="Environment variable holding the API key (default: LORAPLANE_API_KEY, then OPENAI_API_KEY).",
+    ),
+    report_dir: Path = typer.Option(Path("eval-reports"), help="Where the JSON, Markdown and PNG go."),
+    check: bool = typer.Option(False, "--check", help="Exit 3 when the suite's gate fails (for CI)."),
+    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+) -> None:
+    """Run a suite against an endpoint (vLLM, the gateway, or another provider); nothing is registered.
+
+    \b
+    Example:
+      loraplane evals run suite.yaml -e http://127.0.0.1:8000/v1 -m support-bot@v3 --base my-base
+    """
+
+    def body() -> None:
+        import os
+        from datetime import UTC, datetime
+
+        from loraplane.evals.render import write_report
+        from loraplane.evals.runner import SuiteIncompleteError, run_suite
+        from loraplane.evals.suite import load_suite
+
+        loaded = load_suite(suite)
+        key = None
+        if api_key_env is not None:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise InvalidInputError(f"--api-key-env {api_key_env}: that environment variable is not set")
+        models = {
+            "candidate": candidate,
+            **({"prod": prod} if prod else {}),
+            **({"base": base} if base else {}),
+        }
+        stem = f"{loaded.suite.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+        try:
+            with _progress_bar("requests") as progress:
+                report = asyncio.run(run_suite(loaded, endpoint, models, api_key=key, on_progress=progress))
+        except SuiteIncompleteError as exc:
+            files = write_report(exc.report, report_dir, stem + "-INCOMPLETE")
+            raise LoraplaneError(str(exc), hint=f"partial report: {files.markdown}") from None
+        files = write_report(report, report_dir, stem)
+        if output == "json":
+            out.print_json(files.json.read_text())
+        else:
+            _print_report(report)
+            out.print(f"report: {files.markdown}, {files.png}, {files.json}")
+        if check and report.gate is not None and not report.gate.passed:
+            raise typer.Exit(3)
+
+    _run(body)
+
+
+@evals_app.command("validate")
+def evals_validate(suite: Path = typer.Argument(..., help="Eval suite YAML.")) -> None:
+    """Check a suite file and every dataset it names, without sending a request."""
+
+    def body() -> None:
+        from loraplane.evals.suite import load_suite
+
+        loaded = load_suite(suite)
+        for name, (path, examples) in loaded.datasets.items():
+            spec = next(d for d in loaded.suite.datasets if d.name == name)
+            out.print(f"{name}: {len(examples)} examples from {path}; metrics: {', '.join(spec.figures())}")
+        gate = loaded.suite.gate
+        out.print(f"gate: {len(gate.rules())} rules" if gate else "gate: none (promotion needs one)")
 
     _run(body)
 

@@ -265,7 +265,7 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
                         ref,
                         eval_sets[task_name],
                         report_dir=work / "reports",
-                        on_progress=_updater(progress, bar, scale=2),  # candidate + base model
+                        on_progress=_updater(progress, bar),
                     )
                 )
             done()
@@ -276,7 +276,7 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
                 "no adapter beat the base model; nothing to promote",
                 hint=f"see the eval reports in {work / 'reports'}",
             )
-        winner = max(passed, key=lambda t: passed[t].delta)
+        winner = max(passed, key=lambda t: _gain(passed[t]))
         done = step(f"Promoting the winner '{winner}' to the alias 'prod'")
         promoted, _ = asyncio.run(promote_adapter(settings, winner, alias="prod"))
         done()
@@ -319,9 +319,14 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
     )
 
 
-def _updater(progress: Progress, task_id: TaskID, scale: int = 1) -> Callable[[int, int], None]:
+def _gain(record: EvalRecord) -> float:
+    """Exact-match gain over the base model on the record's eval set."""
+    return (record.first("exact_match") or 0.0) - (record.first("exact_match", role="base") or 0.0)
+
+
+def _updater(progress: Progress, task_id: TaskID) -> Callable[[int, int], None]:
     def update(done: int, total: int) -> None:
-        progress.update(task_id, completed=done, total=scale * total)
+        progress.update(task_id, completed=done, total=total)
 
     return update
 
@@ -342,15 +347,31 @@ def _progress(console: Console) -> Iterator[Progress]:
 
 def summary_table(result: QuickstartResult) -> Table:
     table = Table(title=f"loraplane quickstart: {result.seconds:.0f}s, workdir {result.workdir}")
-    for col in ("adapter", "task", "base EM", "adapter EM", "delta", "gate", "alias"):
-        table.add_column(col, justify="right" if "EM" in col or col == "delta" else "left")
+    for col in (
+        "adapter",
+        "task",
+        "base EM",
+        "adapter EM",
+        "delta",
+        "base ppl",
+        "adapter ppl",
+        "gate",
+        "alias",
+    ):
+        table.add_column(col, justify="left" if col in ("adapter", "task", "gate", "alias") else "right")
+
+    def fmt(x: float | None, spec: str = ".2f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
     for task, record in result.evals.items():
         table.add_row(
             record.candidate_model,
             task,
-            f"{record.baseline['exact_match']:.2f}",
-            f"{record.candidate['exact_match']:.2f}",
-            f"{record.delta:+.2f}",
+            fmt(record.first("exact_match", role="base")),
+            fmt(record.first("exact_match")),
+            fmt(_gain(record), "+.2f"),
+            fmt(record.first("perplexity", role="base"), ".1f"),
+            fmt(record.first("perplexity"), ".2f"),
             "[green]pass[/]" if record.passed else "[red]fail[/]",
             "prod" if task == result.winner else "",
         )

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from filelock import FileLock
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import atomic_write_text
+from loraplane.evals.report import GateCheck
 
 VersionState = Literal["registered", "serving", "retired"]
 REF_PATTERN = re.compile(
@@ -39,22 +40,81 @@ def now() -> str:
 
 
 class EvalRecord(BaseModel):
-    """A side-by-side evaluation of a version against a baseline on one eval set."""
+    """A complete suite run of a version against the current prod and the base model, and its verdict.
 
-    dataset: str
+    The summary lives here; the full report (every example, JSON + Markdown + PNG) is at
+    ``report_path``. Partial runs are never recorded.
+    """
+
+    suite: str
+    suite_path: str | None = None
+    suite_sha256: str | None = None
     endpoint: str
     created_at: str = Field(default_factory=now)
-    metric: str = "exact_match"
     candidate_model: str
-    candidate: dict[str, float]
-    baseline_model: str
-    baseline: dict[str, float]
+    models: dict[str, str] = Field(description="role (candidate, prod, base) -> model name sent.")
+    scores: dict[str, dict[str, dict[str, float | None]]] = Field(
+        description="dataset -> role -> figure -> value."
+    )
+    checks: list[GateCheck] = Field(default_factory=list)
     passed: bool
     report_path: str | None = None
 
-    @property
-    def delta(self) -> float:
-        return self.candidate[self.metric] - self.baseline[self.metric]
+    @model_validator(mode="before")
+    @classmethod
+    def _from_first_release(cls, data: Any) -> Any:
+        """Registries written by loraplane 0.1.0 stored one dataset and one metric per record."""
+        if isinstance(data, dict) and "suite" not in data and "dataset" in data:
+            name = Path(str(data["dataset"])).stem
+            metric = data.get("metric", "exact_match")
+            cand, base = data["candidate"].get(metric, 0.0), data["baseline"].get(metric, 0.0)
+            data = {
+                "suite": name,
+                "suite_path": None,
+                "endpoint": data["endpoint"],
+                "created_at": data.get("created_at", now()),
+                "candidate_model": data["candidate_model"],
+                "models": {"candidate": data["candidate_model"], "base": data["baseline_model"]},
+                "scores": {name: {"candidate": data["candidate"], "base": data["baseline"]}},
+                "checks": [],
+                "passed": data["passed"],
+                "report_path": data.get("report_path"),
+            }
+            data["checks"] = [
+                {
+                    "rule": "beat_base",
+                    "dataset": name,
+                    "metric": metric,
+                    "threshold": 0.0,
+                    "observed": data["scores"][name]["candidate"].get(metric),
+                    "reference": data["scores"][name]["base"].get(metric),
+                    "passed": data["passed"],
+                    "message": (
+                        f"{metric} on {name}: candidate {cand:.3f} vs base {base:.3f} "
+                        "(loraplane 0.1.0 gate: candidate above base)"
+                    ),
+                }
+            ]
+        return data
+
+    def figure(self, dataset: str, role: str, metric: str) -> float | None:
+        return self.scores.get(dataset, {}).get(role, {}).get(metric)
+
+    def first(self, metric: str = "exact_match", role: str = "candidate") -> float | None:
+        """``metric`` for ``role`` on the suite's first dataset (what one-dataset tables show)."""
+        dataset = next(iter(self.scores), None)
+        return self.figure(dataset, role, metric) if dataset else None
+
+    def failed_checks(self) -> list[GateCheck]:
+        return [c for c in self.checks if c.passed is False]
+
+    def summary(self) -> str:
+        """One line for tables: the verdict, and the first failed check if any."""
+        failed = self.failed_checks()
+        if not failed:
+            return f"pass ({len(self.checks)} checks, suite {self.suite})"
+        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        return f"FAIL: {failed[0].message}{more}"
 
 
 class AdapterVersion(BaseModel):

@@ -11,6 +11,7 @@ import pytest
 from conftest import write_fake_adapter
 
 from loraplane.common.errors import InvalidInputError
+from loraplane.evals.report import GateCheck
 from loraplane.platform.adapters import (
     IntegrityError,
     PromotionRefusedError,
@@ -80,21 +81,59 @@ def test_promotion_without_passing_eval_is_refused(settings: Settings, fake_adap
     with LocalRegistry(settings.home).transaction() as state:
         state.resolve("demo@v1").evals.append(
             EvalRecord(
-                dataset="d.jsonl",
+                suite="support",
                 endpoint="x",
                 candidate_model="demo@v1",
-                candidate={"exact_match": 0.2},
-                baseline_model="base",
-                baseline={"exact_match": 0.5},
+                models={"candidate": "demo@v1", "base": "base"},
+                scores={"faq": {"candidate": {"exact_match": 0.2}, "base": {"exact_match": 0.5}}},
+                checks=[
+                    GateCheck(
+                        rule="min_score",
+                        dataset="faq",
+                        metric="exact_match",
+                        threshold=0.6,
+                        observed=0.2,
+                        passed=False,
+                        message="exact_match on faq: 0.2 (minimum 0.6)",
+                    )
+                ],
                 passed=False,
             )
         )
     before = _snapshot(settings)
-    with pytest.raises(PromotionRefusedError, match=r"exact_match 0.200 vs 0.500"):
+    with pytest.raises(PromotionRefusedError, match=r"min_score: exact_match on faq: 0.2 \(minimum 0.6\)"):
         asyncio.run(promote_adapter(settings, "demo@v1"))
     with pytest.raises(InvalidInputError, match="--force needs --reason"):
         asyncio.run(promote_adapter(settings, "demo@v1", force=True))
     assert _snapshot(settings) == before
+
+
+def test_eval_records_of_the_first_release_still_read_and_gate(
+    settings: Settings, fake_adapter: Path
+) -> None:
+    """A registry written by loraplane 0.1.0 (one dataset, one metric per record) keeps working."""
+    register_adapter(settings, fake_adapter, name="demo", version="v1")
+    data = json.loads((settings.home / "registry.json").read_text())
+    data["adapters"]["demo"]["versions"]["v1"]["evals"] = [
+        {
+            "dataset": "/data/sentiment-eval.jsonl",
+            "endpoint": "http://x",
+            "metric": "exact_match",
+            "candidate_model": "demo@v1",
+            "candidate": {"exact_match": 0.2, "contains": 0.3},
+            "baseline_model": "demo-base",
+            "baseline": {"exact_match": 0.5, "contains": 0.5},
+            "passed": False,
+        }
+    ]
+    (settings.home / "registry.json").write_text(json.dumps(data))
+    record = LocalRegistry(settings.home).read().resolve("demo@v1").evals[0]
+    assert record.models == {"candidate": "demo@v1", "base": "demo-base"}
+    assert record.figure("sentiment-eval", "base", "contains") == 0.5
+    with pytest.raises(
+        PromotionRefusedError, match=r"exact_match on sentiment-eval: candidate 0.200 vs base 0.500"
+    ):
+        asyncio.run(promote_adapter(settings, "demo@v1"))
 
 
 def test_changed_weights_block_promotion(settings: Settings, fake_adapter: Path) -> None:
