@@ -210,7 +210,7 @@ class OpenAIEndpoint:
 
         async def attempt() -> list[int]:
             response = await self._client.post("/tokenize", json=body)
-            if response.status_code == 404:
+            if response.status_code == 404 and '"detail":"Not Found"' in response.text.replace(" ", ""):
                 raise RequestFailedError(
                     "the endpoint has no POST /tokenize (vLLM's); perplexity needs a vLLM server", attempts=1
                 )

@@ -8,10 +8,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraplane.common.files import atomic_write_bytes, atomic_write_text
 from loraplane.evals.metrics import FIGURES
 from loraplane.evals.report import Estimate, SuiteReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,8 @@ def to_markdown(report: SuiteReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_png(report: SuiteReport) -> bytes:
-    """One row per dataset; panels for scores (with CI error bars), perplexity and latency."""
+def chart(report: SuiteReport) -> Figure:
+    """One row per dataset; panels for scores (with CI error bars), perplexity, latency, throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +134,7 @@ def to_png(report: SuiteReport) -> bytes:
                     xs, vals, width, yerr=[err_lo, err_hi], capsize=3, label=f"{role}: {report.models[role]}"
                 )
                 ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
-            if kind == "perplexity":
+            if kind == "perplexity" and any(b.get_height() > 0 for b in ax.patches):
                 ax.set_yscale("log")
             ax.set_xticks([x + width * (len(roles) - 1) / 2 for x in range(len(figures))])
             ax.set_xticklabels(figures, rotation=20, fontsize=8)
@@ -138,6 +142,13 @@ def to_png(report: SuiteReport) -> bytes:
     status = "" if report.complete else " (INCOMPLETE)"
     fig.suptitle(f"{report.suite}{status}: {report.endpoint}", fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def to_png(report: SuiteReport) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = chart(report)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -129,5 +129,6 @@ __all__ = [
     "ExampleResult",
     "GateCheck",
     "GateResult",
+    "ModelRun",
     "SuiteReport",
 ]

@@ -62,10 +62,10 @@ def paired_diff_ci(
     seed: int = 0,
 ) -> Interval:
     """Interval of mean(candidate) - mean(baseline) over the same examples, resampled together."""
-    if len(candidate) != len(baseline) or not candidate:
-        raise ValueError("paired_diff_ci needs two equally long, non-empty lists")
-    d = np.asarray(candidate, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    return _interval(float(d.mean()), lambda idx: d[idx].mean(axis=1), len(d), resamples, confidence, seed)
+    if len(candidate) != len(baseline):
+        raise ValueError("paired_diff_ci needs two equally long lists")
+    diffs = [c - b for c, b in zip(candidate, baseline, strict=True)]
+    return mean_ci(diffs, resamples=resamples, confidence=confidence, seed=seed)
 
 
 def perplexity_ci(

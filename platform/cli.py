@@ -247,8 +247,9 @@ def adapters_eval(
 
         if (suite is None) == (dataset is None):
             raise InvalidInputError("give exactly one of --suite FILE or --dataset FILE")
-        source = suite or dataset
-        assert source is not None
+        from loraplane.evals.suite import load_suite, suite_for_dataset
+
+        source = load_suite(suite) if suite is not None else suite_for_dataset(dataset)  # type: ignore[arg-type]
         with _progress_bar("requests") as progress:
             record = asyncio.run(
                 evaluate_adapter(_settings(), ref, source, report_dir=report_dir, on_progress=progress)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
+from loraplane.platform.adapters import register_adapter
+from loraplane.platform.quickstart import BASE_NAME, demo_server_config, demo_trainer_config, free_port
 from loraplane.platform.settings import Settings
+from loraplane.serving.launcher import VLLMServer
+from loraplane.trainer.demo_tasks import TASKS, write_task_files
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +24,54 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loraplane.trainer.demo_model import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("base") / "demo-model")
+
+
+API_KEY = "e2e-test-key"
+BASE = BASE_NAME
+
+
+@dataclass
+class Live:
+    server: VLLMServer
+    settings: Settings
+    eval_sets: dict[str, Path]
+    adapters: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One real vLLM server for the whole session, started early so it loads while adapters train."""
+    server = VLLMServer(
+        demo_server_config(demo_model, free_port(), API_KEY), tmp_path_factory.mktemp("vllm") / "vllm.log"
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def live(vllm_server: VLLMServer, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Live:
+    work = tmp_path_factory.mktemp("e2e")
+    root = work / "adapters"
+    eval_sets, adapters = {}, {}
+    for task in TASKS.values():
+        train, ev = write_task_files(task, work / "data")
+        eval_sets[task.name] = ev
+        cfg = work / f"{task.name}.yaml"
+        cfg.write_text(yaml.safe_dump(demo_trainer_config(task.name, demo_model, train, root)))
+        # The trainer's own entry point, as a separate process: what a Job runs in the cluster.
+        proc = subprocess.run(
+            [sys.executable, "-m", "loraplane.trainer", "--config", str(cfg)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        adapters[task.name] = Path(json.loads(proc.stdout.strip().splitlines()[-1])["adapter"])
+    vllm_server.wait_ready(timeout=600)
+    settings = Settings(
+        home=work / "state", adapters_root=root, server_url=vllm_server.url, api_key=API_KEY, max_lora_rank=8
+    )
+    for path in adapters.values():
+        register_adapter(settings, path)
+    return Live(server=vllm_server, settings=settings, eval_sets=eval_sets, adapters=adapters)
 
 
 @pytest.fixture

@@ -11,14 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-import yaml
-from conftest import write_fake_adapter
+from conftest import API_KEY, BASE, Live, write_fake_adapter
 
 from loraplane.platform.adapters import (
     IntegrityError,
@@ -27,61 +25,10 @@ from loraplane.platform.adapters import (
     promote_adapter,
     register_adapter,
 )
-from loraplane.platform.quickstart import BASE_NAME, demo_server_config, demo_trainer_config, free_port
 from loraplane.platform.registry import LocalRegistry
-from loraplane.platform.settings import Settings
 from loraplane.serving.client import AdapterNotFoundError, AdapterRejectedError, VLLMAdminClient
-from loraplane.serving.launcher import VLLMServer
-from loraplane.trainer.demo_tasks import TASKS, write_task_files
 
 pytestmark = pytest.mark.e2e
-
-API_KEY = "e2e-test-key"
-BASE = BASE_NAME
-
-
-@dataclass
-class Live:
-    server: VLLMServer
-    settings: Settings
-    eval_sets: dict[str, Path]
-    adapters: dict[str, Path]
-
-
-@pytest.fixture(scope="session")
-def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """One real vLLM server for the whole session, started early so it loads while adapters train."""
-    server = VLLMServer(
-        demo_server_config(demo_model, free_port(), API_KEY), tmp_path_factory.mktemp("vllm") / "vllm.log"
-    )
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def live(vllm_server: VLLMServer, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Live:
-    work = tmp_path_factory.mktemp("e2e")
-    root = work / "adapters"
-    eval_sets, adapters = {}, {}
-    for task in TASKS.values():
-        train, ev = write_task_files(task, work / "data")
-        eval_sets[task.name] = ev
-        cfg = work / f"{task.name}.yaml"
-        cfg.write_text(yaml.safe_dump(demo_trainer_config(task.name, demo_model, train, root)))
-        # The trainer's own entry point, as a separate process: what a Job runs in the cluster.
-        proc = subprocess.run(
-            [sys.executable, "-m", "loraplane.trainer", "--config", str(cfg)], capture_output=True, text=True
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        adapters[task.name] = Path(json.loads(proc.stdout.strip().splitlines()[-1])["adapter"])
-    vllm_server.wait_ready(timeout=600)
-    settings = Settings(
-        home=work / "state", adapters_root=root, server_url=vllm_server.url, api_key=API_KEY, max_lora_rank=8
-    )
-    for path in adapters.values():
-        register_adapter(settings, path)
-    return Live(server=vllm_server, settings=settings, eval_sets=eval_sets, adapters=adapters)
 
 
 def test_published_adapter_has_weights_config_and_manifest(live: Live) -> None:
@@ -102,10 +49,11 @@ def test_published_adapter_has_weights_config_and_manifest(live: Live) -> None:
 def test_each_adapter_beats_the_base_model_on_its_own_task(live: Live) -> None:
     for task, eval_set in live.eval_sets.items():
         record = asyncio.run(evaluate_adapter(live.settings, f"{task}@v1", eval_set))
-        assert record.baseline_model == BASE
-        assert record.passed
+        assert record.models == {"candidate": f"{task}@v1", "base": BASE}
+        assert record.passed, record.checks
         # A clear margin, measured through the live endpoint: the random base model scores ~0.
-        assert record.candidate["exact_match"] - record.baseline["exact_match"] >= 0.5, record
+        gain = (record.first("exact_match") or 0) - (record.first("exact_match", role="base") or 0)
+        assert gain >= 0.5, record
     state = LocalRegistry(live.settings.home).read()
     assert all(state.resolve(f"{t}@v1").latest_eval() is not None for t in live.eval_sets)
     assert all(state.resolve(f"{t}@v1").state == "serving" for t in live.eval_sets)
@@ -192,7 +140,8 @@ def test_quickstart_command_runs_the_whole_loop(tmp_path: Path) -> None:
     winner = result["winner"]
     assert result["promoted"] == f"{winner}@v1"
     for record in result["evals"].values():
-        assert record["passed"] and record["candidate"]["exact_match"] > record["baseline"]["exact_match"]
+        (scores,) = record["scores"].values()
+        assert record["passed"] and scores["candidate"]["exact_match"] > scores["base"]["exact_match"]
     expected = json.loads((tmp_path / "qs" / "data" / f"{winner}-eval.jsonl").read_text().splitlines()[0])[
         "expected"
     ]
