@@ -60,7 +60,8 @@ def _one(endpoint: str, model: str, api_key: str | None, loaded: LoadedSuite) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--copies", type=int, default=4, help="Repeat the eval set so a round lasts longer.")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--endpoint", default=None)
     parser.add_argument("--model", default=None)
@@ -72,7 +73,9 @@ def main() -> int:
     from loraplane.trainer.demo_tasks import TASKS, write_task_files
 
     work = Path(tempfile.mkdtemp(prefix="loraplane-evalbench-"))
-    _, eval_set = write_task_files(TASKS["sentiment"], work / "data")
+    _, one_copy = write_task_files(TASKS["sentiment"], work / "data")
+    eval_set = work / "data" / "bench-eval.jsonl"
+    eval_set.write_text(one_copy.read_text() * args.copies)
     server = None
     endpoint, model, key = args.endpoint, args.model, args.api_key
     if endpoint is None:
