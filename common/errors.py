@@ -42,7 +42,7 @@ def format_validation_error(exc: ValidationError, *, source: str) -> ConfigError
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown field (remove it, or check its spelling)")
         elif err["type"] == "missing":

@@ -195,7 +195,7 @@ async def evaluate_adapter(
         models=report.models,
         scores=report.scores(),
         checks=gate.checks if gate else [],
-        passed=gate.passed if gate else True,
+        passed=gate.passed if gate else False,  # no policy, no promotion without --force
         report_path=str(files.json),
     )
     with LocalRegistry(settings.home).transaction() as state:
@@ -222,6 +222,11 @@ async def promote_adapter(
             raise PromotionRefusedError(
                 f"{entry.ref} has never been evaluated",
                 hint=f"run: loraplane adapters eval {entry.ref} --dataset FILE",
+            )
+        if not latest.passed and not latest.checks:
+            raise PromotionRefusedError(
+                f"{entry.ref}: its latest evaluation (suite {latest.suite!r}) has no promotion gate",
+                hint="add a 'gate:' section to the suite and evaluate again, or use --force --reason",
             )
         if not latest.passed:
             failed = "\n".join(f"  - {c.rule}: {c.message}" for c in latest.failed_checks())

@@ -364,7 +364,9 @@ def evals_validate(suite: Path = typer.Argument(..., help="Eval suite YAML.")) -
             spec = next(d for d in loaded.suite.datasets if d.name == name)
             out.print(f"{name}: {len(examples)} examples from {path}; metrics: {', '.join(spec.figures())}")
         gate = loaded.suite.gate
-        out.print(f"gate: {len(gate.rules())} rules" if gate else "gate: none (promotion needs one)")
+        out.print(
+            f"gate: {len(gate.rules())} rules" if gate else "gate: none (promote will refuse without --force)"
+        )
 
     _run(body)
 

@@ -74,3 +74,26 @@ def test_promote_unevaluated_exits_3(settings: Settings, fake_adapter: Path) -> 
     result = _cli(settings, "adapters", "promote", "demo@v1")
     assert result.returncode == 3
     assert "never been evaluated" in result.stderr
+
+
+def test_evals_validate_reports_a_good_suite_and_exits_2_on_a_bad_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    (tmp_path / "e.jsonl").write_text('{"prompt": "2+2?", "reference": "4"}\n')
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\ndatasets:\n  - {name: math, path: e.jsonl, metrics: [exact_match, latency]}\n")
+    ok = _cli(settings, "evals", "validate", str(suite))
+    assert ok.returncode == 0, ok.stderr
+    assert "math: 1 examples" in ok.stdout and "gate: none" in ok.stdout
+    suite.write_text(suite.read_text() + "gate: {min_score: {perplexity: 3}}\n")
+    bad = _cli(settings, "evals", "validate", str(suite))
+    assert bad.returncode == 2
+    assert (
+        "gate: got {'min_score': {'perplexity': 3}}; min_score.perplexity: lower is better for perplexity"
+        in " ".join(bad.stderr.split())
+    )
+
+
+def test_adapters_eval_needs_exactly_one_of_suite_or_dataset(settings: Settings) -> None:
+    result = _cli(settings, "adapters", "eval", "demo@v1")
+    assert result.returncode == 2 and "exactly one of --suite FILE or --dataset FILE" in result.stderr

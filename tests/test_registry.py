@@ -136,6 +136,25 @@ def test_eval_records_of_the_first_release_still_read_and_gate(
         asyncio.run(promote_adapter(settings, "demo@v1"))
 
 
+def test_an_evaluation_without_a_gate_does_not_allow_promotion(
+    settings: Settings, fake_adapter: Path
+) -> None:
+    register_adapter(settings, fake_adapter, name="demo", version="v1")
+    with LocalRegistry(settings.home).transaction() as state:
+        state.resolve("demo@v1").evals.append(
+            EvalRecord(
+                suite="exploratory",
+                endpoint="x",
+                candidate_model="demo@v1",
+                models={"candidate": "demo@v1"},
+                scores={"qa": {"candidate": {"exact_match": 1.0}}},
+                passed=False,
+            )
+        )
+    with pytest.raises(PromotionRefusedError, match="suite 'exploratory'\\) has no promotion gate"):
+        asyncio.run(promote_adapter(settings, "demo@v1"))
+
+
 def test_changed_weights_block_promotion(settings: Settings, fake_adapter: Path) -> None:
     register_adapter(settings, fake_adapter, name="demo", version="v1")
     (fake_adapter / "adapter_model.safetensors").write_bytes(b"tampered")
