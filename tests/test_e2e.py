@@ -162,6 +162,9 @@ def test_ctrl_c_stops_every_process_quickstart_started(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell starts background jobs with SIGINT ignored, and Python then never installs its Ctrl-C
+        # handler: give the CLI the default disposition a terminal user has, wherever CI runs us.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     children: list[psutil.Process] = []
