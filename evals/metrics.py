@@ -129,10 +129,7 @@ FIGURES: dict[str, MetricInfo] = {
     **PERPLEXITY_FIGURES,
     **LATENCY_FIGURES,
 }
-METRIC_NAMES = (*SCORE_METRICS, "perplexity", "latency")
 
-# Kept for callers that score one answer with the two basic metrics.
-METRICS: dict[str, Scorer] = {"exact_match": exact_match, "contains": contains}
 SIMPLE_SCORERS: dict[str, Scorer] = {
     "exact_match": exact_match,
     "contains": contains,

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -35,7 +34,7 @@ from loraplane.evals.report import (
     ModelRun,
     SuiteReport,
 )
-from loraplane.evals.suite import DatasetSpec, EvalSuite, LoadedSuite, suite_for_dataset
+from loraplane.evals.suite import DatasetSpec, EvalSuite, LoadedSuite
 
 log = logging.getLogger("loraplane.evals")
 ProgressFn = Callable[[int, int], None]
@@ -392,17 +391,3 @@ async def run_suite(
     if suite.gate is not None:
         report.gate = evaluate_gate(suite.gate, report)
     return report
-
-
-async def evaluate(
-    endpoint: str,
-    model: str,
-    dataset: Path,
-    *,
-    api_key: str | None = None,
-    on_progress: ProgressFn | None = None,
-) -> SuiteReport:
-    """One model on one eval set with the default metrics (a shortcut for scripts and notebooks)."""
-    return await run_suite(
-        suite_for_dataset(dataset), endpoint, {"candidate": model}, api_key=api_key, on_progress=on_progress
-    )

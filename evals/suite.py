@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loraplane.common.errors import ConfigError, format_validation_error
 from loraplane.evals.dataset import EvalExample, load_eval_set
-from loraplane.evals.metrics import FIGURES, LATENCY_FIGURES, METRIC_NAMES, SCORE_METRICS, figures_for
+from loraplane.evals.metrics import FIGURES, LATENCY_FIGURES, figures_for
 
 MetricName = Literal[
     "exact_match",
@@ -317,6 +317,3 @@ def _load_datasets(suite: EvalSuite, path: Path | None) -> LoadedSuite:
             assert schema is not None
             loaded.schemas[spec.name] = schema
     return loaded
-
-
-__all__ = ["METRIC_NAMES", "SCORE_METRICS", "EvalSuite", "GatePolicy", "LoadedSuite", "load_suite"]
