@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 adapters_app = typer.Typer(
-    help="Register, load, evaluate and promote adapter versions.", no_args_is_help=True
+    help="Register, load, evaluate, promote and merge adapter versions.", no_args_is_help=True
 )
 demo_app = typer.Typer(help="The offline demo base model and data.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
@@ -38,6 +38,8 @@ evals_app = typer.Typer(
 )
 app.add_typer(demo_app, name="demo")
 app.add_typer(evals_app, name="evals")
+data_app = typer.Typer(help="Check training data without training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 out = Console()
 err = Console(stderr=True)
@@ -287,6 +289,50 @@ def adapters_promote(
     _run(body)
 
 
+@adapters_app.command("merge")
+def adapters_merge(
+    source: str = typer.Argument(..., help="Adapter directory, or NAME@VERSION / NAME:ALIAS."),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (must not exist)."),
+    base_model: str | None = typer.Option(
+        None, help="Base model directory or hub id (default: from the adapter's manifest.json)."
+    ),
+    dtype: str = typer.Option("auto", help="auto (the base checkpoint's), float32, bfloat16 or float16."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the base model's own code to run."),
+) -> None:
+    """Merge an adapter into its base model and write a full safetensors model directory
+    (config, weights, tokenizer, loraplane-merge.json) to serve without LoRA or export.
+
+    \b
+    Example:
+      loraplane adapters merge support-bot@v3 --out ./support-bot-v3-merged
+    """
+
+    def body() -> None:
+        from loraplane.platform.adapters import merge_to_directory
+
+        status = err.status(f"merging {source}") if err.is_terminal else contextlib.nullcontext()
+        with status:
+            merged = merge_to_directory(
+                _settings(),
+                source,
+                out_dir,
+                base_model=base_model,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+        size = merged.weights_bytes / 2**20
+        out.print(str(merged.path), highlight=False, soft_wrap=True)
+        out.print(
+            _escape(
+                f"merged {source} into {merged.base_model}: {merged.dtype}, "
+                f"{len(merged.weights_sha256)} weight file(s), {size:.1f} MiB, {merged.seconds:.1f}s"
+            ),
+            highlight=False,
+        )
+
+    _run(body)
+
+
 # --- evals ----------------------------------------------------------------------------------------
 
 
@@ -367,6 +413,126 @@ def evals_validate(suite: Path = typer.Argument(..., help="Eval suite YAML.")) -
         out.print(
             f"gate: {len(gate.rules())} rules" if gate else "gate: none (promote will refuse without --force)"
         )
+
+    _run(body)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Path | None = typer.Argument(None, help="Training data: JSONL (one example per line) or Parquet."),
+    base_model: str = typer.Option(
+        ..., "--base-model", "-m", help="Base model directory or hub id: its tokenizer and chat template."
+    ),
+    hub: str | None = typer.Option(None, help="Instead of FILE: a `datasets` hub id or local directory."),
+    split: str | None = typer.Option(None, help="Split of --hub (default: train)."),
+    eval_file: Path | None = typer.Option(None, help="Held-out file in the same format."),
+    eval_split: str | None = typer.Option(None, help="Held-out split of --hub."),
+    eval_fraction: float | None = typer.Option(None, help="Or hold out this share of the rows (seeded)."),
+    chat_template: Path | None = typer.Option(
+        None, help="Jinja chat template file (for a base model without one, or to replace its own)."
+    ),
+    revision: str | None = typer.Option(None, help="Hub revision of the base model."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow the base model's own tokenizer code."
+    ),
+    max_seq_length: int | None = typer.Option(None, help="Longest row in tokens (default: 1024)."),
+    data_format: str | None = typer.Option(
+        None, "--format", help="auto (default), chat, prompt_completion or alpaca."
+    ),
+    min_examples: int | None = typer.Option(None, help="Fewest usable training rows (default: 10)."),
+    max_overlength_share: float | None = typer.Option(
+        None, help="Share of over-length rows that may be dropped (default: 0)."
+    ),
+    all_tokens: bool = typer.Option(
+        False, "--all-tokens", help="Train on every token, not only the assistant's replies."
+    ),
+    seed: int | None = typer.Option(None, help="Seed of the --eval-fraction hold-out (default: 0)."),
+    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+) -> None:
+    """Run the trainer's data checks on a dataset without training: a report of every problem by class
+    with line numbers, token lengths and tokens per epoch. Exits 2 when the data is not usable; writes
+    nothing.
+
+    \b
+    Example:
+      loraplane data validate train.jsonl -m ./base-model --max-seq-length 2048
+    """
+
+    def body() -> None:
+        import json
+        import sys
+
+        from pydantic import BaseModel, ValidationError
+
+        from loraplane.common.errors import format_validation_error
+        from loraplane.common.jsonl import DatasetError
+        from loraplane.trainer.config import BaseModelSpec, DatasetSpec, TrainingSpec
+        from loraplane.trainer.data import load_tokenizer, validate_dataset
+
+        if output not in ("table", "json"):
+            raise InvalidInputError(f"--output {output!r}: use table or json")
+
+        def given(**values: Any) -> dict[str, Any]:
+            return {k: v for k, v in values.items() if v is not None}
+
+        def build(model: type[BaseModel], section: str, values: dict[str, Any]) -> Any:
+            try:
+                return model.model_validate(values)
+            except ValidationError as exc:
+                raise format_validation_error(exc, source=f"the {section} options") from None
+
+        dataset = build(
+            DatasetSpec,
+            "dataset",
+            given(
+                path=file,
+                hub=hub,
+                split=split,
+                eval_path=eval_file,
+                eval_split=eval_split,
+                eval_fraction=eval_fraction,
+                format=data_format,
+                min_examples=min_examples,
+                max_overlength_share=max_overlength_share,
+            ),
+        )
+        model_spec = build(
+            BaseModelSpec,
+            "base model",
+            given(
+                path=base_model,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                chat_template=chat_template,
+            ),
+        )
+        training = build(
+            TrainingSpec,
+            "training",
+            given(max_seq_length=max_seq_length, seed=seed, assistant_only_loss=not all_tokens),
+        )
+        prepared = validate_dataset(
+            dataset,
+            load_tokenizer(model_spec),
+            max_seq_length=training.max_seq_length,
+            assistant_only_loss=training.assistant_only_loss,
+            seed=training.seed,
+        )
+        if output == "json":
+            sys.stdout.write(json.dumps(prepared.to_dict(), indent=2) + "\n")
+        else:
+            sys.stdout.write(prepared.to_text() + "\n")
+        sys.stdout.flush()
+        reasons = prepared.failures()
+        if reasons:
+            raise DatasetError(
+                "the dataset is not usable for training:\n" + "\n".join(f"  - {r}" for r in reasons),
+                hint="fix the rows the report lists, or change the limits (--max-seq-length, "
+                "--max-overlength-share, --min-examples)",
+            )
 
     _run(body)
 

@@ -68,9 +68,8 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
         load_config(cfg_file)
 
 
-def test_versions_are_immutable_and_next_version_counts_up(tmp_path: Path) -> None:
-    from loraplane.common.errors import InvalidInputError
-    from loraplane.trainer.train import _resolve_target, next_version
+def test_next_version_counts_up_past_gaps_and_ignores_staging_dirs(tmp_path: Path) -> None:
+    from loraplane.trainer.train import next_version
 
     root = tmp_path / "adapters"
     assert next_version(root, "bot") == "v1"
@@ -78,7 +77,3 @@ def test_versions_are_immutable_and_next_version_counts_up(tmp_path: Path) -> No
     (root / "bot" / "v7").mkdir()
     (root / "bot" / ".v8.staging-x").mkdir()  # an interrupted publish does not take a version
     assert next_version(root, "bot") == "v8"
-    overrides = [*BASE[:2], f"output.adapters_root={root}", "output.name=bot", "output.version=v7"]
-    cfg = load_config(None, overrides)
-    with pytest.raises(InvalidInputError, match=r"bot@v7 already exists"):
-        _resolve_target(cfg)

@@ -30,6 +30,14 @@ class BaseModelSpec(_Strict):
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    quantization: Literal["none", "nf4", "fp4"] = Field(
+        default="none",
+        description="QLoRA: load the frozen base model in 4 bits with bitsandbytes (CUDA only).",
+    )
+    chat_template: Path | None = Field(
+        default=None,
+        description="Jinja chat template file, for a base model whose tokenizer has none.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -39,11 +47,54 @@ class BaseModelSpec(_Strict):
         return v
 
 
+DATA_SUFFIXES = (".jsonl", ".parquet")
+
+
 class DatasetSpec(_Strict):
-    path: Path = Field(
-        description="Training data: JSONL, one chat conversation per line ({'messages': [...]})."
+    path: Path | None = Field(
+        default=None,
+        description="Training data file: JSONL (one example per line) or Parquet (one example per row).",
     )
-    eval_path: Path | None = Field(default=None, description="Optional held-out JSONL in the same format.")
+    hub: str | None = Field(default=None, description="Or a `datasets` hub name, e.g. 'org/my-chats'.")
+    split: str = Field(default="train", description="Split of the hub dataset to train on.")
+    eval_path: Path | None = Field(default=None, description="Optional held-out file in the same format.")
+    eval_split: str | None = Field(default=None, description="Held-out split of the hub dataset.")
+    eval_fraction: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        default=0.0, description="Or hold out this share of the training rows (seeded) for evaluation."
+    )
+    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(
+        default="auto",
+        description="Row format; 'auto' recognises each row by its keys (messages / prompt / instruction).",
+    )
+    min_examples: Annotated[int, Field(ge=1)] = Field(
+        default=10, description="Fewer usable training examples than this fails the run (OpenAI's minimum)."
+    )
+    max_overlength_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0,
+        description="Share of rows longer than training.max_seq_length that may be dropped (and reported) "
+        "instead of failing the run. Rows are never truncated: that would cut off answers.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of dataset.path (a JSONL/Parquet file) or dataset.hub")
+        for field, value in (("path", self.path), ("eval_path", self.eval_path)):
+            if value is not None and value.suffix.lower() not in DATA_SUFFIXES:
+                raise ValueError(
+                    f"dataset.{field}: {str(value)!r} is neither .jsonl nor .parquet; "
+                    "convert it or rename it to its real format"
+                )
+        held_out = [
+            n for n, v in (("eval_path", self.eval_path), ("eval_split", self.eval_split)) if v is not None
+        ]
+        if self.eval_fraction > 0:
+            held_out.append("eval_fraction")
+        if len(held_out) > 1:
+            raise ValueError(f"dataset: choose one held-out set, not {' and '.join(held_out)}")
+        if self.eval_split is not None and self.hub is None:
+            raise ValueError("dataset.eval_split needs dataset.hub; for a local file use dataset.eval_path")
+        return self
 
 
 class LoraSpec(_Strict):
@@ -80,6 +131,14 @@ class TrainingSpec(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     max_seq_length: Annotated[int, Field(ge=16)] = 1024
+    batching: Literal["grouped", "padded", "packed"] = Field(
+        default="grouped",
+        description="grouped: batches of similar-length examples, padded to the longest (least padding, "
+        "any attention kernel); padded: random batches padded to the longest (plain HF); packed: "
+        "best-fit-decreasing packing into max_seq_length rows, padding-free, sequence boundaries kept "
+        "by position ids (fastest with FlashAttention on GPUs).",
+    )
+    gradient_checkpointing: bool = False
     assistant_only_loss: bool = True
     seed: int = 0
     logging_steps: Annotated[int, Field(ge=1)] = 10
@@ -93,6 +152,28 @@ class TrainingSpec(_Strict):
         return self
 
 
+class CheckpointSpec(_Strict):
+    every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Save a checkpoint every N optimizer steps (none: only when preempted).",
+    )
+    keep_last: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="Complete checkpoints kept; the one a run resumed from is never deleted."
+    )
+    resume: Literal["auto", "never"] = Field(
+        default="auto",
+        description="auto: continue from the newest complete checkpoint in the run directory; "
+        "never: refuse to start when the run directory holds checkpoints.",
+    )
+
+
+class DistributedSpec(_Strict):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Under torchrun: DDP (CPU or GPU) or FSDP (GPUs only). Ignored for one process.",
+    )
+
+
 class OutputSpec(_Strict):
     adapters_root: Path = Field(
         description="Directory under which adapters are published as <name>/<version>/."
@@ -104,8 +185,14 @@ class OutputSpec(_Strict):
         default=None, description="Version to publish (v1, v2, ...). Default: the next free one."
     )
     run_dir: Path | None = Field(
-        default=None, description="Scratch directory for the run (default: a temp dir)."
+        default=None,
+        description="Checkpoints, metrics and the run's state (default: <adapters_root>/../runs/<name>). "
+        "A restarted job resumes from it, so put it on the same persistent volume.",
     )
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return self.run_dir or self.adapters_root.parent / "runs" / self.name
 
 
 class TrainJobConfig(_Strict):
@@ -113,6 +200,8 @@ class TrainJobConfig(_Strict):
     dataset: DatasetSpec
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
+    checkpoints: CheckpointSpec = CheckpointSpec()
+    distributed: DistributedSpec = DistributedSpec()
     output: OutputSpec
 
 
@@ -147,6 +236,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         for section, key in (
             ("dataset", "path"),
             ("dataset", "eval_path"),
+            ("base_model", "chat_template"),
             ("output", "adapters_root"),
             ("output", "run_dir"),
             ("base_model", "path"),

@@ -1,35 +1,53 @@
-"""Supervised LoRA fine-tuning with trl + peft, and publishing of the adapter.
+"""One training job: check everything cheap, train (resuming if a checkpoint exists), publish atomically.
 
-The adapter is written to a staging directory and renamed to ``<adapters root>/<name>/<version>/``
-only when every file is complete, so a crash or Ctrl-C never leaves a half-written adapter behind.
+Order of work, so that a bad input costs seconds and not GPU hours:
+
+1. the configuration (already validated), the hardware it asks for (QLoRA and FSDP need CUDA);
+2. the tokenizer and every data row (``loraplane.trainer.data``): any structural error stops here;
+3. the run directory: a new run, a resumable one (same base model, LoRA shape and dataset), or a
+   refusal when its checkpoints belong to a different job;
+4. the model, training, and publishing of ``<adapters_root>/<name>/<version>/`` through a staging
+   directory renamed in one step: the adapters root holds either nothing or a complete adapter.
+
+Under ``torchrun`` every rank runs this function; the global rank 0 alone writes the run state,
+checkpoint markers, deletes old checkpoints, publishes and reports progress.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-import platform
-import tempfile
+import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loraplane import __version__
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.common.files import sha256_file, staged_directory
+from loraplane.common.files import staged_directory
+from loraplane.trainer.checkpoints import (
+    RUN_FILE,
+    Checkpoint,
+    ResumeRefusedError,
+    RunState,
+    check_resumable,
+    clear_checkpoints,
+    fingerprint_for,
+    new_run,
+    scan,
+    set_partial_aside,
+)
 from loraplane.trainer.config import TrainJobConfig
-from loraplane.trainer.data import load_chat_jsonl
+from loraplane.trainer.data import PreparedData, load_tokenizer, prepare_datasets
+from loraplane.trainer.exit_codes import DoNotRetryError, PreemptedError
 
 log = logging.getLogger("loraplane.trainer")
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
-
-ProgressCallback = Callable[[dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,14 @@ class PublishedAdapter:
     version: str
     path: Path
     manifest: dict[str, Any]
+    already_published: bool = False
+
+
+@dataclass(frozen=True)
+class _Plan:
+    run: RunState
+    resume_from: Checkpoint | None
+    published: PublishedAdapter | None  # the same job already finished: nothing to do
 
 
 def next_version(adapters_root: Path, name: str) -> str:
@@ -46,8 +72,82 @@ def next_version(adapters_root: Path, name: str) -> str:
     return f"v{max((int(v[1:]) for v in existing), default=0) + 1}"
 
 
-def _resolve_target(config: TrainJobConfig) -> tuple[str, Path]:
+def config_digest(config: TrainJobConfig) -> str:
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _world() -> tuple[int, int]:
+    """(global rank, world size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _plan_run(config: TrainJobConfig, data: PreparedData) -> _Plan:
+    """Decide, on rank 0, whether this job starts a run, resumes one, or was already done."""
     out = config.output
+    run_dir = out.resolved_run_dir
+    fingerprint = fingerprint_for(config, data.sha256)
+    digest = config_digest(config)
+    complete, partial = scan(run_dir)
+    state_file = run_dir / RUN_FILE
+    previous = RunState.from_file(state_file) if state_file.is_file() else None
+
+    if previous is None and (complete or partial):
+        raise ResumeRefusedError(
+            f"{run_dir} holds checkpoints but no {RUN_FILE}: they were not written by a loraplane run",
+            hint="point output.run_dir at an empty or new directory",
+        )
+    if previous is not None and previous.status == "published":
+        target = out.adapters_root / previous.name / previous.version
+        manifest_path = target / "manifest.json"
+        if (
+            previous.config_sha256 == digest
+            and previous.fingerprint == fingerprint
+            and manifest_path.is_file()
+        ):
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if manifest.get("run_id") == previous.run_id:
+                log.warning(
+                    "this job already published its adapter; nothing to do",
+                    extra={"adapter": f"{previous.name}@{previous.version}", "run_id": previous.run_id},
+                )
+                done = PublishedAdapter(previous.name, previous.version, target, manifest, True)
+                return _Plan(previous, None, done)
+        clear_checkpoints(run_dir)  # the last run is finished and published: a new run starts
+        previous = None
+    if previous is not None:  # an interrupted run
+        if out.name != previous.name or (out.version is not None and out.version != previous.version):
+            raise ResumeRefusedError(
+                f"{run_dir} belongs to the unfinished run of {previous.name}@{previous.version}, "
+                f"not {out.name}@{out.version or '(next version)'}",
+                hint="finish that run (restart it with its own config), or use another output.run_dir",
+            )
+        diffs = fingerprint.differences(previous.fingerprint)
+        if diffs:
+            raise ResumeRefusedError(
+                f"refusing to resume the unfinished run in {run_dir} with a different job:\n  "
+                + "\n  ".join(diffs),
+                hint="restore the original base model / LoRA settings / dataset, or point "
+                "output.run_dir at a new directory to start a new run",
+            )
+        if config.checkpoints.resume == "never" and complete:
+            raise ResumeRefusedError(
+                f"{run_dir} holds {len(complete)} checkpoint(s) of an unfinished run and "
+                "checkpoints.resume is 'never'",
+                hint="set checkpoints.resume=auto to continue it, or use another output.run_dir",
+            )
+        if partial:
+            set_partial_aside(partial)
+        resume_from = complete[-1] if complete else None
+        if resume_from is not None:
+            check_resumable(resume_from, previous)
+            log.warning(
+                "resuming from checkpoint",
+                extra={"checkpoint": str(resume_from.path), "step": resume_from.step},
+            )
+        run = RunState(**{**previous.__dict__, "config_sha256": digest})
+        run.save(run_dir)
+        return _Plan(run, resume_from, None)
+
     version = out.version or next_version(out.adapters_root, out.name)
     target = out.adapters_root / out.name / version
     if target.exists():
@@ -55,202 +155,195 @@ def _resolve_target(config: TrainJobConfig) -> tuple[str, Path]:
             f"adapter {out.name}@{version} already exists at {target}",
             hint="published versions are immutable: leave output.version unset to get the next free one",
         )
-    return version, target
+    run = new_run(out.name, version, fingerprint, digest)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run.save(run_dir)
+    return _Plan(run, None, None)
 
 
-def _load_tokenizer(config: TrainJobConfig) -> Any:
-    from transformers import AutoTokenizer
+def _barrier() -> None:
+    import torch.distributed as dist
 
-    spec = config.base_model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(
-            f"base_model.path: cannot load a tokenizer from {spec.path!r}: {exc}",
-            hint="give a local model directory or a hub id (set HF_TOKEN for gated models)",
-        ) from None
-    if not tokenizer.chat_template:
-        raise InvalidInputError(
-            f"base_model.path: {spec.path!r} has no chat template",
-            hint="use an instruct/chat variant of the model, or a tokenizer that defines chat_template",
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
-def _model_dtype(config: TrainJobConfig, use_cuda: bool) -> Any:
-    import torch
+def train_and_publish(
+    config: TrainJobConfig, *, on_log: Any = None, handle_sigterm: bool = True
+) -> PublishedAdapter:
+    """Validate, train (resuming when possible) and publish ``<adapters_root>/<name>/<version>/``.
 
-    name = config.base_model.dtype
-    if name == "auto":
-        return torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+    Raises InvalidInputError (exit 2, do not retry) for bad config/data/model or a foreign run
+    directory, PreemptedError (exit 75) after SIGTERM once a checkpoint is saved, and
+    LoraplaneError (exit 1) for failures a retry may fix.
+    """
+    rank, world_size = _world()
+    is_main = rank == 0
+    # The heavy imports come after the cheap config checks of the caller, not at module import.
+    from loraplane.trainer.sft import check_hardware
 
-
-def _progress_callback(on_log: ProgressCallback | None) -> Any:
-    """A TrainerCallback that reports progress as structured log lines (and to ``on_log``)."""
-    from transformers import TrainerCallback
-
-    def emit(state: Any, logs: dict[str, float]) -> None:
-        event = {"step": float(state.global_step), "max_steps": float(state.max_steps), **logs}
-        log.info("train progress", extra={k: v for k, v in event.items() if isinstance(v, int | float)})
-        if on_log is not None:
-            on_log(event)
-
-    class _Progress(TrainerCallback):  # type: ignore[misc]
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            emit(state, {})  # announces max_steps before the first step
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
-        ) -> None:
-            if logs:
-                emit(state, logs)
-
-    return _Progress()
-
-
-def train_and_publish(config: TrainJobConfig, *, on_log: ProgressCallback | None = None) -> PublishedAdapter:
-    """Validate the data, fine-tune, and publish ``<adapters_root>/<name>/<version>/``."""
-    version, target = _resolve_target(config)
-    # Cheap checks first: nothing heavy is loaded until the data is known to be usable.
-    train_rows = load_chat_jsonl(config.dataset.path)
-    eval_rows = load_chat_jsonl(config.dataset.eval_path) if config.dataset.eval_path else None
-
-    import datasets
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, PrinterCallback
-    from transformers.utils import logging as hf_logging
-    from trl import SFTConfig, SFTTrainer
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    use_cuda = torch.cuda.is_available()
-    tokenizer = _load_tokenizer(config)
-    spec = config.base_model
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.path,
-            revision=spec.revision,
-            trust_remote_code=spec.trust_remote_code,
-            dtype=_model_dtype(config, use_cuda),
-        )
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"base_model.path: cannot load a model from {spec.path!r}: {exc}") from None
-
+    check_hardware(config, world_size=world_size)
+    tokenizer = load_tokenizer(config.base_model)
     t = config.training
-    lora = config.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
+    data = prepare_datasets(
+        config.dataset,
+        tokenizer,
+        max_seq_length=t.max_seq_length,
+        assistant_only_loss=t.assistant_only_loss,
+        seed=t.seed,
     )
-    with tempfile.TemporaryDirectory(prefix="loraplane-run-") as tmp:
-        run_dir = config.output.run_dir or Path(tmp)
-        args = SFTConfig(
-            output_dir=str(run_dir),
-            learning_rate=t.learning_rate,
-            num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
-            per_device_train_batch_size=t.batch_size,
-            per_device_eval_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            warmup_steps=t.warmup_ratio,
-            lr_scheduler_type=t.lr_scheduler,
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
-            max_length=t.max_seq_length,
-            assistant_only_loss=t.assistant_only_loss,
-            seed=t.seed,
-            data_seed=t.seed,
-            logging_steps=t.logging_steps,
-            eval_strategy="epoch" if eval_rows else "no",
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=not use_cuda,
-            bf16=model.dtype == torch.bfloat16,
-            dataloader_num_workers=0,
+    run_dir = config.output.resolved_run_dir
+
+    from loraplane.trainer.callbacks import PreemptionHandler, ProgressReporter
+    from loraplane.trainer.sft import build_trainer, training_args
+
+    # Building the arguments sets up torch.distributed under torchrun (gloo on CPU, nccl on GPUs).
+    _ = training_args(config, run_dir, has_eval=data.eval is not None).device
+    plan = _plan_run(config, data) if is_main else None
+    _barrier()
+    if not is_main:  # the other ranks follow the plan rank 0 wrote
+        plan = _follow_plan(config)
+    assert plan is not None
+    if plan.published is not None:
+        return plan.published
+
+    progress = ProgressReporter(on_log, is_main=is_main)
+    preemption = PreemptionHandler()
+    trainer = build_trainer(
+        config,
+        tokenizer,
+        data.train.usable,
+        data.eval.usable if data.eval else None,
+        run_dir,
+        callbacks=[progress, preemption],
+    )
+    trainer.loraplane_run = plan.run
+    trainer.loraplane_protect = plan.resume_from.path if plan.resume_from else None
+    if handle_sigterm:
+        preemption.install()
+    started = time.monotonic()
+    try:
+        result = trainer.train(
+            resume_from_checkpoint=str(plan.resume_from.path) if plan.resume_from else None
         )
-        started = time.monotonic()
-        try:
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=Dataset.from_list([{"messages": m} for m in train_rows]),
-                eval_dataset=Dataset.from_list([{"messages": m} for m in eval_rows]) if eval_rows else None,
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                callbacks=[_progress_callback(on_log)],
-            )
-            trainer.remove_callback(PrinterCallback)  # progress goes through our callback and logger
-            result = trainer.train()
-        except ValueError as exc:  # trl/peft reject bad settings (e.g. unknown target modules)
-            raise LoraplaneError(f"training failed: {exc}") from exc
-        seconds = time.monotonic() - started
-        metrics: dict[str, float] = {
-            "train_loss": float(result.training_loss),
-            "train_seconds": round(seconds, 2),
-            "steps": float(result.global_step),
-        }
-        if eval_rows:
-            eval_metrics = trainer.evaluate()
-            metrics["eval_loss"] = float(eval_metrics["eval_loss"])
-        if not math.isfinite(metrics["train_loss"]):
-            raise LoraplaneError(
-                f"training diverged (train_loss={metrics['train_loss']}); nothing was published",
-                hint="lower training.learning_rate",
-            )
-
-        with staged_directory(target) as staging:
-            trainer.model.save_pretrained(str(staging), safe_serialization=True)
-            (staging / "README.md").unlink(missing_ok=True)
-            manifest = _manifest(config, version, metrics, staging)
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    log.info("published adapter", extra={"adapter": f"{config.output.name}@{version}", "path": str(target)})
-    return PublishedAdapter(name=config.output.name, version=version, path=target, manifest=manifest)
-
-
-def _manifest(
-    config: TrainJobConfig, version: str, metrics: dict[str, float], staging: Path
-) -> dict[str, Any]:
-    import torch
-
-    weights = staging / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise LoraplaneError(
-            f"peft did not write {weights.name}; refusing to publish an adapter without weights"
+    except ValueError as exc:  # trl/peft reject bad settings (e.g. unknown target modules)
+        raise DoNotRetryError(f"training failed: {exc}") from exc
+    finally:
+        preemption.uninstall()
+    seconds = time.monotonic() - started
+    if preemption.stopped_at is not None:
+        saved = run_dir / f"checkpoint-{preemption.stopped_at}"
+        raise PreemptedError(
+            f"stopped by SIGTERM at step {preemption.stopped_at}; checkpoint {saved} is complete "
+            "and the next start resumes from it"
         )
-    return {
-        "schema": "loraplane.adapter-manifest/v1",
-        "name": config.output.name,
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "base_model": {"path": config.base_model.path, "revision": config.base_model.revision},
-        "dataset": {
-            "path": str(config.dataset.path),
-            "sha256": sha256_file(config.dataset.path),
-            "eval_path": str(config.dataset.eval_path) if config.dataset.eval_path else None,
-            "eval_sha256": sha256_file(config.dataset.eval_path) if config.dataset.eval_path else None,
-        },
-        "lora": config.lora.model_dump(mode="json"),
-        "training": config.training.model_dump(mode="json"),
-        "metrics": metrics,
-        "weights_sha256": sha256_file(weights),
-        "environment": {
-            "loraplane": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "host": os.uname().nodename,
-        },
+
+    history: list[dict[str, Any]] = list(trainer.state.log_history)
+    losses = [float(e["loss"]) for e in history if "loss" in e]
+    final_loss = losses[-1] if losses else float(result.training_loss)
+    if not math.isfinite(final_loss):
+        raise DoNotRetryError(
+            f"training diverged (loss={final_loss}); nothing was published",
+            hint="lower training.learning_rate or raise training.warmup_ratio",
+        )
+    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    tokens_this_run = tokens_seen - progress.tokens_at_start
+    metrics: dict[str, float] = {
+        "steps": float(trainer.state.global_step),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "final_train_loss": final_loss,
+        "train_seconds": round(seconds, 2),
+        "tokens_seen": float(tokens_seen),
+        "tokens_per_second": round(tokens_this_run / seconds, 1) if seconds > 0 else 0.0,
+        "resumed_from_step": float(plan.resume_from.step if plan.resume_from else 0),
     }
+    if data.eval is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        from loraplane.trainer.publish import perplexity
+
+        metrics["eval_loss"] = eval_loss
+        metrics["eval_perplexity"] = perplexity(eval_loss)
+        history = list(trainer.state.log_history)
+
+    final_dir = run_dir / "final"
+    if is_main and final_dir.exists():
+        shutil.rmtree(final_dir)
+    _barrier()
+    trainer.save_model(str(final_dir))  # every rank calls it (FSDP gathers); rank 0 writes
+    _barrier()
+    target = config.output.adapters_root / plan.run.name / plan.run.version
+    published = None
+    if is_main:
+        published = _publish(config, plan.run, trainer, final_dir, target, data, metrics, history)
+    _barrier()
+    if published is None:  # other ranks: report what rank 0 published
+        manifest = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
+        published = PublishedAdapter(plan.run.name, plan.run.version, target, manifest)
+    return published
+
+
+def _follow_plan(config: TrainJobConfig) -> _Plan:
+    run_dir = config.output.resolved_run_dir
+    run = RunState.from_file(run_dir / RUN_FILE)
+    complete, _ = scan(run_dir)
+    if run.status == "published":
+        target = config.output.adapters_root / run.name / run.version
+        manifest = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
+        return _Plan(run, None, PublishedAdapter(run.name, run.version, target, manifest, True))
+    return _Plan(run, complete[-1] if complete else None, None)
+
+
+def _publish(
+    config: TrainJobConfig,
+    run: RunState,
+    trainer: Any,
+    final_dir: Path,
+    target: Path,
+    data: PreparedData,
+    metrics: dict[str, float],
+    history: list[dict[str, Any]],
+) -> PublishedAdapter:
+    from loraplane.trainer.publish import build_manifest, write_loss_plot, write_metrics_jsonl
+
+    run_dir = config.output.resolved_run_dir
+    metrics["run_wall_seconds"] = round(
+        (datetime.now(UTC) - datetime.fromisoformat(run.started_at)).total_seconds(), 1
+    )
+    dataset_info = {
+        "source": data.train.source,
+        "sha256": data.sha256,
+        "rows": data.train.rows,
+        "examples": len(data.train.usable),
+        "dropped_over_length": data.train.dropped_over_length,
+        "trained_tokens_per_epoch": data.train.trained_tokens,
+        "tokens_per_epoch": data.train.total_tokens,
+        "eval_source": data.eval.source if data.eval else None,
+        "eval_examples": len(data.eval.usable) if data.eval else 0,
+    }
+    try:
+        with staged_directory(target) as staging:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(final_dir / name, staging / name)
+            write_metrics_jsonl(staging / "metrics.jsonl", history)
+            write_loss_plot(staging / "loss.png", history, f"{run.name}@{run.version}")
+            manifest = build_manifest(
+                config,
+                version=run.version,
+                run_id=run.run_id,
+                staging=staging,
+                base_commit=getattr(trainer.model.config, "_commit_hash", None),
+                base_files_sha256=run.fingerprint.base_files,
+                data=dataset_info,
+                metrics=metrics,
+            )
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    except FileExistsError:
+        raise LoraplaneError(
+            f"{target} appeared while this run was training; published versions are never overwritten",
+            hint=f"the run's adapter is still in {final_dir}; rerun with another output.version",
+        ) from None
+    run.published().save(run_dir)
+    clear_checkpoints(run_dir)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    log.info("published adapter", extra={"adapter": f"{run.name}@{run.version}", "path": str(target)})
+    return PublishedAdapter(name=run.name, version=run.version, path=target, manifest=manifest)
