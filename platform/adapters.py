@@ -28,6 +28,7 @@ from loraplane.platform.registry import (
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
+from loraplane.trainer.merge import MergedModel, merge_adapter
 
 log = logging.getLogger("loraplane.platform")
 
@@ -107,6 +108,37 @@ def _verify_weights(entry: AdapterVersion) -> None:
             f"{entry.ref}: {weights} changed since registration (sha256 mismatch)",
             hint="published adapters are immutable: register the new weights as a new version",
         )
+
+
+def merge_to_directory(
+    settings: Settings,
+    source: str,
+    out_dir: Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> MergedModel:
+    """Merge an adapter into its base model and write the full model to ``out_dir``.
+
+    ``source`` is an existing adapter directory, or else a registry reference (``NAME@VERSION``,
+    ``NAME:ALIAS``, ``NAME``) whose weights must still match the sha256 recorded at registration.
+    """
+    path = Path(source).expanduser()
+    if path.exists() or not REF_PATTERN.match(source):
+        return merge_adapter(
+            path, out_dir, base_model=base_model, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    entry = LocalRegistry(settings.home).read().resolve(source)
+    _verify_weights(entry)
+    return merge_adapter(
+        Path(entry.path),
+        out_dir,
+        base_model=base_model,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        ref=entry.ref,
+    )
 
 
 async def load_adapter(
