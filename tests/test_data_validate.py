@@ -197,7 +197,7 @@ def test_good_file_passes_with_exit_0_and_report(tmp_path: Path, demo_model: Pat
     assert "rows read          12" in result.stdout
     assert "usable             12" in result.stdout
     assert "errors             none" in result.stdout
-    assert "tokens per epoch   180 (trained: 84)" in result.stdout
+    assert "tokens per epoch   180 (trained: 72)" in result.stdout
     assert "verdict            OK" in result.stdout
 
 
@@ -224,18 +224,19 @@ def test_chat_labels_cover_exactly_the_assistant_reply(tokenizer: Any, tmp_path:
     assert tokenizer.decode(example.input_ids) == "<|system|>\nBe brief.<|end|>\n<|user|>\nhi<|end|>\n" + (
         "<|assistant|>\nhello there<|end|>\n"
     )
-    assert _trained_text(tokenizer, example.labels) == "hello there<|end|>\n"
-    # Trained tokens are one contiguous run at the end: the reply and its end marker.
+    assert _trained_text(tokenizer, example.labels) == "hello there<|end|>"
+    # Trained tokens are one contiguous run: the reply and its end marker, not the newline after it.
     first = next(i for i, t in enumerate(example.labels) if t != -100)
-    assert example.labels[first:] == example.input_ids[first:]
+    assert example.labels[first:-1] == example.input_ids[first:-1]
+    assert example.labels[-1] == -100 and tokenizer.decode(example.input_ids[-1:]) == "\n"
 
 
 def test_multi_turn_trains_every_reply_and_weight_0_is_context(tokenizer: Any, tmp_path: Path) -> None:
     turns = (("user", "one"), ("assistant", "first reply"), ("user", "two"), ("assistant", "second reply"))
     path = _jsonl(tmp_path / "t.jsonl", [_chat(*turns), _chat(*turns, w1=0), _chat(*turns, w1=1, w3=1)])
     a, b, c = _validate(tokenizer, path=path, min_examples=1).train.usable
-    assert _trained_text(tokenizer, a.labels) == "first reply<|end|>\nsecond reply<|end|>\n"
-    assert _trained_text(tokenizer, b.labels) == "second reply<|end|>\n"
+    assert _trained_text(tokenizer, a.labels) == "first reply<|end|>second reply<|end|>"
+    assert _trained_text(tokenizer, b.labels) == "second reply<|end|>"
     assert c.labels == a.labels
 
 
@@ -260,11 +261,11 @@ def test_prompt_completion_and_alpaca_rows(tokenizer: Any, tmp_path: Path) -> No
     assert (
         tokenizer.decode(pc.input_ids) == "<|user|>\nCapital of France?<|end|>\n<|assistant|>\nParis<|end|>\n"
     )
-    assert _trained_text(tokenizer, pc.labels) == "Paris<|end|>\n"
+    assert _trained_text(tokenizer, pc.labels) == "Paris<|end|>"
     assert tokenizer.decode(alpaca.input_ids).startswith(
         "<|system|>\nYou translate.<|end|>\n<|user|>\nTranslate\n\nchat<|end|>"
     )
-    assert _trained_text(tokenizer, alpaca.labels) == "cat<|end|>\n"
+    assert _trained_text(tokenizer, alpaca.labels) == "cat<|end|>"
     assert "<|user|>\nSay yes<|end|>" in tokenizer.decode(no_input.input_ids)
 
 
@@ -375,7 +376,7 @@ def test_report_text_and_dict(tokenizer: Any, tmp_path: Path) -> None:
     assert "not_json           7  lines 12, 13, 14, 15, 16, ...  not valid JSON" in text
     assert "no_assistant_turn  1  line 19" in text
     assert "tokens per row     min 15  mean 15.0  p50 15  p90 15  p99 15  max 15" in text
-    assert "tokens per epoch   165 (trained: 77)" in text
+    assert "tokens per epoch   165 (trained: 66)" in text
     assert "verdict            FAIL" in text
     d = prepared.to_dict()
     assert json.loads(json.dumps(d)) == d
@@ -398,7 +399,7 @@ def test_tokenizer_without_chat_template(demo_model: Path, tmp_path: Path) -> No
     tokenizer = load_tokenizer(BaseModelSpec(path=str(bare), chat_template=template))
     path = _jsonl(tmp_path / "t.jsonl", [GOOD])
     (example,) = _validate(tokenizer, path=path, min_examples=1).train.usable
-    assert _trained_text(tokenizer, example.labels) == "hello there<|end|>\n"
+    assert _trained_text(tokenizer, example.labels) == "hello there<|end|>"
 
 
 def test_template_that_is_not_prefix_stable_is_refused_once(demo_model: Path, tmp_path: Path) -> None:
@@ -442,7 +443,7 @@ def test_parquet_file(tokenizer: Any, tmp_path: Path) -> None:
     assert report.unit == "row" and report.rows == 12 and len(report.usable) == 10
     assert report.errors["zero_trainable_tokens"].first_lines == [11]
     assert report.errors["bad_weight"].example.startswith(f"{path} row 12: ")
-    assert _trained_text(tokenizer, report.usable[0].labels) == "hello there<|end|>\n"
+    assert _trained_text(tokenizer, report.usable[0].labels) == "hello there<|end|>"
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
     assert "unreadable" in _validate(tokenizer, path=broken).train.errors

@@ -4,8 +4,10 @@
 wide length spread that still leaves about a tenth of every batch as padding. Here the whole epoch is
 sorted by length (with a seeded random tie-break), cut into batches, and the batch order is shuffled:
 padding drops to a few percent while every batch still comes from a random place in the length range.
-The order depends only on (seed, epoch), so a resumed run sees exactly the batches an uninterrupted
-one would have, and ``skip_first_batches`` lands on the right one.
+Lengths are bucketed (``BUCKET_TOKENS`` wide) before sorting and shuffled within a bucket: in real data
+length correlates with content (short answers, one class's words), and a strict sort would fill whole
+batches with one kind of example. The order depends only on (seed, epoch), so a resumed run sees exactly
+the batches an uninterrupted one would have, and ``skip_first_batches`` lands on the right one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+
+BUCKET_TOKENS = 8  # examples within 8 tokens of each other are interchangeable: order is random among them
 
 
 class GroupedByLengthSampler(Sampler[int]):  # type: ignore[misc]
@@ -39,7 +43,8 @@ class GroupedByLengthSampler(Sampler[int]):  # type: ignore[misc]
     def batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         tie_break = torch.randperm(len(self.lengths), generator=g).tolist()
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], tie_break[i]))
+        lengths = self.lengths
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i] // BUCKET_TOKENS, tie_break[i]))
         full = len(order) // self.batch_size * self.batch_size
         batches = [order[i : i + self.batch_size] for i in range(0, full, self.batch_size)]
         shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]

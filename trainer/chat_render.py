@@ -5,7 +5,7 @@ the model will see when it is served through vLLM's chat API. To know which char
 assistant reply, the renderer also renders, for each assistant message *i*, the messages before it
 with the generation prompt (``messages[:i]``, ``add_generation_prompt=True``) and the conversation up
 to and including it (``messages[:i+1]``). The reply's span is what the second adds to the first: the
-reply, the template's end-of-turn marker and whatever the template writes after it (a newline). This
+reply and the template's end-of-turn marker, without the whitespace the template writes after it. This
 works with any template, with or without ``{% generation %}`` markers, but needs the template to be
 *prefix-stable*: each shorter rendering must be the start of the longer ones. One that is not (some
 reasoning templates drop earlier turns' thinking) is refused once, with a clear error, instead of
@@ -104,7 +104,9 @@ class ChatRenderer:
                         "way whatever follows them (reasoning templates often drop earlier thinking), or "
                         "set training.assistant_only_loss=false",
                     )
-            spans.append((len(prefix), len(upto)))
+            # The whitespace a template writes after the end-of-turn marker separates turns: it is not
+            # part of the answer, and training on it dilutes the loss of the answer's own tokens.
+            spans.append((len(prefix), len(upto.rstrip())))
         return Rendered(full, tuple(spans))
 
     def tokenize(self, items: Sequence[Rendered]) -> list[tuple[list[int], list[int]]]:
