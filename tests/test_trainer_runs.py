@@ -294,3 +294,50 @@ def test_a_published_version_is_never_overwritten(
     with pytest.raises(InvalidInputError, match=r"bot@v1 already exists"):
         train_and_publish(config)
     assert (existing / "adapter_model.safetensors").read_bytes() == b"original"
+
+
+CRASH_IN_PUBLISH = """
+import os, sys
+stage = os.environ["CRASH_STAGE"]
+if stage == "before-rename":  # the staging directory holds the weights, the rename has not happened
+    import loraplane.trainer.publish as publish
+    publish.write_loss_plot = lambda *a, **k: os._exit(137)
+else:  # "after-rename": the adapter is published, run.json does not say so yet
+    from loraplane.trainer.checkpoints import RunState
+    RunState.published = lambda self: os._exit(137)
+from loraplane.trainer.__main__ import main
+sys.exit(main(["--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("stage", ["before-rename", "after-rename"])
+def test_a_kill_while_publishing_leaves_nothing_or_a_complete_adapter_and_the_restart_finishes(
+    tmp_path: Path, demo_model: Path, task_files: dict[str, Path], stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, demo_model, task_files["sentiment"], max_steps=8, every=4)
+    monkeypatch.setenv("CRASH_STAGE", stage)
+    code, _, err = _finish(_start(config, code=CRASH_IN_PUBLISH))
+    assert code == 137, err[-3000:]
+    root = tmp_path / "adapters" / "bot"
+    visible = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    if stage == "before-rename":
+        assert visible == [], "an adapter whose publish was interrupted must not be visible"
+        assert list(root.glob(".v1.staging-*")), "the kill left its staging directory (swept on restart)"
+    else:
+        assert visible == ["v1"]
+        assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= {
+            p.name for p in (root / "v1").iterdir()
+        }
+    published_before = (root / "v1" / "manifest.json").read_bytes() if visible else None
+
+    code, out, err = _finish(_start(config))
+    assert code == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["version"] == "v1", "the restart publishes the version the run reserved, not a new one"
+    assert result["already_published"] is (stage == "after-rename")
+    assert sorted(p.name for p in root.iterdir()) == ["v1"], "no staging debris, no second version"
+    if published_before is not None:
+        assert (root / "v1" / "manifest.json").read_bytes() == published_before, "never rewritten"
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert state["status"] == "published"
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

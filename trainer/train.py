@@ -96,6 +96,11 @@ def _plan_run(config: TrainJobConfig, data: PreparedData) -> _Plan:
             f"{run_dir} holds checkpoints but no {RUN_FILE}: they were not written by a loraplane run",
             hint="point output.run_dir at an empty or new directory",
         )
+    if previous is not None and previous.status == "running" and _published_by(previous, out.adapters_root):
+        # Killed after the rename that published the adapter, before run.json said so.
+        previous = previous.published()
+        previous.save(run_dir)
+        clear_checkpoints(run_dir)
     if previous is not None and previous.status == "published":
         target = out.adapters_root / previous.name / previous.version
         manifest_path = target / "manifest.json"
@@ -137,6 +142,7 @@ def _plan_run(config: TrainJobConfig, data: PreparedData) -> _Plan:
             )
         if partial:
             set_partial_aside(partial)
+        sweep_staging(out.adapters_root / previous.name, previous.version)
         resume_from = complete[-1] if complete else None
         if resume_from is not None:
             check_resumable(resume_from, previous)
@@ -159,6 +165,33 @@ def _plan_run(config: TrainJobConfig, data: PreparedData) -> _Plan:
     run_dir.mkdir(parents=True, exist_ok=True)
     run.save(run_dir)
     return _Plan(run, None, None)
+
+
+def _published_by(run: RunState, adapters_root: Path) -> bool:
+    """Whether ``run``'s adapter version exists and its manifest names this run."""
+    manifest_path = adapters_root / run.name / run.version / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return isinstance(manifest, dict) and manifest.get("run_id") == run.run_id
+
+
+def sweep_staging(adapter_dir: Path, version: str) -> list[Path]:
+    """Remove staging directories a killed publish of ``version`` left behind (never a published one).
+
+    The version belongs to this run (recorded in run.json when the run started), so no other job
+    publishes it: its ``.vN.staging-*`` siblings are debris of an earlier attempt of this same run.
+    """
+    removed = []
+    for stale in sorted(adapter_dir.glob(f".{version}.staging-*")):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+            log.warning("removed an interrupted publish", extra={"staging": str(stale)})
+    return removed
 
 
 def _barrier() -> None:
