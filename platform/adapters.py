@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import sha256_file
@@ -24,6 +25,10 @@ from loraplane.platform.registry import (
     HistoryEvent,
     LocalRegistry,
     RegistryError,
+    RegistryState,
+    VersionState,
+    move_alias,
+    rollback_target,
 )
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
@@ -246,7 +251,11 @@ async def promote_adapter(
     """
     if force and not (reason and reason.strip()):
         raise InvalidInputError("--force needs --reason: say why the evaluation gate is overridden")
-    entry = LocalRegistry(settings.home).read().resolve(ref)
+    seen = LocalRegistry(settings.home).read()
+    entry = seen.resolve(ref)
+    expected = seen.adapter(entry.name).aliases.get(alias)  # what this promotion replaces
+    if entry.state == "retired":
+        raise RegistryError(f"{entry.ref} is retired and cannot be promoted")
     _verify_weights(entry)
     latest = entry.latest_eval()
     if not force:
@@ -269,18 +278,82 @@ async def promote_adapter(
             )
     await load_adapter(settings, entry.ref)  # every server must serve it before the alias points at it
     with LocalRegistry(settings.home).transaction() as state:
-        adapter = state.adapter(entry.name)
-        previous = adapter.aliases.get(alias)
-        adapter.aliases[alias] = entry.version
-        state.history.append(
-            HistoryEvent(
-                action="promote",
-                adapter=entry.name,
-                version=entry.version,
-                alias=alias,
-                previous=previous,
-                reason=reason,
-                forced=force,
-            )
+        previous = move_alias(
+            state,
+            entry.name,
+            alias,
+            entry.version,
+            expected=expected,
+            action="promote",
+            reason=reason,
+            forced=force,
         )
         return state.resolve(entry.ref), previous
+
+
+async def rollback_alias(
+    settings: Settings, name: str, *, alias: str = "prod", to: str | None = None, reason: str | None = None
+) -> tuple[AdapterVersion, str]:
+    """Point ``name:alias`` back at the version it had before its last change (or at ``to``).
+
+    The target must still be registered, not retired, with unchanged weights, and is loaded on the
+    server before the alias moves; the evaluation gate is not asked again (the version served this
+    alias before). Returns the version now served and the one it replaced.
+    """
+    seen = LocalRegistry(settings.home).read()
+    current = seen.adapter(name).aliases.get(alias)
+    if current is None:
+        raise RegistryError(f"{name}:{alias} is not set: there is nothing to roll back")
+    version = to or rollback_target(seen, name, alias)
+    entry = seen.resolve(f"{name}@{version}")
+    if entry.version == current:
+        raise InvalidInputError(f"{name}:{alias} already points at {current}")
+    if entry.state == "retired":
+        raise RegistryError(
+            f"cannot roll {name}:{alias} back to {entry.ref}: that version is retired",
+            hint=f"name another version: loraplane adapters rollback {name} --to vN",
+        )
+    _verify_weights(entry)
+    await load_adapter(settings, entry.ref)
+    with LocalRegistry(settings.home).transaction() as state:
+        move_alias(state, name, alias, entry.version, expected=current, action="rollback", reason=reason)
+        return state.resolve(entry.ref), current
+
+
+def _aliases_of(state: RegistryState, entry: AdapterVersion) -> list[str]:
+    return sorted(a for a, v in state.adapter(entry.name).aliases.items() if v == entry.version)
+
+
+def _refuse_if_aliased(state: RegistryState, entry: AdapterVersion, what: str) -> None:
+    aliases = _aliases_of(state, entry)
+    if aliases:
+        shown = ", ".join(f"{entry.name}:{a}" for a in aliases)
+        raise RegistryError(
+            f"cannot {what} {entry.ref}: {shown} point{'s' if len(aliases) == 1 else ''} at it",
+            hint=f"promote another version to {shown} first (or roll it back)",
+        )
+
+
+async def unload_adapter(
+    settings: Settings, ref: str, *, server_urls: list[str] | None = None, retire: bool = False
+) -> AdapterVersion:
+    """Stop serving ``ref`` (and with ``retire``, mark it retired for good). Refused while an alias
+    points at it. The server is asked first: when it cannot be reached, the registry is unchanged."""
+    registry = LocalRegistry(settings.home)
+    seen = registry.read()
+    entry = seen.resolve(ref)
+    what = "retire" if retire else "unload"
+    _refuse_if_aliased(seen, entry, what)
+    if entry.state == "serving":
+        for url in server_urls or [settings.server_url]:
+            async with VLLMAdminClient(url, api_key=settings.api_key) as client:
+                await client.unload_adapter(entry.served_name)
+    with registry.transaction() as state:
+        current = state.resolve(entry.ref)
+        _refuse_if_aliased(state, current, what)  # an alias may have moved onto it meanwhile
+        new_state: VersionState = "retired" if retire else "registered"
+        if current.state != new_state:
+            current.state = new_state
+            action: Literal["retire", "unload"] = "retire" if retire else "unload"
+            state.history.append(HistoryEvent(action=action, adapter=entry.name, version=entry.version))
+        return current

@@ -4,7 +4,8 @@ Heavy libraries (torch, transformers, trl, vLLM) are imported only inside the co
 them, so ``loraplane --help`` is instant.
 
 Exit codes: 0 success; 1 failure (server down, training failed); 2 bad input (config, dataset,
-adapter, unknown name); 3 refused (promotion gate, changed weights); 130 interrupted.
+adapter, unknown name); 3 refused (promotion gate, changed weights); 4 conflict (another command moved
+the alias meanwhile: nothing changed, re-run); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 adapters_app = typer.Typer(
-    help="Register, load, evaluate, promote and merge adapter versions.", no_args_is_help=True
+    help="Register, load, evaluate, promote, roll back, retire and merge adapter versions.",
+    no_args_is_help=True,
 )
 demo_app = typer.Typer(help="The offline demo base model and data.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
@@ -285,6 +287,100 @@ def adapters_promote(
         )
         was = f" (was {entry.name}@{previous})" if previous else ""
         out.print(f"{entry.name}:{alias} -> {entry.served_name}{was}")
+
+    _run(body)
+
+
+@adapters_app.command("show")
+def adapters_show(
+    name: str = typer.Argument(..., help="Adapter name."),
+    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+) -> None:
+    """Show one adapter: its versions, aliases and the history of every change.
+
+    Example: loraplane adapters show support-bot -o json
+    """
+
+    def body() -> None:
+        from rich.table import Table
+
+        from loraplane.platform.registry import LocalRegistry
+
+        state = LocalRegistry(_settings().home).read()
+        adapter = state.adapter(name)
+        history = [e for e in state.history if e.adapter == name]
+        if output == "json":
+            dumped = [e.model_dump(mode="json") for e in history]
+            out.print_json(json.dumps({"adapter": adapter.model_dump(mode="json"), "history": dumped}))
+            return
+        versions = Table(title=f"{name}: versions")
+        for col in ("version", "served name", "state", "aliases", "latest eval", "path"):
+            versions.add_column(col)
+        for v in adapter.versions.values():
+            aliases = ", ".join(a for a, ver in adapter.aliases.items() if ver == v.version)
+            ev = v.latest_eval()
+            versions.add_row(v.version, v.served_name, v.state, aliases, ev.summary() if ev else "", v.path)
+        out.print(versions)
+        events = Table(title=f"{name}: history")
+        for col in ("at", "who", "action", "version", "alias", "previous", "reason"):
+            events.add_column(col)
+        for e in history:
+            reason = (e.reason or "") + (" (forced)" if e.forced else "")
+            events.add_row(e.at, e.who, e.action, e.version or "", e.alias or "", e.previous or "", reason)
+        out.print(events)
+
+    _run(body)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    name: str = typer.Argument(..., help="Adapter name."),
+    alias: str = typer.Option("prod", help="Alias to move back."),
+    to: str | None = typer.Option(None, "--to", help="Version to roll back to (default: the previous one)."),
+    reason: str | None = typer.Option(None, help="Why; recorded in the history."),
+) -> None:
+    """Point NAME:ALIAS back at the version it had before its last promotion.
+
+    Example: loraplane adapters rollback support-bot --reason "v4 answers in French"
+    """
+
+    def body() -> None:
+        from loraplane.platform.adapters import rollback_alias
+
+        entry, replaced = asyncio.run(rollback_alias(_settings(), name, alias=alias, to=to, reason=reason))
+        out.print(f"{name}:{alias} -> {entry.served_name} (was {name}@{replaced})")
+
+    _run(body)
+
+
+@adapters_app.command("unload")
+def adapters_unload(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None:
+    """Stop serving a version (refused while an alias points at it); it stays registered.
+
+    Example: loraplane adapters unload support-bot@v2
+    """
+
+    def body() -> None:
+        from loraplane.platform.adapters import unload_adapter
+
+        entry = asyncio.run(unload_adapter(_settings(), ref))
+        out.print(f"{entry.served_name} is no longer served by {_settings().server_url}")
+
+    _run(body)
+
+
+@adapters_app.command("retire")
+def adapters_retire(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None:
+    """Unload a version and mark it retired: it can no longer be loaded or promoted.
+
+    Refused while an alias points at it. Example: loraplane adapters retire support-bot@v1
+    """
+
+    def body() -> None:
+        from loraplane.platform.adapters import unload_adapter
+
+        entry = asyncio.run(unload_adapter(_settings(), ref, retire=True))
+        out.print(f"{entry.ref} is retired")
 
     _run(body)
 

@@ -146,7 +146,7 @@ class Adapter(BaseModel):
 class HistoryEvent(BaseModel):
     at: str = Field(default_factory=now)
     who: str = Field(default_factory=lambda: getpass.getuser())
-    action: Literal["register", "load", "eval", "promote", "retire"]
+    action: Literal["register", "load", "unload", "eval", "promote", "rollback", "retire"]
     adapter: str
     version: str | None = None
     alias: str | None = None
@@ -201,6 +201,80 @@ class RegistryState(BaseModel):
                 f"(versions: {', '.join(sorted(adapter.versions)) or 'none'})"
             )
         return adapter.versions[version]
+
+
+class ConflictError(RegistryError):
+    """Another command changed what this one decided on (an alias moved meanwhile): nothing changed."""
+
+    exit_code = 4
+
+
+def move_alias(
+    state: RegistryState,
+    name: str,
+    alias: str,
+    version: str,
+    *,
+    expected: str | None,
+    action: Literal["promote", "rollback"],
+    reason: str | None = None,
+    forced: bool = False,
+) -> str | None:
+    """Point ``name:alias`` at ``version`` if it still points at ``expected``; return the old target.
+
+    ``expected`` is what the caller saw when it decided (before its checks and server loads): when
+    another promotion or rollback moved the alias meanwhile, this one raises ConflictError instead of
+    silently overwriting it, so of two concurrent promotions exactly one wins.
+    """
+    adapter = state.adapter(name)
+    current = adapter.aliases.get(alias)
+    if current != expected:
+        raise ConflictError(
+            f"{name}:{alias} was moved from {expected or '(unset)'} to {current or '(unset)'} by another "
+            f"command while this {action} of {name}@{version} was running; nothing was changed",
+            hint=f"check 'loraplane adapters show {name}', then re-run the {action} if it is still wanted",
+        )
+    target = adapter.versions.get(version)
+    if target is None or target.state == "retired":
+        raise RegistryError(f"{name}@{version} is {'retired' if target else 'not registered'}")
+    adapter.aliases[alias] = version
+    state.history.append(
+        HistoryEvent(
+            action=action,
+            adapter=name,
+            version=version,
+            alias=alias,
+            previous=current,
+            reason=reason,
+            forced=forced,
+        )
+    )
+    return current
+
+
+def rollback_target(state: RegistryState, name: str, alias: str) -> str:
+    """The version ``name:alias`` pointed at before the change that set its current value.
+
+    Like ``helm rollback`` and ``kubectl rollout undo``: rolling back twice returns to where it started.
+    """
+    adapter = state.adapter(name)
+    current = adapter.aliases.get(alias)
+    if current is None:
+        raise RegistryError(f"{name}:{alias} is not set: there is nothing to roll back")
+    for event in reversed(state.history):
+        if (
+            event.adapter == name
+            and event.alias == alias
+            and event.action in ("promote", "rollback")
+            and event.version == current
+        ):
+            if event.previous is None:
+                break
+            return event.previous
+    raise RegistryError(
+        f"{name}:{alias} -> {current} has no earlier version in the history to roll back to",
+        hint=f"promote another version, or name one: loraplane adapters rollback {name} --to vN",
+    )
 
 
 class LocalRegistry:

@@ -31,7 +31,7 @@ def test_help_lists_the_commands() -> None:
         text=True,
         check=True,
     ).stdout
-    for command in ("list", "register", "load", "eval", "promote"):
+    for command in ("list", "show", "register", "load", "unload", "eval", "promote", "rollback", "retire"):
         assert command in out
 
 
@@ -97,3 +97,23 @@ def test_evals_validate_reports_a_good_suite_and_exits_2_on_a_bad_one(
 def test_adapters_eval_needs_exactly_one_of_suite_or_dataset(settings: Settings) -> None:
     result = _cli(settings, "adapters", "eval", "demo@v1")
     assert result.returncode == 2 and "exactly one of --suite FILE or --dataset FILE" in result.stderr
+
+
+def test_retiring_a_served_version_with_the_server_down_exits_1_and_changes_nothing(
+    settings: Settings, fake_adapter: Path
+) -> None:
+    from loraplane.platform.registry import LocalRegistry
+
+    assert (
+        _cli(
+            settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1"
+        ).returncode
+        == 0
+    )
+    with LocalRegistry(settings.home).transaction() as state:  # as if it had been loaded
+        state.resolve("demo@v1").state = "serving"
+    before = (settings.home / "registry.json").read_bytes()
+    result = _cli(settings, "adapters", "retire", "demo@v1")
+    assert result.returncode == 1, result.stderr
+    assert "cannot reach the vLLM server at http://127.0.0.1:9" in result.stderr
+    assert (settings.home / "registry.json").read_bytes() == before

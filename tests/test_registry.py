@@ -186,3 +186,79 @@ def test_concurrent_writers_lose_nothing(settings: Settings) -> None:
     state = json.loads((settings.home / "registry.json").read_text())
     assert len(state["adapters"]["demo"]["versions"]) == 20
     assert len(state["history"]) == 20
+
+
+def _aliased_state(settings: Settings, versions: int = 3) -> None:
+    """``demo@v1..vN`` registered and promoted one after another to ``prod``, as promote records it."""
+    from loraplane.platform.registry import move_alias
+
+    for i in range(1, versions + 1):
+        path = write_fake_adapter(settings.adapters_dir / "demo" / f"v{i}")
+        register_adapter(settings, path, name="demo", version=f"v{i}")
+        with LocalRegistry(settings.home).transaction() as state:
+            expected = state.adapter("demo").aliases.get("prod")
+            move_alias(state, "demo", "prod", f"v{i}", expected=expected, action="promote")
+
+
+def test_an_alias_moved_since_the_caller_looked_is_a_conflict_and_nothing_changes(settings: Settings) -> None:
+    from loraplane.platform.registry import ConflictError, move_alias
+
+    _aliased_state(settings, versions=2)
+    before = _snapshot(settings)
+    with (
+        pytest.raises(ConflictError, match=r"demo:prod was moved from v1 to v2 by another command") as caught,
+        LocalRegistry(settings.home).transaction() as state,
+    ):
+        move_alias(state, "demo", "prod", "v1", expected="v1", action="promote")
+    assert caught.value.exit_code == 4
+    assert "re-run the promote" in str(caught.value)
+    assert _snapshot(settings) == before
+
+
+def test_rollback_target_follows_the_history_and_two_rollbacks_return_to_the_start(
+    settings: Settings,
+) -> None:
+    from loraplane.platform.registry import move_alias, rollback_target
+
+    _aliased_state(settings, versions=3)
+    registry = LocalRegistry(settings.home)
+    assert rollback_target(registry.read(), "demo", "prod") == "v2"
+    with registry.transaction() as state:
+        move_alias(state, "demo", "prod", "v2", expected="v3", action="rollback")
+    assert rollback_target(registry.read(), "demo", "prod") == "v3"
+    state = registry.read()
+    assert [(e.action, e.version, e.previous) for e in state.history if e.alias == "prod"] == [
+        ("promote", "v1", None),
+        ("promote", "v2", "v1"),
+        ("promote", "v3", "v2"),
+        ("rollback", "v2", "v3"),
+    ]
+
+
+def test_rollback_without_an_earlier_version_is_refused(settings: Settings) -> None:
+    from loraplane.platform.adapters import rollback_alias
+
+    _aliased_state(settings, versions=1)
+    before = _snapshot(settings)
+    with pytest.raises(RegistryError, match=r"demo:prod -> v1 has no earlier version"):
+        asyncio.run(rollback_alias(settings, "demo"))
+    with pytest.raises(RegistryError, match=r"demo:canary is not set"):
+        asyncio.run(rollback_alias(settings, "demo", alias="canary"))
+    assert _snapshot(settings) == before
+
+
+def test_retiring_a_version_an_alias_points_at_is_refused(settings: Settings) -> None:
+    from loraplane.platform.adapters import unload_adapter
+
+    _aliased_state(settings, versions=2)
+    before = _snapshot(settings)
+    with pytest.raises(RegistryError, match=r"cannot retire demo@v2: demo:prod points at it"):
+        asyncio.run(unload_adapter(settings, "demo@v2", retire=True))
+    assert _snapshot(settings) == before
+    # v1 is registered but not served: retiring it needs no server (settings point at a closed port).
+    retired = asyncio.run(unload_adapter(settings, "demo@v1", retire=True))
+    assert retired.state == "retired"
+    state = LocalRegistry(settings.home).read()
+    assert state.history[-1].action == "retire" and state.history[-1].version == "v1"
+    with pytest.raises(RegistryError, match=r"demo@v1 is retired"):
+        asyncio.run(promote_adapter(settings, "demo@v1", force=True, reason="test"))

@@ -1,0 +1,180 @@
+"""Promotion, rollback and retirement against the real vLLM server, with adapters the trainer made.
+
+Each test gets one adapter with two versions of different behaviour: v1 is the sentiment adapter's
+weights, v2 the animals adapter's. Which version an alias serves is read off the answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import API_KEY, Live
+from filelock import FileLock
+
+from loraplane.platform.adapters import (
+    promote_adapter,
+    register_adapter,
+    rollback_alias,
+    unload_adapter,
+)
+from loraplane.platform.registry import LocalRegistry, RegistryError
+from loraplane.platform.settings import Settings
+
+pytestmark = pytest.mark.e2e
+
+DEADLINE_S = 120.0
+SENTIMENT_PROMPT = "Classify the sentiment: The movie was wonderful."
+
+
+@dataclass(frozen=True)
+class Race:
+    settings: Settings
+    name: str  # unique per test: served names live on the shared server
+
+
+@pytest.fixture
+def race(live: Live, tmp_path: Path) -> Race:
+    """A registry of its own (same server and adapters root) with NAME@v1 (sentiment), NAME@v2 (animals)."""
+    settings = live.settings.model_copy(update={"home": tmp_path / "state"})
+    name = re.sub(r"[^a-z0-9]+", "-", tmp_path.name.lower())[-40:].strip("-")
+    for version, task in (("v1", "sentiment"), ("v2", "animals")):
+        copy = live.settings.adapters_dir / name / version
+        shutil.copytree(live.adapters[task], copy)
+        register_adapter(settings, copy, name=name, version=version)
+    return Race(settings, name)
+
+
+def _served(settings: Settings) -> set[str]:
+    response = httpx.get(f"{settings.server_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    return {m["id"] for m in response.json()["data"]}
+
+
+def _ask(race: Race, alias: str) -> tuple[str, str]:
+    """Resolve ``NAME:<alias>`` in the registry and ask the version it names the sentiment question."""
+    from openai import OpenAI
+
+    served = LocalRegistry(race.settings.home).read().resolve(f"{race.name}:{alias}").served_name
+    client = OpenAI(base_url=f"{race.settings.server_url}/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(
+        model=served,
+        temperature=0,
+        max_tokens=8,
+        messages=[
+            {"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": SENTIMENT_PROMPT},
+        ],
+    )
+    return served, reply.choices[0].message.content or ""
+
+
+def test_promote_rollback_promote_round_trips_and_the_alias_serves_each_version(race: Race) -> None:
+    settings, name = race.settings, race.name
+    asyncio.run(promote_adapter(settings, f"{name}@v1", force=True, reason="first release"))
+    assert _ask(race, "prod") == (f"{name}@v1", "positive"), "v1 is the sentiment adapter"
+
+    asyncio.run(promote_adapter(settings, f"{name}@v2", force=True, reason="new data"))
+    served, answer = _ask(race, "prod")
+    assert served == f"{name}@v2" and answer not in ("positive", "negative"), answer
+
+    entry, replaced = asyncio.run(rollback_alias(settings, name, reason="v2 answers off topic"))
+    assert (entry.version, replaced) == ("v1", "v2")
+    assert _ask(race, "prod") == (f"{name}@v1", "positive")
+
+    asyncio.run(promote_adapter(settings, f"{name}@v2", force=True, reason="fixed the prompt"))
+    assert _ask(race, "prod")[0] == f"{name}@v2"
+
+    history = [
+        (e.action, e.version, e.previous, e.reason)
+        for e in LocalRegistry(settings.home).read().history
+        if e.alias == "prod"
+    ]
+    assert history == [
+        ("promote", "v1", None, "first release"),
+        ("promote", "v2", "v1", "new data"),
+        ("rollback", "v1", "v2", "v2 answers off topic"),
+        ("promote", "v2", "v1", "fixed the prompt"),
+    ]
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "LORAPLANE_HOME": str(settings.home),
+        "LORAPLANE_ADAPTERS_ROOT": str(settings.adapters_dir),
+        "LORAPLANE_SERVER_URL": settings.server_url,
+        "LORAPLANE_API_KEY": API_KEY,
+        "COLUMNS": "200",  # rich wraps messages at the terminal width
+    }
+    argv = [sys.executable, "-m", "loraplane.platform.cli", *args]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_promotions_to_one_alias_exactly_one_wins(race: Race) -> None:
+    """Both commands decide on the same registry state; the second to commit gets a conflict (exit 4)."""
+    settings, name = race.settings, race.name
+    registry = LocalRegistry(settings.home)
+    actions_before = [e.action for e in registry.read().history]
+    # Hold the registry's lock: both commands read the registry and load their version on the server,
+    # then wait for the lock to record anything. Releasing it lets them race to commit.
+    with FileLock(str(settings.home / "registry.lock")):
+        procs = {
+            v: _cli(settings, "adapters", "promote", f"{name}@{v}", "--force", "--reason", "race")
+            for v in ("v1", "v2")
+        }
+        deadline = time.monotonic() + DEADLINE_S
+        while not {f"{name}@v1", f"{name}@v2"} <= _served(settings):  # both have read the registry
+            assert all(p.poll() is None for p in procs.values()), "a promotion ended before the race"
+            assert time.monotonic() < deadline, "the promotions never loaded their versions"
+            time.sleep(0.05)
+    results = {v: (p.wait(timeout=DEADLINE_S), p.stderr.read() if p.stderr else "") for v, p in procs.items()}
+    assert sorted(code for code, _ in results.values()) == [0, 4], results
+    winner = next(v for v, (code, _) in results.items() if code == 0)
+    loser_err = next(err for code, err in results.values() if code == 4)
+    assert f"{name}:prod was moved from (unset) to {winner}" in loser_err
+    assert "nothing was changed" in loser_err and "Traceback" not in loser_err
+
+    after = registry.read()
+    assert after.adapter(name).aliases == {"prod": winner}
+    promotions = [(e.version, e.previous) for e in after.history if e.action == "promote"]
+    assert promotions == [(winner, None)]
+    new_actions = sorted(e.action for e in after.history[len(actions_before) :])
+    assert new_actions == ["load", "load", "promote"], "both loaded; one promotion recorded"
+
+
+def test_retire_is_refused_for_the_prod_version_and_unloads_the_other(race: Race) -> None:
+    settings, name = race.settings, race.name
+    asyncio.run(promote_adapter(settings, f"{name}@v1", force=True, reason="release"))
+    asyncio.run(promote_adapter(settings, f"{name}@v2", force=True, reason="release"))
+    before = (settings.home / "registry.json").read_bytes()
+    proc = _cli(settings, "adapters", "retire", f"{name}@v2")
+    _, err = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 2 and f"cannot retire {name}@v2: {name}:prod points at it" in err
+    assert (settings.home / "registry.json").read_bytes() == before
+
+    assert f"{name}@v1" in _served(settings)
+    retired = asyncio.run(unload_adapter(settings, f"{name}@v1", retire=True))
+    assert retired.state == "retired"
+    served = _served(settings)
+    assert f"{name}@v1" not in served and f"{name}@v2" in served
+    with pytest.raises(
+        RegistryError, match=f"cannot roll {name}:prod back to {name}@v1: that version is retired"
+    ):
+        asyncio.run(rollback_alias(settings, name))
+
+    proc = _cli(settings, "adapters", "show", name, "-o", "json")
+    shown, _ = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 0
+    data = json.loads(shown)
+    assert data["adapter"]["versions"]["v1"]["state"] == "retired"
+    assert [e["action"] for e in data["history"]][-1] == "retire"
