@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,3 +120,83 @@ def write_fake_adapter(
 @pytest.fixture
 def fake_adapter(settings: Settings) -> Iterator[Path]:
     yield write_fake_adapter(settings.adapters_dir / "demo" / "v1")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Cluster:
+    """A live Kubernetes API server (kwok's binary runtime) with fake GPU and CPU nodes."""
+
+    kubeconfig: Path
+    bin_dir: Path
+
+    def env(self) -> dict[str, str]:
+        import os
+
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin_dir}:{os.environ['PATH']}",
+        }
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(self.bin_dir / "kubectl"), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+        )
+        if check:
+            assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        helm = ROOT / ".venv" / "bin" / "helm"
+        proc = subprocess.run([str(helm), *args], capture_output=True, text=True, env=self.env())
+        if check:
+            assert proc.returncode == 0, f"helm {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    def restricted_namespace(self, name: str) -> str:
+        """A namespace that enforces Pod Security ``restricted``, ready for pods (default SA exists)."""
+        self.kubectl("create", "namespace", name)
+        self.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+        self.wait_for(lambda: self.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0)
+        return name
+
+    @staticmethod
+    def wait_for(condition: Callable[[], bool], *, timeout: float = 120.0, what: str = "condition") -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One cluster per test session, its state in the session's temp dir, stopped even when tests fail."""
+    import os
+
+    work = tmp_path_factory.mktemp("kwok")
+    env = {
+        **os.environ,
+        "LORAPLANE_K8S_CLUSTER": f"pytest-{os.getpid()}",
+        "LORAPLANE_KWOK_WORKDIR": str(work),
+    }
+    script = str(ROOT / "scripts" / "k8s-cluster.sh")
+    tools = subprocess.run(["bash", str(ROOT / "scripts" / "k8s-tools.sh")], capture_output=True, text=True)
+    assert tools.returncode == 0, tools.stderr[-3000:]
+    started = subprocess.run(["bash", script, "start"], capture_output=True, text=True, env=env)
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        kubeconfig = subprocess.run(["bash", script, "kubeconfig"], capture_output=True, text=True, env=env)
+        yield Cluster(Path(kubeconfig.stdout.strip()), Path(tools.stdout.strip()))
+    finally:
+        subprocess.run(["bash", script, "stop"], capture_output=True, text=True, env=env)

@@ -1,0 +1,186 @@
+"""The chart against a real Kubernetes API server (kwok's binary runtime: real apiserver, controllers,
+scheduler and admission; fake nodes; containers do not run, kwok marks pods Running).
+
+What this proves: the API server accepts every rendered object under strict field validation, Pod
+Security ``restricted`` admits the chart's pods and rejects a privileged one, the scheduler puts GPU
+pods on GPU nodes only, ``helm install --wait`` / ``upgrade`` / ``uninstall`` behave, the PVC is kept.
+What it cannot prove: that the containers start (see README, "Testing").
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT, Cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
+
+CHART = ROOT / "charts" / "loraplane"
+GPU_VALUES = {
+    "serving": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+}
+RELEASE = "platform"
+
+
+def _values_file(tmp_path: Path, values: dict[str, Any]) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def _fake_volume(cluster: Cluster, namespace: str, claim: str, size: str = "100Gi") -> None:
+    """A PersistentVolume reserved for the chart's claim (kwok has no storage provisioner)."""
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-data"},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "claimRef": {"namespace": namespace, "name": claim},
+            "csi": {"driver": "test.csi.loraplane.dev", "volumeHandle": f"{namespace}-data"},
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(pv))
+
+
+def _pods(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("-n", namespace, "get", "pods", "-l", selector, "-o", "json").stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        {},
+        {"storage": {"create": False, "existingClaim": "shared-models"}},
+        {"serving": {"replicas": 2, "apiKeySecret": {"name": "vllm-key"}, "runtimeLoraUpdating": True}},
+    ],
+    ids=["default", "existing-claim", "replicas-and-secret"],
+)
+def test_every_rendered_object_passes_the_api_servers_strict_validation(
+    k8s_cluster: Cluster, tmp_path: Path, profile: dict[str, Any]
+) -> None:
+    rendered = k8s_cluster.helm(
+        "template", RELEASE, str(CHART), "-n", "default", "-f", _values_file(tmp_path, profile)
+    ).stdout
+    check = k8s_cluster.kubectl(
+        "apply",
+        "--dry-run=server",
+        "--validate=strict",
+        "-n",
+        "default",
+        "-f",
+        "-",
+        stdin=rendered,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    assert "created (server dry run)" in check.stdout
+    assert "Warning" not in check.stderr, check.stderr
+
+
+def test_strict_validation_is_really_on_an_unknown_field_is_rejected(k8s_cluster: Cluster) -> None:
+    """The control for the test above: the same command refuses a typo, naming the field."""
+    bad = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "typo"},
+        "data": {"a": "b"},
+        "dataa": {"c": "d"},
+    }
+    check = k8s_cluster.kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=json.dumps(bad), check=False
+    )
+    assert check.returncode != 0
+    assert 'unknown field "dataa"' in check.stderr
+
+
+def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_keeps_the_pvc(
+    k8s_cluster: Cluster, tmp_path: Path
+) -> None:
+    ns = k8s_cluster.restricted_namespace("lp-install")
+    claim = f"{RELEASE}-loraplane-data"
+    _fake_volume(k8s_cluster, ns, claim)
+    values = _values_file(tmp_path, GPU_VALUES)
+    install = k8s_cluster.helm(
+        "install", RELEASE, str(CHART), "-n", ns, "-f", values, "--wait", "--timeout", "120s"
+    )
+    assert "violates PodSecurity" not in install.stderr
+    assert "NOTES" in install.stdout or "loraplane" in install.stdout
+
+    pvc = json.loads(k8s_cluster.kubectl("-n", ns, "get", "pvc", claim, "-o", "json").stdout)
+    assert pvc["status"]["phase"] == "Bound"
+    pods = _pods(k8s_cluster, ns, "app.kubernetes.io/component=vllm")
+    assert len(pods) == 1
+    assert pods[0]["status"]["phase"] == "Running"
+    assert pods[0]["spec"]["nodeName"].startswith("gpu-node-"), "a GPU pod must land on a GPU node"
+
+    # An upgrade with changed values rolls out a new pod with the new vLLM arguments.
+    old = pods[0]["metadata"]["name"]
+    k8s_cluster.helm(
+        "upgrade", RELEASE, str(CHART), "-n", ns, "-f", values, "--set", "serving.maxLoras=8",
+        "--wait", "--timeout", "120s",
+    )  # fmt: skip
+
+    def rolled_out() -> bool:
+        current = _pods(k8s_cluster, ns, "app.kubernetes.io/component=vllm")
+        return [p["metadata"]["name"] for p in current] != [old] and all(
+            p["status"].get("phase") == "Running" and "deletionTimestamp" not in p["metadata"]
+            for p in current
+        )
+
+    k8s_cluster.wait_for(rolled_out, what="the upgraded vLLM pod")
+    (new,) = _pods(k8s_cluster, ns, "app.kubernetes.io/component=vllm")
+    assert "--max-loras=8" in new["spec"]["containers"][0]["args"]
+    assert new["spec"]["nodeName"].startswith("gpu-node-")
+
+    k8s_cluster.helm("uninstall", RELEASE, "-n", ns, "--wait")
+    left = json.loads(k8s_cluster.kubectl("-n", ns, "get", "pvc,deploy", "-o", "json").stdout)["items"]
+    assert [(o["kind"], o["metadata"]["name"]) for o in left] == [("PersistentVolumeClaim", claim)], (
+        "uninstall removes the release but keeps the data volume"
+    )
+
+
+def test_a_privileged_pod_is_rejected_by_pod_security_admission_with_the_api_servers_message(
+    k8s_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A deliberately broken copy of the chart: its vLLM container asks for privileged mode."""
+    ns = k8s_cluster.restricted_namespace("lp-broken")
+    broken = tmp_path / "loraplane"
+    shutil.copytree(CHART, broken)
+    helpers = broken / "templates" / "_helpers.tpl"
+    text = helpers.read_text()
+    assert "allowPrivilegeEscalation: false" in text
+    helpers.write_text(text.replace("allowPrivilegeEscalation: false", "privileged: true"))
+    values = _values_file(tmp_path, {**GPU_VALUES, "storage": {"create": False, "existingClaim": "none"}})
+    install = k8s_cluster.helm(
+        "install", RELEASE, str(broken), "-n", ns, "-f", values, "--wait", "--timeout", "20s", check=False
+    )
+    assert install.returncode != 0, "pods that violate 'restricted' never become ready"
+    privileged = 'privileged (container "vllm" must not set securityContext.privileged=true)'
+    warning = install.stderr.replace('\\"', '"')  # helm logs the API server's warning klog-quoted
+    assert 'would violate PodSecurity "restricted:latest"' in warning
+    assert privileged in warning
+
+    def refused() -> str:
+        events = k8s_cluster.kubectl(
+            "-n", ns, "get", "events", "--field-selector", "reason=FailedCreate", "-o", "json"
+        ).stdout
+        return "\n".join(e["message"] for e in json.loads(events)["items"])
+
+    k8s_cluster.wait_for(
+        lambda: "violates PodSecurity" in refused(), what="the ReplicaSet's FailedCreate event"
+    )
+    message = refused()
+    assert 'is forbidden: violates PodSecurity "restricted:latest"' in message, message
+    assert privileged in message
+    assert _pods(k8s_cluster, ns, "app.kubernetes.io/component=vllm") == []
