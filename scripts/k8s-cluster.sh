@@ -61,11 +61,15 @@ componentsPatches:
   - {key: advertise-address, value: 127.0.0.1}
 EOF
   fi
+  # kwok's default stages plus ours (pods that exit with a chosen code, pods that stay running).
+  echo "---"
+  cat "$ROOT/tools/k8s/kwok-stages.yaml"
 }
 
 # Fake nodes. kwokctl's kwok manages all nodes (the kwok.x-k8s.io/node=fake annotation is what a
-# kwok started with --manage-nodes-with-annotation-selector would look for); its default stages
-# (node-initialize, heartbeat, pod-ready/complete/delete) make them Ready and their pods Running.
+# kwok started with --manage-nodes-with-annotation-selector would look for); the stages in
+# tools/k8s/kwok-stages.yaml (node-initialize, heartbeat, pod-ready/complete/delete, pod-exit-code)
+# make them Ready and their pods Running, Job pods Succeeded, or Failed with a chosen exit code.
 nodes() {
   local i
   for i in 0 1; do

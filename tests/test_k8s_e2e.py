@@ -184,3 +184,95 @@ def test_a_privileged_pod_is_rejected_by_pod_security_admission_with_the_api_ser
     assert 'is forbidden: violates PodSecurity "restricted:latest"' in message, message
     assert privileged in message
     assert _pods(k8s_cluster, ns, "app.kubernetes.io/component=vllm") == []
+
+
+def _trainer_job(name: str, *, backoff_limit: int, annotations: dict[str, str]) -> str:
+    """A Job with the failure policy the trainer's exit codes are designed for (see trainer/exit_codes.py)."""
+    from loraplane.trainer.exit_codes import DO_NOT_RETRY
+
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "trainer",
+                            "operator": "In",
+                            "values": [DO_NOT_RETRY],
+                        },
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": {
+                "metadata": {"annotations": annotations},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "trainer"}]},
+            },
+        },
+    }
+    return json.dumps(job)
+
+
+def _job(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    job: dict[str, Any] = json.loads(cluster.kubectl("-n", ns, "get", "job", name, "-o", "json").stdout)
+    return job
+
+
+def test_the_cluster_fails_job_pods_with_a_chosen_exit_code_for_pod_failure_policies(
+    k8s_cluster: Cluster,
+) -> None:
+    """The fixture's contract for trainer-Job tests: pods exit with the code a test asks for, and an
+    evicted pod fails as a kubelet would report it (so the Job controller can tell a disruption)."""
+    ns = "lp-jobs"
+    k8s_cluster.kubectl("create", "namespace", ns)
+    k8s_cluster.wait_for(
+        lambda: k8s_cluster.kubectl("-n", ns, "get", "sa", "default", check=False).returncode == 0
+    )
+
+    # Exit 2 ("do not retry"): the Job fails at once, although backoffLimit would allow 6 retries.
+    job = _trainer_job("bad-data", backoff_limit=6, annotations={"loraplane.dev/test-exit-code": "2"})
+    k8s_cluster.kubectl("-n", ns, "apply", "-f", "-", stdin=job)
+
+    def failed(name: str) -> dict[str, Any] | None:
+        conditions = _job(k8s_cluster, ns, name)["status"].get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Failed" and c["status"] == "True"), None)
+
+    k8s_cluster.wait_for(lambda: failed("bad-data") is not None, what="the Job to fail")
+    condition = failed("bad-data")
+    assert condition is not None and condition["reason"] == "PodFailurePolicy"
+    assert "failed with exit code 2 matching FailJob rule" in condition["message"]
+    assert _job(k8s_cluster, ns, "bad-data")["status"].get("failed") == 1, "no retry was made"
+
+    # An evicted pod (a drain, a preemption) does not count against backoffLimit 0: a new pod starts.
+    job = _trainer_job("preempted", backoff_limit=0, annotations={"loraplane.dev/test-keep-running": "true"})
+    k8s_cluster.kubectl("-n", ns, "apply", "-f", "-", stdin=job)
+
+    def running_pods() -> list[str]:
+        pods = _pods(k8s_cluster, ns, "job-name=preempted")
+        return [
+            p["metadata"]["name"]
+            for p in pods
+            if p["status"].get("phase") == "Running" and "deletionTimestamp" not in p["metadata"]
+        ]
+
+    k8s_cluster.wait_for(lambda: len(running_pods()) == 1, what="the trainer pod")
+    (first,) = running_pods()
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": first, "namespace": ns}}
+    k8s_cluster.kubectl(
+        "create",
+        "--raw",
+        f"/api/v1/namespaces/{ns}/pods/{first}/eviction",
+        "-f",
+        "-",
+        stdin=json.dumps(eviction),
+    )
+    k8s_cluster.wait_for(
+        lambda: running_pods() not in ([], [first]), timeout=60, what="a replacement pod after the eviction"
+    )
+    status = _job(k8s_cluster, ns, "preempted")["status"]
+    assert failed("preempted") is None and status.get("failed", 0) == 0, status
