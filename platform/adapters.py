@@ -23,11 +23,11 @@ from loraplane.platform.registry import (
     AdapterVersion,
     EvalRecord,
     HistoryEvent,
-    LocalRegistry,
     RegistryError,
     RegistryState,
     VersionState,
     move_alias,
+    open_registry,
     rollback_target,
 )
 from loraplane.platform.settings import Settings
@@ -88,7 +88,7 @@ def register_adapter(
         base_model=str(base["path"]) if isinstance(base, dict) and "path" in base else None,
         manifest=manifest,
     )
-    with LocalRegistry(settings.home).transaction() as state:
+    with open_registry(settings).transaction() as state:
         adapter = state.adapters.setdefault(name, Adapter(name=name))
         if version in adapter.versions:
             existing = adapter.versions[version]
@@ -134,7 +134,7 @@ def merge_to_directory(
         return merge_adapter(
             path, out_dir, base_model=base_model, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    entry = LocalRegistry(settings.home).read().resolve(source)
+    entry = open_registry(settings).read().resolve(source)
     _verify_weights(entry)
     return merge_adapter(
         Path(entry.path),
@@ -150,7 +150,7 @@ async def load_adapter(
     settings: Settings, ref: str, *, server_urls: list[str] | None = None
 ) -> AdapterVersion:
     """Make every listed server (default: the configured one) serve ``ref`` under its served name."""
-    registry = LocalRegistry(settings.home)
+    registry = open_registry(settings)
     entry = registry.read().resolve(ref)
     if entry.state == "retired":
         raise RegistryError(f"{entry.ref} is retired and cannot be loaded")
@@ -203,7 +203,7 @@ async def evaluate_adapter(
     report_dir = report_dir or settings.home / "reports"
     entry = await load_adapter(settings, ref)
     models = {"candidate": entry.served_name}
-    adapter = LocalRegistry(settings.home).read().adapter(entry.name)
+    adapter = open_registry(settings).read().adapter(entry.name)
     prod_version = adapter.aliases.get("prod")
     if prod_version and prod_version != entry.version:
         models["prod"] = (await load_adapter(settings, f"{entry.name}@{prod_version}")).served_name
@@ -235,7 +235,7 @@ async def evaluate_adapter(
         passed=gate.passed if gate else False,  # no policy, no promotion without --force
         report_path=str(files.json),
     )
-    with LocalRegistry(settings.home).transaction() as state:
+    with open_registry(settings).transaction() as state:
         state.resolve(entry.ref).evals.append(record)
         state.history.append(HistoryEvent(action="eval", adapter=entry.name, version=entry.version))
     return record
@@ -251,7 +251,7 @@ async def promote_adapter(
     """
     if force and not (reason and reason.strip()):
         raise InvalidInputError("--force needs --reason: say why the evaluation gate is overridden")
-    seen = LocalRegistry(settings.home).read()
+    seen = open_registry(settings).read()
     entry = seen.resolve(ref)
     expected = seen.adapter(entry.name).aliases.get(alias)  # what this promotion replaces
     if entry.state == "retired":
@@ -277,7 +277,7 @@ async def promote_adapter(
                 hint='improve the adapter and evaluate again, or override with --force --reason "..."',
             )
     await load_adapter(settings, entry.ref)  # every server must serve it before the alias points at it
-    with LocalRegistry(settings.home).transaction() as state:
+    with open_registry(settings).transaction() as state:
         previous = move_alias(
             state,
             entry.name,
@@ -300,7 +300,7 @@ async def rollback_alias(
     server before the alias moves; the evaluation gate is not asked again (the version served this
     alias before). Returns the version now served and the one it replaced.
     """
-    seen = LocalRegistry(settings.home).read()
+    seen = open_registry(settings).read()
     current = seen.adapter(name).aliases.get(alias)
     if current is None:
         raise RegistryError(f"{name}:{alias} is not set: there is nothing to roll back")
@@ -315,7 +315,7 @@ async def rollback_alias(
         )
     _verify_weights(entry)
     await load_adapter(settings, entry.ref)
-    with LocalRegistry(settings.home).transaction() as state:
+    with open_registry(settings).transaction() as state:
         move_alias(state, name, alias, entry.version, expected=current, action="rollback", reason=reason)
         return state.resolve(entry.ref), current
 
@@ -339,7 +339,7 @@ async def unload_adapter(
 ) -> AdapterVersion:
     """Stop serving ``ref`` (and with ``retire``, mark it retired for good). Refused while an alias
     points at it. The server is asked first: when it cannot be reached, the registry is unchanged."""
-    registry = LocalRegistry(settings.home)
+    registry = open_registry(settings)
     seen = registry.read()
     entry = seen.resolve(ref)
     what = "retire" if retire else "unload"

@@ -51,6 +51,10 @@ class _State:
     home: Path | None = None
     adapters_root: Path | None = None
     server_url: str | None = None
+    registry: str | None = None
+    namespace: str | None = None
+    kubeconfig: Path | None = None
+    context: str | None = None
 
 
 _state = _State()
@@ -67,12 +71,30 @@ def _global(
     server_url: str | None = typer.Option(
         None, envvar="LORAPLANE_SERVER_URL", help="vLLM server (default: http://127.0.0.1:8000)."
     ),
+    registry: str | None = typer.Option(
+        None,
+        envvar="LORAPLANE_REGISTRY",
+        help="Registry backend: local (HOME/registry.json) or kubernetes (LoraAdapter objects).",
+    ),
+    namespace: str | None = typer.Option(
+        None,
+        "--namespace",
+        "-n",
+        envvar="LORAPLANE_NAMESPACE",
+        help="Kubernetes namespace (default: default).",
+    ),
+    kubeconfig: Path | None = typer.Option(
+        None, envvar="KUBECONFIG", help="Kubeconfig file (default: ~/.kube/config)."
+    ),
+    context: str | None = typer.Option(None, "--context", help="Kubeconfig context (default: current)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logs on stderr."),
 ) -> None:
     from loraplane.common.logs import configure_logging
 
     configure_logging(verbose)
     _state.home, _state.adapters_root, _state.server_url = home, adapters_root, server_url
+    _state.registry, _state.namespace = registry, namespace
+    _state.kubeconfig, _state.context = kubeconfig, context
 
 
 def _settings() -> Any:
@@ -83,6 +105,13 @@ def _settings() -> Any:
         kwargs["home"] = _state.home
     if _state.server_url is not None:
         kwargs["server_url"] = _state.server_url
+    if _state.registry is not None:
+        if _state.registry not in ("local", "kubernetes"):
+            raise InvalidInputError(f"--registry: got {_state.registry!r}; use 'local' or 'kubernetes'")
+        kwargs["registry"] = _state.registry
+    if _state.namespace is not None:
+        kwargs["namespace"] = _state.namespace
+    kwargs["kubeconfig"], kwargs["kube_context"] = _state.kubeconfig, _state.context
     return Settings(**kwargs)
 
 
@@ -175,9 +204,9 @@ def adapters_list(output: str = typer.Option("table", "--output", "-o", help="ta
     def body() -> None:
         from rich.table import Table
 
-        from loraplane.platform.registry import LocalRegistry
+        from loraplane.platform.registry import open_registry
 
-        state = LocalRegistry(_settings().home).read()
+        state = open_registry(_settings()).read()
         if output == "json":
             out.print_json(state.model_dump_json(exclude={"history"}))
             return
@@ -304,9 +333,9 @@ def adapters_show(
     def body() -> None:
         from rich.table import Table
 
-        from loraplane.platform.registry import LocalRegistry
+        from loraplane.platform.registry import open_registry
 
-        state = LocalRegistry(_settings().home).read()
+        state = open_registry(_settings()).read()
         adapter = state.adapter(name)
         history = [e for e in state.history if e.adapter == name]
         if output == "json":

@@ -38,7 +38,7 @@ from rich.table import Table
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.platform.adapters import evaluate_adapter, promote_adapter, register_adapter
-from loraplane.platform.registry import EvalRecord, LocalRegistry
+from loraplane.platform.registry import EvalRecord, open_registry
 from loraplane.platform.settings import Settings
 from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
 
@@ -251,7 +251,7 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
         done()
 
         evals: dict[str, EvalRecord] = {}
-        state = LocalRegistry(settings.home).read()
+        state = open_registry(settings).read()
         for task_name in published:
             ref = state.resolve(task_name).ref
             done = step(
@@ -284,7 +284,7 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
         done = step(f"Asking '{winner}:prod' one question through the openai client")
         from openai import OpenAI
 
-        served = LocalRegistry(settings.home).read().resolve(f"{winner}:prod").served_name
+        served = open_registry(settings).read().resolve(f"{winner}:prod").served_name
         from loraplane.evals.dataset import load_eval_set
 
         example = load_eval_set(eval_sets[winner])[0]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import getpass
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from filelock import FileLock
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -22,6 +22,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import atomic_write_text
 from loraplane.evals.report import GateCheck
+
+if TYPE_CHECKING:
+    from loraplane.platform.settings import Settings
 
 VersionState = Literal["registered", "serving", "retired"]
 REF_PATTERN = re.compile(
@@ -304,3 +307,22 @@ class LocalRegistry:
             state = self.read()
             yield state
             atomic_write_text(self.path, state.model_dump_json(indent=2) + "\n")
+
+
+class Registry(Protocol):
+    """What every backend offers: a snapshot, and a transaction that writes back only on success."""
+
+    def read(self) -> RegistryState: ...
+
+    def transaction(self) -> AbstractContextManager[RegistryState]: ...
+
+
+def open_registry(settings: Settings) -> Registry:
+    """The backend the settings choose (``local`` by default; ``kubernetes`` imports its client lazily)."""
+    if settings.registry == "kubernetes":
+        from loraplane.platform.registry_k8s import KubernetesRegistry
+
+        return KubernetesRegistry(
+            settings.namespace, kubeconfig=settings.kubeconfig, context=settings.kube_context
+        )
+    return LocalRegistry(settings.home)

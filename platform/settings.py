@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from loraplane.common.errors import ConfigError
 
 
 def _default_home() -> Path:
     return Path(os.environ.get("LORAPLANE_HOME", Path.home() / ".loraplane"))
+
+
+def _registry_from_env() -> Literal["local", "kubernetes"]:
+    value = os.environ.get("LORAPLANE_REGISTRY", "local")
+    if value not in ("local", "kubernetes"):
+        raise ConfigError(f"LORAPLANE_REGISTRY: got {value!r}; use 'local' or 'kubernetes'")
+    return "kubernetes" if value == "kubernetes" else "local"
 
 
 class Settings(BaseModel):
@@ -25,6 +35,13 @@ class Settings(BaseModel):
     )
     api_key: str | None = Field(default_factory=lambda: os.environ.get("LORAPLANE_API_KEY"))
     max_lora_rank: int = 16
+    registry: Literal["local", "kubernetes"] = Field(
+        default_factory=lambda: _registry_from_env(),
+        description="local: <home>/registry.json; kubernetes: LoraAdapter objects in `namespace`.",
+    )
+    namespace: str = Field(default_factory=lambda: os.environ.get("LORAPLANE_NAMESPACE", "default"))
+    kubeconfig: Path | None = Field(default=None, description="Default: KUBECONFIG, else ~/.kube/config.")
+    kube_context: str | None = None
 
     @property
     def adapters_dir(self) -> Path:

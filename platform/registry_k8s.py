@@ -1,0 +1,221 @@
+"""The Kubernetes registry backend: one ``LoraAdapter`` object (CRD ``loraadapters.loraplane.dev``,
+installed by the chart) per adapter, visible with ``kubectl get loraadapters``.
+
+A :meth:`KubernetesRegistry.transaction` lists the objects, yields the registry state, and writes back
+each adapter object the block changed with the ``resourceVersion`` it read: when another client wrote
+that object meanwhile, the API server answers 409 and the transaction raises ConflictError without
+having written it. Of two concurrent promotions of one adapter exactly one wins. A command changes
+one adapter, so one object: that write is atomic. The API server also checks the object's schema
+(version and alias names, sha256 format, every alias pointing at a registered version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from loraplane.common.errors import LoraplaneError
+from loraplane.platform.registry import (
+    Adapter,
+    AdapterVersion,
+    ConflictError,
+    EvalRecord,
+    HistoryEvent,
+    RegistryState,
+)
+
+GROUP = "loraplane.dev"
+VERSION = "v1alpha1"
+PLURAL = "loraadapters"
+KIND = "LoraAdapter"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "loraplane"}
+
+
+class KubernetesRegistryError(LoraplaneError):
+    """The API server refused or could not be reached."""
+
+
+def _version_to_k8s(v: AdapterVersion) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "servedName": v.served_name,
+        "path": v.path,
+        "weightsSha256": v.weights_sha256,
+        "state": v.state,
+        "registeredAt": v.registered_at,
+        "manifest": v.manifest,
+        "evals": [e.model_dump(mode="json") for e in v.evals],
+    }
+    if v.base_model is not None:
+        out["baseModel"] = v.base_model
+    return out
+
+
+def _version_from_k8s(name: str, version: str, data: dict[str, Any]) -> AdapterVersion:
+    return AdapterVersion(
+        name=name,
+        version=version,
+        served_name=data["servedName"],
+        path=data["path"],
+        weights_sha256=data["weightsSha256"],
+        base_model=data.get("baseModel"),
+        manifest=data.get("manifest") or {},
+        state=data["state"],
+        registered_at=data["registeredAt"],
+        evals=[EvalRecord.model_validate(e) for e in data.get("evals") or []],
+    )
+
+
+def _event_to_k8s(e: HistoryEvent) -> dict[str, Any]:
+    return {k: v for k, v in e.model_dump(mode="json").items() if v is not None and k != "adapter"}
+
+
+def _summary(adapter: Adapter) -> dict[str, Any]:
+    """What ``kubectl get loraadapters`` shows (the CRD's printer columns)."""
+    status: dict[str, Any] = {"versions": len(adapter.versions)}
+    if adapter.versions:
+        status["latest"] = max(adapter.versions, key=lambda v: int(v[1:]))
+    if adapter.aliases:
+        status["aliases"] = ", ".join(f"{a}={v}" for a, v in sorted(adapter.aliases.items()))
+    prod = adapter.versions.get(adapter.aliases.get("prod", ""))
+    if prod is not None:
+        status["prod"] = prod.version
+        status["prodState"] = prod.state
+        latest = prod.latest_eval()
+        if latest is not None:
+            status["prodScore"] = latest.summary()[:120]
+    return status
+
+
+def adapter_to_object(adapter: Adapter, history: list[HistoryEvent]) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "versions": {v: _version_to_k8s(entry) for v, entry in adapter.versions.items()},
+        "history": [_event_to_k8s(e) for e in history],
+    }
+    if adapter.aliases:
+        spec["aliases"] = dict(adapter.aliases)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": adapter.name, "labels": dict(MANAGED_BY)},
+        "spec": spec,
+        "status": _summary(adapter),
+    }
+
+
+def adapter_from_object(obj: dict[str, Any]) -> tuple[Adapter, list[HistoryEvent]]:
+    name = obj["metadata"]["name"]
+    spec = obj.get("spec") or {}
+    versions = {v: _version_from_k8s(name, v, d) for v, d in (spec.get("versions") or {}).items()}
+    adapter = Adapter(name=name, versions=versions, aliases=dict(spec.get("aliases") or {}))
+    history = [HistoryEvent.model_validate({**e, "adapter": name}) for e in spec.get("history") or []]
+    return adapter, history
+
+
+class KubernetesRegistry:
+    """The registry as LoraAdapter objects in one namespace."""
+
+    def __init__(self, namespace: str, *, kubeconfig: Path | None = None, context: str | None = None) -> None:
+        from kubernetes import client, config
+
+        self.namespace = namespace
+        if kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient()
+        else:
+            try:
+                api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                    config_file=str(kubeconfig) if kubeconfig else None, context=context
+                )
+            except (config.ConfigException, OSError) as exc:
+                raise KubernetesRegistryError(
+                    f"cannot load a kubeconfig ({kubeconfig or 'KUBECONFIG / ~/.kube/config'}): {exc}",
+                    hint="pass --kubeconfig/--context, or set KUBECONFIG",
+                ) from None
+        self._api = client.CustomObjectsApi(api_client)
+        self._where = f"namespace {namespace!r} of {api_client.configuration.host}"
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(GROUP, VERSION, self.namespace, PLURAL, *args, **kwargs)
+        except ApiException as exc:
+            message = _api_message(exc)
+            if exc.status == 404 and "the server could not find the requested resource" in message:
+                raise KubernetesRegistryError(
+                    f"the LoraAdapter resource is not installed in the cluster ({self._where})",
+                    hint="install the chart (its crds/ folder), or kubectl apply -f charts/loraplane/crds/",
+                ) from None
+            if exc.status == 403:
+                raise KubernetesRegistryError(
+                    f"{what}: not allowed in {self._where}: {message}",
+                    hint="bind the chart's loraplane-edit ClusterRole (or 'edit') to your user here",
+                ) from None
+            if exc.status == 409:
+                raise ConflictError(
+                    f"{what}: another command changed this adapter in {self._where} while this one ran; "
+                    "nothing was changed",
+                    hint="check 'loraplane adapters show NAME', then re-run the command if still wanted",
+                ) from None
+            raise KubernetesRegistryError(
+                f"{what}: the API server refused it ({exc.status}): {message}"
+            ) from None
+        except HTTPError as exc:
+            raise KubernetesRegistryError(
+                f"{what}: cannot reach the Kubernetes API server ({self._where}): {exc}"
+            ) from None
+
+    def _list(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._call(
+            "listing adapters", self._api.list_namespaced_custom_object
+        ).get("items", [])
+        return items
+
+    def read(self) -> RegistryState:
+        state, _ = self._read()
+        return state
+
+    def _read(self) -> tuple[RegistryState, dict[str, dict[str, Any]]]:
+        objects = {o["metadata"]["name"]: o for o in self._list()}
+        state = RegistryState()
+        history: list[HistoryEvent] = []
+        for name, obj in sorted(objects.items()):
+            adapter, events = adapter_from_object(obj)
+            state.adapters[name] = adapter
+            history.extend(events)
+        state.history = sorted(history, key=lambda e: e.at)  # stable: per adapter, order is kept
+        return state, objects
+
+    @contextmanager
+    def transaction(self) -> Iterator[RegistryState]:
+        """Yield the state; write back each changed adapter guarded by the resourceVersion read."""
+        state, objects = self._read()
+        known = len(state.history)
+        before = {name: a.model_dump_json() for name, a in state.adapters.items()}
+        yield state
+        new_events = state.history[known:]
+        for name, adapter in state.adapters.items():
+            events = [e for e in new_events if e.adapter == name]
+            if before.get(name) == adapter.model_dump_json() and not events:
+                continue
+            previous = objects.get(name)
+            old_history = adapter_from_object(previous)[1] if previous else []
+            body = adapter_to_object(adapter, old_history + events)
+            if previous is None:
+                self._call(f"creating {KIND} {name}", self._api.create_namespaced_custom_object, body)
+            else:
+                body["metadata"]["resourceVersion"] = previous["metadata"]["resourceVersion"]
+                body["metadata"]["labels"] = {**previous["metadata"].get("labels", {}), **MANAGED_BY}
+                self._call(f"updating {KIND} {name}", self._api.replace_namespaced_custom_object, name, body)
+
+
+def _api_message(exc: Any) -> str:
+    try:
+        return str(json.loads(exc.body).get("message", exc.reason))
+    except (TypeError, ValueError):
+        return str(exc.reason)
