@@ -69,6 +69,9 @@ def test_existing_claim_and_api_key_secret() -> None:
         ("serving.maxLoraRank=12", "maxLoraRank"),
         ("storage.size=lots", "size"),
         ("serving.unknown=1", "unknown"),
+        ("serving.replicas=-1", "replicas"),
+        ("gpu.resourceName=acme.com/gpu", "/gpu/resourceName': value must be one of 'nvidia.com/gpu'"),
+        ("rbac.creat=true", "additional properties 'creat' not allowed"),
     ],
 )
 def test_schema_rejects_bad_values(bad: str, message: str) -> None:
