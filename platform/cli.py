@@ -42,6 +42,10 @@ app.add_typer(demo_app, name="demo")
 app.add_typer(evals_app, name="evals")
 data_app = typer.Typer(help="Check training data without training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(
+    help="Training runs on the cluster: a Job per run from the chart's template.", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
 
 out = Console()
 err = Console(stderr=True)
@@ -55,6 +59,7 @@ class _State:
     namespace: str | None = None
     kubeconfig: Path | None = None
     context: str | None = None
+    debug: bool = False
 
 
 _state = _State()
@@ -88,6 +93,9 @@ def _global(
     ),
     context: str | None = typer.Option(None, "--context", help="Kubeconfig context (default: current)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logs on stderr."),
+    debug: bool = typer.Option(
+        False, "--debug", envvar="LORAPLANE_DEBUG", help="Show the traceback of an unexpected error."
+    ),
 ) -> None:
     from loraplane.common.logs import configure_logging
 
@@ -95,6 +103,7 @@ def _global(
     _state.home, _state.adapters_root, _state.server_url = home, adapters_root, server_url
     _state.registry, _state.namespace = registry, namespace
     _state.kubeconfig, _state.context = kubeconfig, context
+    _state.debug = debug
 
 
 def _settings() -> Any:
@@ -116,7 +125,8 @@ def _settings() -> Any:
 
 
 def _run(fn: Callable[[], T]) -> T:
-    """Run a command body; a LoraplaneError becomes a clear message and its exit code."""
+    """Run a command body; a LoraplaneError becomes a clear message and its exit code, and anything
+    else a one-line error (exit 1): a traceback only with --debug."""
     try:
         return fn()
     except LoraplaneError as exc:
@@ -125,6 +135,16 @@ def _run(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+    except Exception as exc:
+        if _state.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(
+            f"[red]error:[/] unexpected {type(exc).__name__}: {_escape(first)}\n"
+            "  hint: run again with --debug for the traceback, and report it if it is a loraplane bug",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
 
 
 @contextlib.contextmanager
@@ -538,6 +558,93 @@ def evals_validate(suite: Path = typer.Argument(..., help="Eval suite YAML.")) -
         out.print(
             f"gate: {len(gate.rules())} rules" if gate else "gate: none (promote will refuse without --force)"
         )
+
+    _run(body)
+
+
+# --- train ----------------------------------------------------------------------------------------
+
+
+def _cluster_settings() -> Any:
+    settings = _settings()
+    if settings.registry != "kubernetes":
+        raise InvalidInputError(
+            "train submit/status/cancel run on a Kubernetes cluster: pass --registry kubernetes -n NAMESPACE "
+            "(or set LORAPLANE_REGISTRY=kubernetes)",
+            hint="to train on this machine: python -m loraplane.trainer --config FILE",
+        )
+    return settings
+
+
+@train_app.command("submit")
+def train_submit(
+    config: Path = typer.Argument(..., help="Training config (YAML); paths are on the shared volume."),
+    overrides: list[str] | None = typer.Argument(None, help="section.key=value overrides."),
+    release: str = typer.Option("platform", help="Helm release whose training template to use."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+) -> None:
+    """Validate a training config and start it as a Job from the installed template.
+
+    Example: loraplane --registry kubernetes -n ml train submit train.yaml training.epochs=3
+    """
+
+    def body() -> None:
+        from loraplane.platform.training_k8s import submit_training
+
+        run = submit_training(_cluster_settings(), config, overrides or [], release=release)
+        if output == "json":
+            out.print_json(json.dumps({"job": run.job, "namespace": run.namespace, "adapter": run.adapter}))
+            return
+        out.print(f"submitted {run.job} (adapter {run.adapter}) in namespace {run.namespace}")
+        out.print(f"follow it: loraplane --registry kubernetes -n {run.namespace} train status {run.job}")
+
+    _run(body)
+
+
+@train_app.command("status")
+def train_status(
+    job: str = typer.Argument(..., help="Job name printed by train submit."),
+    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+) -> None:
+    """Show a run: running, succeeded or failed (with the reason), and each pod's exit code.
+
+    Example: loraplane --registry kubernetes -n ml train status train-support-bot-x7k2p
+    """
+
+    def body() -> None:
+        from rich.table import Table
+
+        from loraplane.platform.training_k8s import training_status
+
+        status = training_status(_cluster_settings(), job)
+        if output == "json":
+            out.print_json(json.dumps(status.to_dict()))
+            return
+        why = f": {status.reason}: {status.message}" if status.reason else ""
+        out.print(f"{status.job} ({status.adapter or '?'}): {status.state}{why}", highlight=False)
+        table = Table()
+        for col in ("pod", "phase", "node", "exit code", "meaning"):
+            table.add_column(col)
+        for pod in status.pods:
+            code = "" if pod.exit_code is None else str(pod.exit_code)
+            table.add_row(pod.name, pod.phase, pod.node or "", code, pod.meaning or "")
+        out.print(table)
+
+    _run(body)
+
+
+@train_app.command("cancel")
+def train_cancel(job: str = typer.Argument(..., help="Job name printed by train submit.")) -> None:
+    """Delete a run's Job; its pod gets SIGTERM, saves a checkpoint and stops.
+
+    Example: loraplane --registry kubernetes -n ml train cancel train-support-bot-x7k2p
+    """
+
+    def body() -> None:
+        from loraplane.platform.training_k8s import cancel_training
+
+        cancel_training(_cluster_settings(), job)
+        out.print(f"cancelled {job}")
 
     _run(body)
 

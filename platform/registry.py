@@ -322,7 +322,5 @@ def open_registry(settings: Settings) -> Registry:
     if settings.registry == "kubernetes":
         from loraplane.platform.registry_k8s import KubernetesRegistry
 
-        return KubernetesRegistry(
-            settings.namespace, kubeconfig=settings.kubeconfig, context=settings.kube_context
-        )
+        return KubernetesRegistry(settings)
     return LocalRegistry(settings.home)

@@ -11,14 +11,11 @@ one adapter, so one object: that write is atomic. The API server also checks the
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from loraplane.common.errors import LoraplaneError
+from loraplane.platform.kube import KubernetesError, api_client, api_message
 from loraplane.platform.registry import (
     Adapter,
     AdapterVersion,
@@ -27,6 +24,7 @@ from loraplane.platform.registry import (
     HistoryEvent,
     RegistryState,
 )
+from loraplane.platform.settings import Settings
 
 GROUP = "loraplane.dev"
 VERSION = "v1alpha1"
@@ -35,8 +33,8 @@ KIND = "LoraAdapter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "loraplane"}
 
 
-class KubernetesRegistryError(LoraplaneError):
-    """The API server refused or could not be reached."""
+class KubernetesRegistryError(KubernetesError):
+    """The registry's objects could not be read or written."""
 
 
 def _version_to_k8s(v: AdapterVersion) -> dict[str, Any]:
@@ -118,25 +116,13 @@ def adapter_from_object(obj: dict[str, Any]) -> tuple[Adapter, list[HistoryEvent
 class KubernetesRegistry:
     """The registry as LoraAdapter objects in one namespace."""
 
-    def __init__(self, namespace: str, *, kubeconfig: Path | None = None, context: str | None = None) -> None:
-        from kubernetes import client, config
+    def __init__(self, settings: Settings) -> None:
+        from kubernetes import client
 
-        self.namespace = namespace
-        if kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
-        else:
-            try:
-                api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
-                    config_file=str(kubeconfig) if kubeconfig else None, context=context
-                )
-            except (config.ConfigException, OSError) as exc:
-                raise KubernetesRegistryError(
-                    f"cannot load a kubeconfig ({kubeconfig or 'KUBECONFIG / ~/.kube/config'}): {exc}",
-                    hint="pass --kubeconfig/--context, or set KUBECONFIG",
-                ) from None
-        self._api = client.CustomObjectsApi(api_client)
-        self._where = f"namespace {namespace!r} of {api_client.configuration.host}"
+        self.namespace = settings.namespace
+        api = api_client(settings)
+        self._api = client.CustomObjectsApi(api)
+        self._where = f"namespace {self.namespace!r} of {api.configuration.host}"
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -145,7 +131,7 @@ class KubernetesRegistry:
         try:
             return fn(GROUP, VERSION, self.namespace, PLURAL, *args, **kwargs)
         except ApiException as exc:
-            message = _api_message(exc)
+            message = api_message(exc)
             if exc.status == 404 and "the server could not find the requested resource" in message:
                 raise KubernetesRegistryError(
                     f"the LoraAdapter resource is not installed in the cluster ({self._where})",
@@ -212,10 +198,3 @@ class KubernetesRegistry:
                 body["metadata"]["resourceVersion"] = previous["metadata"]["resourceVersion"]
                 body["metadata"]["labels"] = {**previous["metadata"].get("labels", {}), **MANAGED_BY}
                 self._call(f"updating {KIND} {name}", self._api.replace_namespaced_custom_object, name, body)
-
-
-def _api_message(exc: Any) -> str:
-    try:
-        return str(json.loads(exc.body).get("message", exc.reason))
-    except (TypeError, ValueError):
-        return str(exc.reason)

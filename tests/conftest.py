@@ -169,6 +169,35 @@ class Cluster:
         self.wait_for(lambda: self.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0)
         return name
 
+    def volume_for(self, namespace: str, claim: str, *, create_claim: bool = False) -> None:
+        """A PersistentVolume reserved for ``claim`` (kwok has no storage provisioner), and the claim."""
+        pv = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"{namespace}-{claim}"},
+            "spec": {
+                "capacity": {"storage": "100Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "claimRef": {"namespace": namespace, "name": claim},
+                "csi": {"driver": "test.csi.loraplane.dev", "volumeHandle": f"{namespace}-{claim}"},
+            },
+        }
+        self.kubectl("apply", "-f", "-", stdin=json.dumps(pv))
+        if create_claim:
+            pvc = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": namespace},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "resources": {"requests": {"storage": "100Gi"}},
+                },
+            }
+            self.kubectl("apply", "-f", "-", stdin=json.dumps(pvc))
+
     @staticmethod
     def wait_for(condition: Callable[[], bool], *, timeout: float = 120.0, what: str = "condition") -> None:
         import time

@@ -78,3 +78,22 @@ def test_schema_rejects_bad_values(bad: str, message: str) -> None:
     result = _helm("template", "platform", str(CHART), "--set", bad)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_the_training_job_template_fails_fast_on_the_trainers_do_not_retry_code() -> None:
+    from loraplane.trainer.exit_codes import DO_NOT_RETRY
+
+    objs = _render("trainer.activeDeadlineSeconds=86400", "trainer.priorityClassName=training")
+    template = objs["ConfigMap/platform-loraplane-trainer-template"]
+    job = yaml.safe_load(template["data"]["job.yaml"])
+    fail_fast, ignore = job["spec"]["podFailurePolicy"]["rules"]
+    assert fail_fast["action"] == "FailJob" and fail_fast["onExitCodes"]["values"] == [DO_NOT_RETRY]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert job["spec"]["activeDeadlineSeconds"] == 86400
+    pod = job["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "training" and pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "platform-loraplane-trainer"
+    assert pod["terminationGracePeriodSeconds"] == 600, "one step plus one checkpoint"
+    sa = objs["ServiceAccount/platform-loraplane-trainer"]
+    assert sa["automountServiceAccountToken"] is False
+    assert "ConfigMap/platform-loraplane-trainer-template" not in _render("trainer.enabled=false")

@@ -33,24 +33,6 @@ def _values_file(tmp_path: Path, values: dict[str, Any]) -> str:
     return str(path)
 
 
-def _fake_volume(cluster: Cluster, namespace: str, claim: str, size: str = "100Gi") -> None:
-    """A PersistentVolume reserved for the chart's claim (kwok has no storage provisioner)."""
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"{namespace}-data"},
-        "spec": {
-            "capacity": {"storage": size},
-            "accessModes": ["ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "claimRef": {"namespace": namespace, "name": claim},
-            "csi": {"driver": "test.csi.loraplane.dev", "volumeHandle": f"{namespace}-data"},
-        },
-    }
-    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(pv))
-
-
 def _pods(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]]:
     out = cluster.kubectl("-n", namespace, "get", "pods", "-l", selector, "-o", "json").stdout
     items: list[dict[str, Any]] = json.loads(out)["items"]
@@ -109,7 +91,7 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
 ) -> None:
     ns = k8s_cluster.restricted_namespace("lp-install")
     claim = f"{RELEASE}-loraplane-data"
-    _fake_volume(k8s_cluster, ns, claim)
+    k8s_cluster.volume_for(ns, claim)
     values = _values_file(tmp_path, GPU_VALUES)
     install = k8s_cluster.helm(
         "install", RELEASE, str(CHART), "-n", ns, "-f", values, "--wait", "--timeout", "120s"

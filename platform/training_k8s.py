@@ -1,0 +1,247 @@
+"""Training runs on Kubernetes: one Job per run, made from the training template the chart installs.
+
+``submit_training`` validates the run's config here (the trainer's own checks of every value, before
+anything reaches the cluster), reads the template ConfigMap of the Helm release, and creates the Job
+and a ConfigMap with the run's config owned by the Job (deleted with it). ``training_status`` reads
+the Job's conditions and its pods' exit codes and says what they mean; ``cancel_training`` deletes
+the Job (its pods get SIGTERM: the trainer saves a checkpoint and exits 75).
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraplane.common.errors import ConfigError, InvalidInputError
+from loraplane.platform.kube import KubernetesError, api_client, api_message
+from loraplane.platform.settings import Settings
+from loraplane.trainer.config import load_config
+from loraplane.trainer.exit_codes import DO_NOT_RETRY, FAILED, PREEMPTED, SUCCESS
+
+TEMPLATE_COMPONENT = "trainer-template"
+RUN_CONFIG_VOLUME = "run-config"
+ADAPTER_LABEL = "loraplane.dev/adapter"
+
+EXIT_MEANINGS = {
+    SUCCESS: "published",
+    FAILED: "failed; a retry may fix it (Job retries up to backoffLimit)",
+    DO_NOT_RETRY: "do not retry: the data, config or base model is wrong (the log says which)",
+    PREEMPTED: "preempted: a checkpoint was saved; the next attempt resumes from it",
+    137: "killed (SIGKILL: out of memory, or the grace period ran out)",
+    143: "terminated (SIGTERM) before the trainer could save",
+}
+
+# Paths in a run's config are read inside the pod: on the shared volume, not on this machine.
+_PATH_FIELDS = (
+    ("dataset", "path"),
+    ("dataset", "eval_path"),
+    ("base_model", "chat_template"),
+    ("output", "adapters_root"),
+    ("output", "run_dir"),
+)
+
+
+@dataclass(frozen=True)
+class SubmittedRun:
+    job: str
+    namespace: str
+    adapter: str
+
+
+@dataclass
+class PodState:
+    name: str
+    phase: str
+    node: str | None
+    exit_code: int | None
+    meaning: str | None
+
+
+@dataclass
+class RunStatus:
+    job: str
+    namespace: str
+    adapter: str | None
+    state: str  # Running, Succeeded, Failed
+    reason: str | None
+    message: str | None
+    active: int
+    succeeded: int
+    failed: int
+    pods: list[PodState] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_cluster_paths(config_path: Path) -> None:
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{config_path}: cannot read the config: {exc}") from None
+    if not isinstance(raw, dict):
+        return  # load_config names the problem
+    relative = [
+        f"{section}.{key}: {raw[section][key]!r}"
+        for section, key in _PATH_FIELDS
+        if isinstance(raw.get(section), dict)
+        and isinstance(raw[section].get(key), str)
+        and not raw[section][key].startswith("/")
+    ]
+    model = raw.get("base_model", {}).get("path") if isinstance(raw.get("base_model"), dict) else None
+    if isinstance(model, str) and model.startswith("."):
+        relative.append(f"base_model.path: {model!r}")
+    if relative:
+        raise ConfigError(
+            f"{config_path}: a run in the cluster reads its files from the shared volume, so these paths "
+            "must be absolute (e.g. /data/datasets/train.jsonl):\n  " + "\n  ".join(relative)
+        )
+
+
+def _job_name(adapter: str) -> str:
+    suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
+    return f"train-{adapter[:46].rstrip('-')}-{suffix}"
+
+
+def _template(core: Any, namespace: str, release: str) -> dict[str, Any]:
+    from kubernetes.client.exceptions import ApiException
+
+    selector = f"app.kubernetes.io/component={TEMPLATE_COMPONENT},app.kubernetes.io/instance={release}"
+    try:
+        found = core.list_namespaced_config_map(namespace, label_selector=selector).items
+    except ApiException as exc:
+        raise KubernetesError(
+            f"cannot read the training template in {namespace!r}: {api_message(exc)}"
+        ) from None
+    if len(found) != 1:
+        raise InvalidInputError(
+            f"no training template of Helm release {release!r} in namespace {namespace!r}"
+            + (f" ({len(found)} match)" if found else ""),
+            hint="install the chart with trainer.enabled=true, or name the release with --release",
+        )
+    job: dict[str, Any] = yaml.safe_load(found[0].data["job.yaml"])
+    return job
+
+
+def submit_training(
+    settings: Settings, config_path: Path, overrides: list[str] | None = None, *, release: str = "platform"
+) -> SubmittedRun:
+    """Create the Job of one training run; nothing is left behind when any step fails."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    _check_cluster_paths(config_path)
+    config = load_config(config_path, overrides)  # every value checked before the cluster sees it
+    api = api_client(settings)
+    core: Any = client.CoreV1Api(api)
+    batch: Any = client.BatchV1Api(api)
+    namespace = settings.namespace
+    job = _template(core, namespace, release)
+    name = _job_name(config.output.name)
+    job["metadata"]["name"] = name
+    job["metadata"].setdefault("labels", {})[ADAPTER_LABEL] = config.output.name
+    pod = job["spec"]["template"]
+    pod["metadata"].setdefault("labels", {})[ADAPTER_LABEL] = config.output.name
+    for container in pod["spec"]["containers"]:  # quantities are strings in the API ("1", not 1)
+        for kind in ("limits", "requests"):
+            amounts = container.get("resources", {}).get(kind) or {}
+            container["resources"][kind] = {k: str(v) for k, v in amounts.items()} if amounts else None
+            if container["resources"][kind] is None:
+                del container["resources"][kind]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    if RUN_CONFIG_VOLUME not in volumes:
+        raise InvalidInputError(
+            f"the training template of release {release!r} has no {RUN_CONFIG_VOLUME!r} volume"
+        )
+    volumes[RUN_CONFIG_VOLUME]["configMap"]["name"] = name
+    run_config = yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    try:
+        created = batch.create_namespaced_job(namespace, job)
+    except ApiException as exc:
+        raise KubernetesError(f"the API server refused the training Job {name}: {api_message(exc)}") from None
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": created.metadata.uid}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {ADAPTER_LABEL: config.output.name}, "ownerReferences": [owner]},
+        "data": {"train.yaml": run_config},
+    }
+    try:
+        core.create_namespaced_config_map(namespace, config_map)
+    except ApiException as exc:
+        batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        raise KubernetesError(f"cannot store the run's config for {name}: {api_message(exc)}") from None
+    return SubmittedRun(job=name, namespace=namespace, adapter=config.output.name)
+
+
+def _pod_state(pod: Any) -> PodState:
+    code = None
+    for status in pod.status.container_statuses or []:
+        if status.name == "trainer" and status.state and status.state.terminated:
+            code = int(status.state.terminated.exit_code)
+    return PodState(
+        name=pod.metadata.name,
+        phase=pod.status.phase or "Unknown",
+        node=pod.spec.node_name,
+        exit_code=code,
+        meaning=EXIT_MEANINGS.get(code) if code is not None else None,
+    )
+
+
+def training_status(settings: Settings, job_name: str) -> RunStatus:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = api_client(settings)
+    core: Any = client.CoreV1Api(api)
+    batch: Any = client.BatchV1Api(api)
+    namespace = settings.namespace
+    try:
+        job: Any = batch.read_namespaced_job(job_name, namespace)
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+    except ApiException as exc:
+        if exc.status == 404:
+            raise InvalidInputError(
+                f"no training Job {job_name!r} in namespace {namespace!r}",
+                hint="list runs with: kubectl get jobs -l app.kubernetes.io/component=trainer",
+            ) from None
+        raise KubernetesError(f"cannot read Job {job_name}: {api_message(exc)}") from None
+    state, reason, message = "Running", None, None
+    for condition in job.status.conditions or []:
+        if condition.status == "True" and condition.type in ("Complete", "Failed"):
+            state = "Succeeded" if condition.type == "Complete" else "Failed"
+            reason, message = condition.reason, condition.message
+    return RunStatus(
+        job=job_name,
+        namespace=namespace,
+        adapter=(job.metadata.labels or {}).get(ADAPTER_LABEL),
+        state=state,
+        reason=reason,
+        message=message,
+        active=job.status.active or 0,
+        succeeded=job.status.succeeded or 0,
+        failed=job.status.failed or 0,
+        pods=sorted((_pod_state(p) for p in pods), key=lambda p: p.name),
+    )
+
+
+def cancel_training(settings: Settings, job_name: str) -> None:
+    """Delete the Job; its pods get SIGTERM (the trainer checkpoints and exits 75), then go."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        client.BatchV1Api(api_client(settings)).delete_namespaced_job(
+            job_name, settings.namespace, propagation_policy="Foreground"
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            raise InvalidInputError(
+                f"no training Job {job_name!r} in namespace {settings.namespace!r}"
+            ) from None
+        raise KubernetesError(f"cannot delete Job {job_name}: {api_message(exc)}") from None

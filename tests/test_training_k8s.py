@@ -1,0 +1,171 @@
+"""`loraplane train submit | status | cancel` against a live API server, with the chart's Job template.
+
+kwok runs no containers: a Job's pod becomes Running, then Succeeded, or Failed with the exit code a
+test puts in the pod annotation ``loraplane.dev/test-exit-code`` (tools/k8s/kwok-stages.yaml). The
+chart value ``trainer.podAnnotations`` carries it into the template, as it would carry a real
+annotation such as cluster-autoscaler's safe-to-evict.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT, Cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
+
+CHART = ROOT / "charts" / "loraplane"
+RELEASE = "platform"
+TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@pytest.fixture(scope="module")
+def release(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The chart installed (vLLM off) in a namespace that enforces Pod Security ``restricted``."""
+    ns = k8s_cluster.restricted_namespace("lp-train")
+    k8s_cluster.volume_for(ns, "models", create_claim=True)
+    _install(k8s_cluster, ns, tmp_path_factory.mktemp("values"), annotations={})
+    return ns
+
+
+def _install(cluster: Cluster, ns: str, work: Path, *, annotations: dict[str, str]) -> None:
+    values = {
+        "serving": {"enabled": False},
+        "storage": {"create": False, "existingClaim": "models"},
+        "trainer": {"tolerations": TOLERATE_GPU, "podAnnotations": annotations},
+    }
+    path = work / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    cluster.helm("upgrade", "--install", RELEASE, str(CHART), "-n", ns, "-f", str(path), "--wait")
+
+
+def _config(tmp_path: Path, **paths: str) -> Path:
+    config = {
+        "base_model": {"path": paths.get("base", "/data/models/base")},
+        "dataset": {"path": paths.get("dataset", "/data/datasets/support/train.jsonl")},
+        "lora": {"r": 16, "alpha": 32},
+        "training": {"epochs": 2},
+        "output": {"adapters_root": "/data/adapters", "name": "support-bot"},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _cli(cluster: Cluster, ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "loraplane.platform.cli", "--registry", "kubernetes", "-n", ns, *args]
+    return subprocess.run(argv, capture_output=True, text=True, env={**cluster.env(), "COLUMNS": "200"})
+
+
+def _submit(cluster: Cluster, ns: str, config: Path, *extra: str) -> str:
+    result = _cli(cluster, ns, "train", "submit", str(config), *extra, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    job: str = json.loads(result.stdout)["job"]
+    return job
+
+
+def _status(cluster: Cluster, ns: str, job: str) -> dict[str, Any]:
+    result = _cli(cluster, ns, "train", "status", job, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def test_a_submitted_run_is_a_hardened_job_from_the_template_and_succeeds(
+    k8s_cluster: Cluster, release: str, tmp_path: Path
+) -> None:
+    ns = release
+    job = _submit(k8s_cluster, ns, _config(tmp_path), "training.learning_rate=0.001")
+    assert job.startswith("train-support-bot-")
+    k8s_cluster.wait_for(lambda: _status(k8s_cluster, ns, job)["state"] == "Succeeded", what="the run")
+    status = _status(k8s_cluster, ns, job)
+    assert status["adapter"] == "support-bot" and status["succeeded"] == 1
+    (pod,) = status["pods"]
+    assert (pod["exit_code"], pod["meaning"]) == (0, "published")
+    assert pod["node"].startswith("gpu-node-"), "the trainer asks for a GPU"
+
+    spec = json.loads(k8s_cluster.kubectl("-n", ns, "get", "job", job, "-o", "json").stdout)["spec"]
+    from loraplane.trainer.exit_codes import DO_NOT_RETRY
+
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [DO_NOT_RETRY]},
+    }
+    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    pod_spec = spec["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert container["command"][-3:] == ["loraplane.trainer", "--config", "/etc/loraplane/run/train.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod_spec["automountServiceAccountToken"] is False
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod_spec["volumes"]
+
+    # The run's config, validated and completed with defaults, lives in a ConfigMap the Job owns.
+    cm = json.loads(k8s_cluster.kubectl("-n", ns, "get", "configmap", job, "-o", "json").stdout)
+    assert cm["metadata"]["ownerReferences"][0]["kind"] == "Job"
+    run = yaml.safe_load(cm["data"]["train.yaml"])
+    assert run["training"]["learning_rate"] == 0.001 and run["training"]["epochs"] == 2
+    assert run["checkpoints"]["keep_last"] == 2, "defaults are spelled out"
+
+    assert _cli(k8s_cluster, ns, "train", "cancel", job).returncode == 0
+    k8s_cluster.wait_for(
+        lambda: k8s_cluster.kubectl("-n", ns, "get", "job", job, check=False).returncode != 0,
+        what="the Job to go",
+    )
+
+
+def test_a_run_that_exits_do_not_retry_fails_at_once_and_status_says_why(
+    k8s_cluster: Cluster, release: str, tmp_path: Path
+) -> None:
+    ns = release
+    _install(k8s_cluster, ns, tmp_path, annotations={"loraplane.dev/test-exit-code": "2"})
+    try:
+        job = _submit(k8s_cluster, ns, _config(tmp_path))
+        k8s_cluster.wait_for(
+            lambda: _status(k8s_cluster, ns, job)["state"] == "Failed", what="the run to fail"
+        )
+    finally:
+        _install(k8s_cluster, ns, tmp_path, annotations={})
+    status = _status(k8s_cluster, ns, job)
+    assert status["reason"] == "PodFailurePolicy" and status["failed"] == 1, "no retry (backoffLimit is 4)"
+    assert "exit code 2 matching FailJob rule" in status["message"]
+    (pod,) = status["pods"]
+    assert pod["exit_code"] == 2 and pod["meaning"].startswith("do not retry")
+    shown = _cli(k8s_cluster, ns, "train", "status", job)
+    assert "Failed: PodFailurePolicy" in shown.stdout and "do not retry" in shown.stdout
+
+
+def test_bad_submissions_are_refused_before_anything_is_created(
+    k8s_cluster: Cluster, release: str, tmp_path: Path
+) -> None:
+    ns = release
+    before = k8s_cluster.kubectl("-n", ns, "get", "jobs,configmaps", "-o", "name").stdout
+
+    relative = _cli(k8s_cluster, ns, "train", "submit", str(_config(tmp_path, dataset="data/train.jsonl")))
+    assert relative.returncode == 2
+    assert "must be absolute" in relative.stderr and "dataset.path: 'data/train.jsonl'" in relative.stderr
+
+    invalid = _cli(k8s_cluster, ns, "train", "submit", str(_config(tmp_path)), "lora.r=7")
+    assert invalid.returncode == 2 and "lora.r: got 7" in invalid.stderr and "use r=8" in invalid.stderr
+
+    no_release = _cli(k8s_cluster, ns, "train", "submit", str(_config(tmp_path)), "--release", "other")
+    assert no_release.returncode == 2 and "no training template of Helm release 'other'" in no_release.stderr
+
+    local = subprocess.run(
+        [sys.executable, "-m", "loraplane.platform.cli", "train", "status", "x"],
+        capture_output=True,
+        text=True,
+        env={**k8s_cluster.env(), "LORAPLANE_REGISTRY": "local", "COLUMNS": "200"},
+    )
+    assert local.returncode == 2 and "run on a Kubernetes cluster" in local.stderr
+
+    assert k8s_cluster.kubectl("-n", ns, "get", "jobs,configmaps", "-o", "name").stdout == before
+    for result in (relative, invalid, no_release, local):
+        assert "Traceback" not in result.stderr
