@@ -1,0 +1,237 @@
+"""The gateway: the OpenAI-compatible front door users talk to, in front of a vLLM server.
+
+It forwards only ``POST /v1/chat/completions`` and ``POST /v1/completions`` (after checking the
+client's API key and resolving ``model`` through the registry: ``name``, ``name:alias``, ``name@vN``
+or a base model), serves ``GET /v1/models`` from the registry and the upstream, and has its own
+``GET /health`` and ``GET /metrics``. Every other path and method answers 404, so vLLM's admin
+routes (adapter loading, ``/adapters``, ``/pause``, ...) are out of reach.
+
+Run it::
+
+    python -m loraplane.serving.gateway --upstream http://127.0.0.1:8000 --home ~/.loraplane \\
+        --api-keys-file keys.txt --upstream-api-key-file vllm.key
+
+or in-process: ``uvicorn.run(create_app(GatewayConfig(...)))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from loraplane.common.errors import LoraplaneError
+from loraplane.common.logs import configure_logging
+from loraplane.serving.gateway_auth import KeyChecker
+from loraplane.serving.gateway_config import GatewayConfig, config_from_args
+from loraplane.serving.gateway_errors import GatewayError, error_response, transport_error
+from loraplane.serving.gateway_metrics import CONTENT_TYPE, GatewayMetrics
+from loraplane.serving.gateway_models import ModelResolver, RegistryWatcher, UpstreamModels
+from loraplane.serving.gateway_proxy import FORWARDED_ROUTES, Proxy
+
+__all__ = ["GatewayConfig", "create_app", "main"]
+
+log = logging.getLogger("loraplane.serving.gateway")
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class _Upstream:
+    """The one HTTP client to vLLM, opened and closed with the app (its lifespan)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._client: httpx.AsyncClient | None = None
+
+    def open(self) -> None:
+        key = self.config.upstream_api_key
+        self._client = httpx.AsyncClient(
+            base_url=self.config.upstream,
+            headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else {},
+            timeout=httpx.Timeout(
+                self.config.upstream_timeout_s, connect=self.config.upstream_connect_timeout_s
+            ),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+            trust_env=False,  # never route the upstream through a proxy from the environment
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def __call__(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("the gateway's upstream client is used outside the app's lifespan")
+        return self._client
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    """The gateway as an ASGI app; each app has its own metrics registry and upstream client."""
+    upstream = _Upstream(config)
+    metrics = GatewayMetrics()
+    registry = RegistryWatcher(config.home, check_interval=config.registry_check_interval_s)
+    resolver = ModelResolver(
+        registry, UpstreamModels(upstream), cache_s=config.models_cache_s, canaries=config.canaries
+    )
+    proxy = Proxy(
+        client=upstream,
+        resolver=resolver,
+        keys=KeyChecker(k.get_secret_value() for k in config.api_keys),
+        metrics=metrics,
+        max_body_bytes=config.max_body_bytes,
+    )
+    if not config.api_keys:
+        log.warning("the gateway runs WITHOUT authentication (--allow-unauthenticated): anyone can call it")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upstream.open()
+        registry.state()  # read the registry now: a broken one shows in the log at startup
+        log.info("gateway ready", extra={"upstream": config.upstream, "home": str(config.home)})
+        try:
+            yield
+        finally:
+            await upstream.aclose()
+
+    app = FastAPI(
+        title="loraplane gateway",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        swagger_ui_oauth2_redirect_url=None,
+        redirect_slashes=False,
+        lifespan=lifespan,
+    )
+
+    async def chat_completions(request: Request) -> Response:
+        return await proxy.forward(request, "/v1/chat/completions")
+
+    async def completions(request: Request) -> Response:
+        return await proxy.forward(request, "/v1/completions")
+
+    for route, handler in zip(FORWARDED_ROUTES, (chat_completions, completions), strict=True):
+        app.add_api_route(route, handler, methods=["POST"], include_in_schema=False)
+
+    @app.get("/v1/models", include_in_schema=False)
+    async def models(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            proxy.authorize(request)
+        except GatewayError as exc:
+            metrics.observe("/v1/models", "", "", exc.status, time.perf_counter() - started)
+            return exc.response()
+        listing = await resolver.listing()
+        metrics.observe("/v1/models", "", "", 200, time.perf_counter() - started)
+        return JSONResponse(listing)
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> Response:
+        """200 only while the upstream's /health answers 200 (unauthenticated, like vLLM's)."""
+        try:
+            response = await upstream().get("/health", timeout=5.0)
+        except httpx.TransportError as exc:
+            error = transport_error(exc, "GET /health")
+            return error_response(error.status, error.message, error_type=error.error_type, code=error.code)
+        if response.status_code != 200:
+            return error_response(
+                503,
+                f"the model server is unhealthy (its /health answered {response.status_code})",
+                error_type="server_error",
+                code="upstream_unhealthy",
+            )
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.api_route("/{path:path}", methods=ALL_METHODS, include_in_schema=False)
+    async def not_found(request: Request, path: str) -> Response:
+        metrics.observe("other", "", "", 404, 0.0)
+        return _not_found(request)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
+        return error_response(
+            500, "internal error in the gateway", error_type="server_error", code="internal_error"
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Methods the catch-all does not list (TRACE, ...) end here: they are 404s too, never 405s.
+        return (
+            _not_found(request)
+            if exc.status_code in (404, 405)
+            else error_response(exc.status_code, exc.detail)
+        )
+
+    app.state.metrics = metrics
+    app.state.registry = registry
+    return app
+
+
+def _not_found(request: Request) -> Response:
+    return error_response(404, f"Invalid URL ({request.method} {request.url.path})", code="not_found")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loraplane.serving.gateway",
+        description="The OpenAI-compatible gateway in front of a vLLM server (see docs/serving.md).",
+    )
+    env_home = os.environ.get("LORAPLANE_HOME")
+    p.add_argument("--upstream", default=os.environ.get("LORAPLANE_SERVER_URL"), help="vLLM's base URL")
+    p.add_argument("--home", type=Path, default=Path(env_home) if env_home else Path.home() / ".loraplane")
+    p.add_argument("--api-keys-file", type=Path, help="client API keys, one per line (# comments)")
+    p.add_argument("--upstream-api-key-file", type=Path, help="vLLM's --api-key (else LORAPLANE_API_KEY)")
+    p.add_argument("--allow-unauthenticated", action="store_true", help="run without client API keys")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--canary",
+        action="append",
+        default=[],
+        metavar="NAME:ALIAS=PERCENT",
+        help="send PERCENT of NAME and NAME:prod requests to NAME:ALIAS (repeatable)",
+    )
+    p.add_argument("--upstream-timeout", type=float, default=600.0, help="seconds to wait for upstream bytes")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        config = config_from_args(args, os.environ)
+    except LoraplaneError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return exc.exit_code
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level="warning" if args.verbose == 0 else "info",
+        access_log=args.verbose >= 2,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The gateway's configuration: :class:`GatewayConfig`, and how the command line and environment make one."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from loraplane.common.errors import ConfigError, format_validation_error
+from loraplane.platform.registry import REF_PATTERN
+from loraplane.serving.gateway_auth import load_client_keys, load_upstream_key
+from loraplane.serving.gateway_canary import CanaryRule, parse_canary
+
+
+class GatewayConfig(BaseModel):
+    """Everything the gateway needs; API keys are :class:`SecretStr` so they never show in a repr."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    upstream: str = Field(description="Base URL of the vLLM server, e.g. http://127.0.0.1:8000.")
+    home: Path = Field(description="loraplane state directory; its registry.json resolves aliases.")
+    api_keys: tuple[SecretStr, ...] = Field(default=(), description="Keys clients may send as Bearer.")
+    upstream_api_key: SecretStr | None = Field(default=None, description="vLLM's --api-key.")
+    allow_unauthenticated: bool = Field(default=False, description="Required to run without api_keys.")
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    registry_check_interval_s: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="Least time between two stats of registry.json; 0: on every request."
+    )
+    models_cache_s: Annotated[float, Field(gt=0)] = 30.0
+    upstream_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    upstream_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=600.0, description="Longest wait for the next bytes of an answer (a whole non-stream answer)."
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    canaries: dict[str, CanaryRule] = Field(
+        default_factory=dict,
+        description="Adapter name -> rule: that share of NAME and NAME:prod requests goes to NAME:ALIAS.",
+    )
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = httpx.URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8000")
+        return value.rstrip("/")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for key in value:
+            secret = key.get_secret_value()
+            if not secret or not secret.isprintable() or any(ch.isspace() for ch in secret):
+                raise ValueError("API keys must be non-empty, without whitespace or control characters")
+        return value
+
+    @field_validator("canaries")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, CanaryRule]) -> dict[str, CanaryRule]:
+        for name in value:
+            if not REF_PATTERN.match(name) or "@" in name or ":" in name:
+                raise ValueError(f"{name!r} is not an adapter name")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_or_explicit_opt_out(self) -> GatewayConfig:
+        if not self.api_keys and not self.allow_unauthenticated:
+            raise ValueError(
+                "no API keys: give --api-keys-file or LORAPLANE_GATEWAY_API_KEYS, "
+                "or pass --allow-unauthenticated to let anyone in"
+            )
+        return self
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> GatewayConfig:
+    """The config the CLI runs: keys from files and environment. Raises ConfigError saying what is wrong."""
+    if not args.upstream:
+        raise ConfigError("--upstream is required (or set LORAPLANE_SERVER_URL)")
+    api_keys = load_client_keys(args.api_keys_file, environ)
+    if not api_keys and not args.allow_unauthenticated:
+        raise ConfigError(
+            "refusing to start without API keys",
+            hint="give --api-keys-file FILE or LORAPLANE_GATEWAY_API_KEYS, or pass --allow-unauthenticated",
+        )
+    try:
+        canaries = dict(parse_canary(spec) for spec in args.canary)
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(f"--canary: {exc}") from None
+    fields: dict[str, Any] = {
+        "upstream": args.upstream,
+        "home": args.home,
+        "api_keys": api_keys,
+        "upstream_api_key": load_upstream_key(args.upstream_api_key_file, environ),
+        "allow_unauthenticated": args.allow_unauthenticated,
+        "host": args.host,
+        "port": args.port,
+        "upstream_timeout_s": args.upstream_timeout,
+        "canaries": canaries,
+    }
+    try:
+        return GatewayConfig(**fields)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source="python -m loraplane.serving.gateway") from None

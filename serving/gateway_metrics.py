@@ -1,0 +1,70 @@
+"""Prometheus metrics per alias and per adapter version (vLLM's own carry only the base model's name).
+
+Labels: ``route`` (the path), ``model`` (what the client asked for: ``support-bot``, ``support-bot:prod``,
+``support-bot@v3`` or the base model), ``served`` (the name vLLM served it under: ``support-bot@v3``).
+``model`` and ``served`` are empty when the request never got that far (bad key, unknown model): a
+caller's free-form input never becomes a label, so a client cannot blow up the series count.
+Each app gets its own :class:`CollectorRegistry`, so several apps can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "loraplane_gateway_requests",
+            "Requests answered by the gateway, by route, requested model, served name and HTTP status.",
+            ["route", "model", "served", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "loraplane_gateway_request_seconds",
+            "Time from receiving a request to the end of its answer (the last byte, for streams).",
+            ["route", "model", "served"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttfb_seconds = Histogram(
+            "loraplane_gateway_time_to_first_byte_seconds",
+            "Streams only: time from receiving the request to the first byte from the model server.",
+            ["route", "model", "served"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "loraplane_gateway_tokens",
+            "Tokens from the answers' usage objects (streams only with stream_options.include_usage).",
+            ["model", "served", "kind"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "loraplane_gateway_upstream_errors",
+            "Failed exchanges with the model server: connect, timeout, transport, stream (broke mid-way), "
+            "http_5xx, auth (it refused the gateway's key).",
+            ["route", "reason"],
+            registry=self.registry,
+        )
+
+    def observe(self, route: str, model: str, served: str, code: int, seconds: float) -> None:
+        self.requests.labels(route, model, served, str(code)).inc()
+        self.request_seconds.labels(route, model, served).observe(seconds)
+
+    def observe_usage(self, model: str, served: str, usage: object) -> None:
+        """Count ``prompt_tokens`` and ``completion_tokens`` of an OpenAI ``usage`` object, if well formed."""
+        if not isinstance(usage, dict):
+            return
+        for kind in ("prompt", "completion"):
+            value = usage.get(f"{kind}_tokens")
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                self.tokens.labels(model, served, kind).inc(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,720 @@
+"""The gateway without vLLM: keys, blocked routes, model resolution, registry reloads, upstream failures.
+
+The upstream here is a small real HTTP server (a FastAPI app under uvicorn) that records what reaches
+it; everything about forwarding to the real vLLM server is in test_gateway_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from loraplane.common.errors import ConfigError
+from loraplane.common.files import atomic_write_text
+from loraplane.platform.quickstart import free_port
+from loraplane.platform.registry import Adapter, AdapterVersion, LocalRegistry, VersionState, move_alias
+from loraplane.serving.gateway import GatewayConfig, create_app, main, parse_args
+from loraplane.serving.gateway_auth import KeyChecker, load_client_keys, load_upstream_key
+from loraplane.serving.gateway_canary import CanaryRule, parse_canary, takes_canary
+from loraplane.serving.gateway_config import config_from_args
+from loraplane.serving.gateway_models import RegistryWatcher
+
+CLIENT_KEY = "client-key-1"
+UPSTREAM_KEY = "upstream-key-9"
+BASE = "tiny-base"
+DEADLINE_S = 10.0
+ADMIN_PATHS = [
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/adapters",
+    "/adapters/demo@v1",
+    "/pause",
+    "/resume",
+    "/invocations",
+    "/tokenize",
+    "/detokenize",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/metrics/",
+    "/",
+]
+
+
+# --- serving an ASGI app for real, in a background thread -------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: Any = None) -> None:
+        try:
+            await super().startup(sockets)
+        finally:
+            self.ready.set()
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
+    port = free_port()
+    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert server.ready.wait(DEADLINE_S) and server.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+# --- a registry of the test's own ---------------------------------------------------------------------
+
+
+def version(name: str, v: str, state: VersionState = "serving") -> AdapterVersion:
+    path = f"/adapters/{name}/{v}"
+    return AdapterVersion(
+        name=name, version=v, served_name=f"{name}@{v}", path=path, weights_sha256="0" * 64, state=state
+    )
+
+
+def write_registry(home: Path, name: str = "demo", prod: str | None = "v1") -> LocalRegistry:
+    registry = LocalRegistry(home)
+    with registry.transaction() as state:
+        state.adapters[name] = Adapter(
+            name=name,
+            versions={
+                v.version: v
+                for v in (version(name, "v1"), version(name, "v2"), version(name, "v3", "retired"))
+            },
+        )
+        if prod:
+            move_alias(state, name, "prod", prod, expected=None, action="promote")
+    return registry
+
+
+# --- a small real upstream that records what reaches it -----------------------------------------------
+
+
+@dataclass
+class Upstream:
+    healthy: bool = True
+    required_key: str | None = None
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    stream_closed: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    arrived: threading.Event = field(default_factory=threading.Event)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            return JSONResponse({}, 200 if self.healthy else 500)
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> JSONResponse:
+            self.requests.append({"path": "/v1/models", "auth": request.headers.get("authorization")})
+            cards = [
+                {"id": BASE, "object": "model", "root": "/models/tiny", "parent": None, "max_model_len": 256},
+                {"id": "demo@v1", "object": "model", "root": "/adapters/demo/v1", "parent": BASE},
+                {"id": "stray@v1", "object": "model", "root": "/elsewhere", "parent": BASE},
+            ]
+            return JSONResponse({"object": "list", "data": cards})
+
+        @app.post("/v1/chat/completions")
+        @app.post("/v1/completions")
+        async def complete(request: Request) -> Any:
+            body = await request.json()
+            self.requests.append(
+                {
+                    "path": request.url.path,
+                    "auth": request.headers.get("authorization"),
+                    "request_id": request.headers.get("x-request-id"),
+                    "body": body,
+                }
+            )
+            self.arrived.set()
+            if self.required_key and request.headers.get("authorization") != f"Bearer {self.required_key}":
+                return JSONResponse({"error": {"message": "Unauthorized"}}, 401)
+            if body.get("hold"):  # answer only when released, unless the caller hangs up first
+                while not self.release.is_set():
+                    if await request.is_disconnected():
+                        self.abandoned.set()
+                        return JSONResponse({}, 500)
+                    await anyio.sleep(0.01)
+            if body.get("stream"):
+                return StreamingResponse(self._stream(body), media_type="text/event-stream")
+            return JSONResponse(
+                {
+                    "model": body["model"],
+                    "choices": [{"message": {"role": "assistant", "content": "ok"}}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                }
+            )
+
+        return app
+
+    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        try:
+            yield b'data: {"choices": [{"delta": {"content": "first"}}], "usage": null}\n\n'
+            # The rest waits for the test: the first chunk must reach the client before it is released.
+            while not self.release.is_set():
+                await anyio.sleep(0.01)
+            yield b'data: {"choices": [{"delta": {"content": "second"}}], "usage": null}\n\n'
+            if body.get("stream_options", {}).get("include_usage"):
+                usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.stream_closed.set()
+
+    def chats(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["path"] != "/v1/models"]
+
+
+@dataclass
+class Env:
+    url: str
+    upstream: Upstream
+    home: Path
+
+    def client(self, key: str | None = CLIENT_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=DEADLINE_S)
+
+
+@contextmanager
+def running_gateway(home: Path, **config_fields: Any) -> Iterator[Env]:
+    """Upstream server + registry (demo: v1 prod, v2, v3 retired) + gateway, all real HTTP on loopback."""
+    upstream = Upstream()
+    write_registry(home)
+    with serve(upstream.app()) as upstream_url:
+        config = GatewayConfig(
+            upstream=upstream_url,
+            home=home,
+            api_keys=(CLIENT_KEY, "client-key-2"),
+            upstream_api_key=UPSTREAM_KEY,
+            **config_fields,
+        )
+        with serve(create_app(config)) as url:
+            yield Env(url, upstream, home)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Env]:
+    with running_gateway(tmp_path / "state") as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def routes_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """One gateway for the many route checks: nothing they send may ever reach its upstream."""
+    with running_gateway(tmp_path_factory.mktemp("routes") / "state") as env:
+        yield env
+
+
+def chat(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def metric(url: str, name: str, labels: dict[str, str]) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels`` (0 when there are none)."""
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert "Traceback" not in response.text
+    return dict(error)
+
+
+# --- API keys -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Bearer wrong",
+        f"Bearer {CLIENT_KEY}x",
+        f"Basic {CLIENT_KEY}",
+        f"Bearer {UPSTREAM_KEY}",
+        "Bearer",
+    ],
+)
+def test_missing_or_wrong_key_gets_401_and_nothing_reaches_the_upstream(
+    gateway: Env, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    with httpx.Client(base_url=gateway.url, headers=headers) as client:
+        error = assert_openai_error(
+            client.post("/v1/chat/completions", json=chat("demo")), 401, "invalid_api_key"
+        )
+        assert error["type"] == "invalid_request_error"
+        assert_openai_error(client.post("/v1/completions", json={"model": "demo"}), 401, "invalid_api_key")
+        assert_openai_error(client.get("/v1/models"), 401, "invalid_api_key")
+    assert gateway.upstream.requests == []
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {"code": "401", "model": ""}) == 3
+
+
+def test_every_configured_key_works_with_any_case_of_bearer(gateway: Env) -> None:
+    for authorization in (f"Bearer {CLIENT_KEY}", "bearer client-key-2", f"BEARER   {CLIENT_KEY}"):
+        response = httpx.post(
+            f"{gateway.url}/v1/chat/completions", json=chat("demo"), headers={"Authorization": authorization}
+        )
+        assert response.status_code == 200, (authorization, response.text)
+
+
+def test_key_sources_merge_skip_comments_and_keep_upstream_key_separate(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team a\nkey-a\n\n  key-b  \n# key-c is revoked\nkey-a\n")
+    env = {"LORAPLANE_GATEWAY_API_KEYS": "key-d, ,key-b", "LORAPLANE_API_KEY": "vllm-key"}
+    assert load_client_keys(keys, env) == ("key-a", "key-b", "key-d")
+    assert load_client_keys(None, {}) == ()
+    assert load_upstream_key(None, env) == "vllm-key"
+    (tmp_path / "vllm.key").write_text("file-key\n")
+    assert load_upstream_key(tmp_path / "vllm.key", env) == "file-key"
+    checker = KeyChecker(["key-a", "key-b"])
+    assert checker.allows("Bearer key-b") and not checker.allows("Bearer key-") and not checker.allows(None)
+    assert KeyChecker([]).allows(None)  # only with --allow-unauthenticated
+
+
+def test_no_keys_is_refused_unless_unauthenticated_is_explicit(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="allow-unauthenticated"):
+        GatewayConfig(upstream="http://127.0.0.1:9", home=tmp_path)
+    assert (
+        GatewayConfig(upstream="http://127.0.0.1:9", home=tmp_path, allow_unauthenticated=True).api_keys == ()
+    )
+    with pytest.raises(ValidationError, match="http"):
+        GatewayConfig(upstream="127.0.0.1:9", home=tmp_path, api_keys=("k",))
+    config = GatewayConfig(upstream="http://127.0.0.1:9/", home=tmp_path, api_keys=("sekrit",))
+    assert "sekrit" not in repr(config) and config.upstream == "http://127.0.0.1:9"
+
+
+def test_cli_refuses_to_start_without_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LORAPLANE_GATEWAY_API_KEYS", raising=False)
+    code = main(["--upstream", "http://127.0.0.1:9", "--home", str(tmp_path)])
+    assert code == 2
+    assert "refusing to start without API keys" in capsys.readouterr().err
+
+
+def test_cli_serves_with_a_key_file_and_answers_health_while_upstream_is_down(tmp_path: Path) -> None:
+    """The entry point as a process: it starts, checks keys, and sees that the upstream is down."""
+    keys = tmp_path / "keys"
+    keys.write_text("# clients\ncli-key\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLANE_")}
+    argv = [
+        sys.executable,
+        "-m",
+        "loraplane.serving.gateway",
+        "--upstream",
+        f"http://127.0.0.1:{free_port()}",
+    ]
+    argv += ["--home", str(tmp_path / "state"), "--api-keys-file", str(keys), "--port", str(port)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the gateway did not start"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                proc_wait(proc, 0.1)
+        assert_openai_error(health, 503, "upstream_unavailable")
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        ok = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer cli-key"})
+        assert ok.status_code == 200 and ok.json() == {"object": "list", "data": []}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=DEADLINE_S)
+    assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+
+
+def proc_wait(proc: subprocess.Popen[str], seconds: float) -> None:
+    """Wait for the process to exit, at most ``seconds`` (a poll that notices an early exit at once)."""
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=seconds)
+
+
+# --- routes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ADMIN_PATHS)
+def test_admin_and_other_routes_are_404_with_or_without_a_key(
+    routes_gateway: Env, path: str, method: str
+) -> None:
+    gateway = routes_gateway
+    body = {"lora_name": "x", "lora_path": "/tmp/x", "name": "x", "src": "/tmp/x"}
+    for key in (CLIENT_KEY, None):
+        with gateway.client(key) as client:
+            response = client.request(method, path, json=body if method == "POST" else None)
+            assert_openai_error(response, 404, "not_found")
+    assert gateway.upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/chat/completions"),
+        ("PUT", "/v1/completions"),
+        ("POST", "/v1/models"),
+        ("DELETE", "/adapters/demo@v1"),
+        ("POST", "/health"),
+        ("TRACE", "/v1/models"),
+        ("POST", "/v1/chat/completions/"),
+    ],
+)
+def test_other_methods_on_known_paths_are_404_too(routes_gateway: Env, method: str, path: str) -> None:
+    gateway = routes_gateway
+    with gateway.client() as client:
+        response = client.request(method, path)
+    assert response.status_code == 404, response.text
+    assert gateway.upstream.chats() == []
+
+
+# --- model resolution ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "fragment"),
+    [
+        ("nope", "does not exist"),
+        ("demo@v9", "has no version 'v9'"),
+        ("demo:staging", "has no alias 'staging'"),
+        ("demo@v3", "demo@v3 is retired"),
+        ("stray@v1", "does not exist"),  # the upstream serves it, but it is not in the registry
+        ("../etc", "does not exist"),
+    ],
+)
+def test_unknown_or_retired_models_are_404_model_not_found(gateway: Env, model: str, fragment: str) -> None:
+    with gateway.client() as client:
+        error = assert_openai_error(
+            client.post("/v1/chat/completions", json=chat(model)), 404, "model_not_found"
+        )
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+    assert gateway.upstream.chats() == []
+
+
+def test_bad_bodies_are_400_and_413(gateway: Env) -> None:
+    with gateway.client() as client:
+        assert client.post("/v1/chat/completions", content=b"{not json").status_code == 400
+        assert client.post("/v1/chat/completions", json=["a"]).status_code == 400
+        assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+        big = {"model": "demo", "prompt": "x" * (9 * 1024 * 1024)}
+        assert_openai_error(client.post("/v1/completions", json=big), 413, "request_too_large")
+    assert gateway.upstream.chats() == []
+
+
+@pytest.mark.parametrize(
+    ("model", "served"),
+    [("demo", "demo@v1"), ("demo:prod", "demo@v1"), ("demo@v2", "demo@v2"), (BASE, BASE)],
+)
+def test_model_is_rewritten_and_the_upstream_gets_its_own_key_never_the_clients(
+    gateway: Env, model: str, served: str
+) -> None:
+    with gateway.client() as client:
+        response = client.post("/v1/chat/completions", json=chat(model, temperature=0))
+    assert response.status_code == 200 and response.json()["model"] == served
+    (forwarded,) = gateway.upstream.chats()
+    assert forwarded["body"] == chat(served, temperature=0)
+    assert forwarded["auth"] == f"Bearer {UPSTREAM_KEY}"
+    assert forwarded["request_id"] == response.headers["x-request-id"]  # ours, not the client's
+    labels = {"route": "/v1/chat/completions", "model": model, "served": served}
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {**labels, "code": "200"}) == 1
+    assert metric(gateway.url, "loraplane_gateway_tokens_total", {"served": served, "kind": "prompt"}) == 7
+    assert (
+        metric(gateway.url, "loraplane_gateway_tokens_total", {"served": served, "kind": "completion"}) == 3
+    )
+
+
+def test_models_lists_bases_versions_aliases_and_names_with_what_they_point_at(gateway: Env) -> None:
+    with gateway.client() as client:
+        cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
+    assert set(cards) == {BASE, "demo@v1", "demo@v2", "demo:prod", "demo"}  # no retired v3, no stray
+    assert (cards["demo:prod"]["parent"], cards["demo:prod"]["root"]) == ("demo@v1", BASE)
+    assert cards["demo"]["parent"] == "demo@v1"
+    assert (cards["demo@v2"]["parent"], cards[BASE]["parent"]) == (BASE, None)
+    assert cards[BASE]["root"] == BASE  # not the server's model path
+    assert all(c["object"] == "model" for c in cards.values())
+
+
+# --- the registry changes under a running gateway -----------------------------------------------------
+
+
+def served_for(env: Env, model: str) -> str:
+    with env.client() as client:
+        response = client.post("/v1/chat/completions", json=chat(model))
+    assert response.status_code == 200, response.text
+    return str(response.json()["model"])
+
+
+def test_alias_flip_is_picked_up_without_restart_and_a_broken_file_keeps_the_last_good_state(
+    gateway: Env,
+) -> None:
+    registry = LocalRegistry(gateway.home)
+    assert served_for(gateway, "demo") == "demo@v1"
+    with registry.transaction() as state:
+        move_alias(state, "demo", "prod", "v2", expected="v1", action="promote")
+    deadline = time.monotonic() + DEADLINE_S
+    while served_for(gateway, "demo") != "demo@v2":
+        assert time.monotonic() < deadline, "the gateway never saw the alias move"
+
+    good = registry.path.read_text()
+    warnings = Records()
+    logging.getLogger("loraplane.serving.gateway").addHandler(warnings)
+    try:
+        registry.path.write_text(
+            good[: len(good) // 2]
+        )  # not how loraplane writes; the gateway must survive it
+        # Until the file is mended, the gateway answers from the last good state and says why in its log.
+        deadline = time.monotonic() + DEADLINE_S
+        while not any("cannot read the registry" in r.getMessage() for r in warnings.records):
+            assert served_for(gateway, "demo:prod") == "demo@v2"
+            assert time.monotonic() < deadline, "the gateway never read the broken file"
+        assert served_for(gateway, "demo:prod") == "demo@v2"
+    finally:
+        logging.getLogger("loraplane.serving.gateway").removeHandler(warnings)
+
+    atomic_write_text(registry.path, good.replace('"prod": "v2"', '"prod": "v1"'))
+    deadline = time.monotonic() + DEADLINE_S
+    while served_for(gateway, "demo") != "demo@v1":
+        assert time.monotonic() < deadline, "the gateway never recovered from the broken file"
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_watcher_rereads_only_on_change_and_at_most_every_interval(tmp_path: Path) -> None:
+    now = [0.0]
+    write_registry(tmp_path, prod="v1")
+    watcher = RegistryWatcher(tmp_path, check_interval=0.2, clock=lambda: now[0])
+    assert watcher.state().resolve("demo").version == "v1"
+    with LocalRegistry(tmp_path).transaction() as state:
+        move_alias(state, "demo", "prod", "v2", expected="v1", action="promote")
+    now[0] = 0.1
+    assert watcher.state().resolve("demo").version == "v1"  # within the interval: no stat
+    now[0] = 0.3
+    assert watcher.state().resolve("demo").version == "v2"
+    (tmp_path / "registry.json").unlink()
+    now[0] = 0.6
+    assert watcher.state().adapters == {}  # no file: an empty registry, as LocalRegistry.read says
+
+
+def test_watcher_reads_a_just_written_file_again_and_an_old_unchanged_one_never(tmp_path: Path) -> None:
+    """A file changed within the last 100 ms may be replaced by one with the same stat signature, so its
+    signature is trusted only once it is older; an unchanged older file is never read twice."""
+    registry = write_registry(tmp_path)
+    watcher = RegistryWatcher(tmp_path)
+    reads = []
+    read = watcher.registry.read
+
+    def counting_read() -> Any:
+        reads.append(1)
+        return read()
+
+    watcher.registry.read = counting_read  # type: ignore[method-assign]
+    watcher.state()
+    watcher.state()
+    assert len(reads) == 2, "a registry written just now is read again"
+    old = time.time() - 5
+    os.utime(registry.path, (old, old))  # its ctime changes: one more read, then the file is trusted
+    for _ in range(3):
+        watcher.state()
+    assert len(reads) == 3
+
+
+# --- the upstream is down or breaks -------------------------------------------------------------------
+
+
+def test_upstream_down_answers_503_json_and_models_still_lists_the_registry(tmp_path: Path) -> None:
+    home = tmp_path / "state"
+    write_registry(home)
+    config = GatewayConfig(upstream=f"http://127.0.0.1:{free_port()}", home=home, api_keys=(CLIENT_KEY,))
+    with (
+        serve(create_app(config)) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as client,
+    ):
+        error = assert_openai_error(
+            client.post("/v1/chat/completions", json=chat("demo")), 503, "upstream_unavailable"
+        )
+        assert error["type"] == "server_error" and "cannot connect" in error["message"]
+        assert "127.0.0.1" not in error["message"]  # the internal address is for the log, not for clients
+        stream = client.post("/v1/completions", json={"model": "demo@v2", "prompt": "x", "stream": True})
+        assert_openai_error(stream, 503, "upstream_unavailable")
+        assert_openai_error(client.get("/health"), 503, "upstream_unavailable")
+        # Whether an unknown name is a base model cannot be known while the server is down.
+        assert_openai_error(
+            client.post("/v1/completions", json={"model": "base"}), 503, "upstream_unavailable"
+        )
+        ids = [c["id"] for c in client.get("/v1/models").json()["data"]]
+        assert ids == ["demo@v1", "demo@v2", "demo:prod", "demo"]
+        assert metric(url, "loraplane_gateway_upstream_errors_total", {"reason": "connect"}) == 3
+        assert metric(url, "loraplane_gateway_requests_total", {"served": "demo@v1", "code": "503"}) == 1
+
+
+def test_health_follows_the_upstream(gateway: Env) -> None:
+    assert httpx.get(f"{gateway.url}/health").json() == {"status": "ok"}
+    gateway.upstream.healthy = False
+    assert_openai_error(httpx.get(f"{gateway.url}/health"), 503, "upstream_unhealthy")
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+
+
+def test_stream_chunks_are_relayed_as_they_arrive_and_usage_is_counted(gateway: Env) -> None:
+    body = chat("demo", stream=True, stream_options={"include_usage": True})
+    with gateway.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = response.iter_raw()
+        first = next(chunks)
+        # The upstream holds the rest until released: the first chunk came through on its own.
+        assert b"first" in first and not gateway.upstream.stream_closed.is_set()
+        gateway.upstream.release.set()
+        rest = b"".join(chunks)
+    assert b"second" in rest and rest.endswith(b"data: [DONE]\n\n")
+    labels = {"model": "demo", "served": "demo@v1"}
+    assert metric(gateway.url, "loraplane_gateway_tokens_total", {**labels, "kind": "completion"}) == 2
+    assert metric(gateway.url, "loraplane_gateway_time_to_first_byte_seconds_count", labels) == 1
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {**labels, "code": "200"}) == 1
+
+
+def test_client_disconnect_closes_the_upstream_stream(gateway: Env) -> None:
+    with (
+        gateway.client() as client,
+        client.stream(
+            "POST", "/v1/completions", json={"model": "demo@v2", "prompt": "x", "stream": True}
+        ) as response,
+    ):
+        assert b"first" in next(response.iter_raw())
+    # The client is gone while the upstream still had more to say: the upstream must see it close.
+    assert gateway.upstream.stream_closed.wait(DEADLINE_S), "the upstream stream was left open"
+    assert not gateway.upstream.release.is_set()
+
+
+# --- weighted canary ----------------------------------------------------------------------------------
+
+
+def test_canary_takes_its_share_of_prod_traffic_per_user_and_never_explicit_names(tmp_path: Path) -> None:
+    rule = CanaryRule(alias="canary", percent=30)
+    with running_gateway(tmp_path / "state", canaries={"demo": rule}) as env:
+        with LocalRegistry(env.home).transaction() as state:
+            move_alias(state, "demo", "canary", "v2", expected=None, action="promote")
+        users = [f"user-{i}" for i in range(200)]
+        with env.client() as client:
+
+            def served(model: str, user: str) -> str:
+                response = client.post("/v1/chat/completions", json=chat(model, user=user))
+                assert response.status_code == 200, response.text
+                return str(response.json()["model"])
+
+            split = {user: served("demo" if i % 2 else "demo:prod", user) for i, user in enumerate(users)}
+            to_canary = [u for u in users if takes_canary(rule, "demo", u, random.Random())]
+            assert sorted(u for u, v in split.items() if v == "demo@v2") == sorted(to_canary)
+            assert 0.15 < len(to_canary) / len(users) < 0.45  # 30 %, give or take what 200 users allow
+            assert {served("demo", u) for u in to_canary[:5]} == {"demo@v2"}  # a user stays on its side
+            # Names that say which version they want are never diverted.
+            assert {served("demo@v1", u) for u in to_canary[:10]} == {"demo@v1"}
+            assert {served("demo:canary", u) for u in users[:10]} == {"demo@v2"}
+        labels = {"model": "demo", "served": "demo@v2", "code": "200"}
+        assert metric(env.url, "loraplane_gateway_requests_total", labels) >= 5
+
+
+def test_canary_without_its_alias_or_at_100_percent(tmp_path: Path) -> None:
+    with running_gateway(tmp_path / "state", canaries={"demo": CanaryRule(percent=100)}) as env:
+        assert {served_for(env, "demo") for _ in range(5)} == {"demo@v1"}, "no demo:canary yet: all prod"
+        with LocalRegistry(env.home).transaction() as state:
+            move_alias(state, "demo", "canary", "v2", expected=None, action="promote")
+        assert {served_for(env, "demo") for _ in range(5)} == {"demo@v2"}  # no `user`: a random draw
+
+
+def test_canary_rules_from_the_command_line(tmp_path: Path) -> None:
+    assert parse_canary("support-bot:canary=12.5") == (
+        "support-bot",
+        CanaryRule(alias="canary", percent=12.5),
+    )
+    for bad in ("support-bot=10", "support-bot:prod=10", "support-bot:canary=0", "x:canary=101", "x:c=-1"):
+        with pytest.raises(ValueError):
+            parse_canary(bad)
+    args = [f"--home={tmp_path}", "--upstream=http://127.0.0.1:9", "--allow-unauthenticated"]
+    config = config_from_args(parse_args([*args, "--canary", "demo:beta=5"]), {})
+    assert config.canaries == {"demo": CanaryRule(alias="beta", percent=5)}
+    with pytest.raises(ConfigError, match="--canary"):
+        config_from_args(parse_args([*args, "--canary", "demo=5"]), {})
+
+
+def test_client_leaving_a_non_streaming_request_closes_the_upstream_request(gateway: Env) -> None:
+    body = json.dumps(chat("demo", hold=True)).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+        sock.sendall(head.encode() + body)
+        assert gateway.upstream.arrived.wait(DEADLINE_S), "the request never reached the upstream"
+    # The client hung up while the upstream was still working on the answer: the upstream must see it.
+    assert gateway.upstream.abandoned.wait(DEADLINE_S), "the upstream request was left running"
+    assert not gateway.upstream.release.is_set()
+    deadline = time.monotonic() + DEADLINE_S
+    while metric(gateway.url, "loraplane_gateway_requests_total", {"served": "demo@v1", "code": "499"}) != 1:
+        assert time.monotonic() < deadline, "the abandoned request was not counted as 499"
+
+
+def test_an_upstream_refusing_the_gateways_key_is_a_502_not_the_clients_401(gateway: Env) -> None:
+    gateway.upstream.required_key = "rotated-vllm-key"
+    with gateway.client() as client:
+        error = assert_openai_error(
+            client.post("/v1/completions", json={"model": "demo"}), 502, "upstream_auth_failed"
+        )
+    assert "refused the gateway's credentials" in error["message"]
+    assert metric(gateway.url, "loraplane_gateway_upstream_errors_total", {"reason": "auth"}) == 1

@@ -1,0 +1,332 @@
+"""The gateway in front of the real vLLM server and trainer-made adapters, called with the `openai` client.
+
+Each test gets an adapter of its own with two versions of different behaviour (v1: the sentiment
+adapter's weights, answering "positive" to the sentiment prompt; v2: the animals adapter's) in a
+registry of its own, and a gateway (in-process, real HTTP) in front of the session's vLLM server.
+The gateway's clients use a key of their own; vLLM only accepts the gateway's upstream key, so every
+answer also proves the client's key was replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import API_KEY, BASE, Live
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+from test_gateway import metric, serve
+
+from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter
+from loraplane.platform.settings import Settings
+from loraplane.serving.gateway import GatewayConfig, create_app
+from loraplane.serving.gateway_canary import CanaryRule, takes_canary
+
+pytestmark = pytest.mark.e2e
+
+CLIENT_KEY = "gateway-e2e-client-key"
+DEADLINE_S = 120.0
+SYSTEM = "Answer with one word."
+SENTIMENT_PROMPT = "Classify the sentiment: The movie was wonderful."
+CHAT = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class Gw:
+    settings: Settings
+    name: str  # unique per test: served names live on the shared server
+    url: str  # the gateway
+
+    def client(self, key: str = CLIENT_KEY) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=DEADLINE_S)
+
+
+@pytest.fixture
+def gw(live: Live, tmp_path: Path) -> Iterator[Gw]:
+    settings = live.settings.model_copy(update={"home": tmp_path / "state"})
+    name = "gw-" + re.sub(r"[^a-z0-9]+", "-", tmp_path.name.lower())[-37:].strip("-")
+    for version, task in (("v1", "sentiment"), ("v2", "animals")):
+        copy = live.settings.adapters_dir / name / version
+        shutil.copytree(live.adapters[task], copy)
+        register_adapter(settings, copy, name=name, version=version)
+    config = GatewayConfig(
+        upstream=live.server.url, home=settings.home, api_keys=(CLIENT_KEY,), upstream_api_key=API_KEY
+    )
+    with serve(create_app(config)) as url:
+        yield Gw(settings, name, url)
+
+
+def ask(client: OpenAI, model: str) -> tuple[str, str]:
+    """The sentiment question to ``model``: (the served name that answered, the answer)."""
+    reply = client.chat.completions.create(
+        model=model,
+        temperature=0,
+        max_tokens=8,
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": SENTIMENT_PROMPT}],
+    )
+    return reply.model, reply.choices[0].message.content or ""
+
+
+def test_openai_client_chat_completions_streaming_and_models_through_the_gateway(gw: Gw, live: Live) -> None:
+    name = gw.name
+    asyncio.run(promote_adapter(gw.settings, f"{name}@v1", force=True, reason="gateway e2e"))
+    asyncio.run(load_adapter(gw.settings, f"{name}@v2"))
+    client = gw.client()
+
+    assert ask(client, name) == (f"{name}@v1", "positive"), "bare name = NAME:prod = v1 (sentiment)"
+    assert ask(client, f"{name}:prod") == (f"{name}@v1", "positive")
+    served, answer = ask(client, f"{name}@v2")
+    assert served == f"{name}@v2" and answer not in ("positive", "negative"), answer
+
+    completion = client.completions.create(model=f"{name}:prod", prompt="The movie was", max_tokens=4)
+    assert completion.model == f"{name}@v1" and completion.usage and completion.usage.completion_tokens > 0
+    base = client.completions.create(model=BASE, prompt="Hello", max_tokens=4, temperature=0)
+    assert base.model == BASE and base.choices[0].text is not None
+
+    # Streams: chunks as they come, the same answer as without streaming, usage when asked for.
+    chunks = list(
+        client.chat.completions.create(
+            model=name,
+            temperature=0,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": SENTIMENT_PROMPT}],
+        )
+    )
+    with_choices = [c for c in chunks if c.choices]
+    assert len(with_choices) >= 2 and {c.model for c in chunks} == {f"{name}@v1"}
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == "positive"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    texts = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=BASE, prompt="Once", max_tokens=12, stream=True, extra_body={"ignore_eos": True}
+        )
+        if c.choices
+    ]
+    assert len(texts) >= 6, texts  # several chunks, not one buffered answer
+
+    cards = {m.id: m for m in client.models.list()}
+    assert {BASE, name, f"{name}:prod", f"{name}@v1", f"{name}@v2"} <= set(cards)
+    assert getattr(cards[f"{name}:prod"], "parent", None) == f"{name}@v1"
+    assert getattr(cards[f"{name}@v2"], "parent", None) == BASE
+
+    with pytest.raises(openai.NotFoundError, match="model_not_found"):
+        ask(client, f"{name}@v9")
+    with pytest.raises(openai.AuthenticationError):
+        ask(gw.client(key=API_KEY), name)  # vLLM's own key is not a gateway key
+
+    # The admin routes vLLM has do not exist behind the gateway, whatever key is sent.
+    sneaky = {"lora_name": f"{name}-sneaky", "lora_path": str(gw.settings.adapters_dir / name / "v1")}
+    for key in (CLIENT_KEY, API_KEY):
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.post(f"{gw.url}/v1/load_lora_adapter", json=sneaky, headers=headers).status_code == 404
+        assert (
+            httpx.post(f"{gw.url}/adapters", json={"name": "x", "src": "/"}, headers=headers).status_code
+            == 404
+        )
+    upstream = httpx.get(f"{live.server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert f"{name}-sneaky" not in {m["id"] for m in upstream.json()["data"]}
+    assert httpx.get(f"{gw.url}/health").status_code == 200
+
+    labels = {"model": name, "served": f"{name}@v1"}
+    assert metric(gw.url, "loraplane_gateway_requests_total", {**labels, "route": CHAT, "code": "200"}) == 2
+    assert metric(gw.url, "loraplane_gateway_tokens_total", {**labels, "kind": "completion"}) > 0
+    assert metric(gw.url, "loraplane_gateway_time_to_first_byte_seconds_count", labels) == 1
+    assert metric(gw.url, "loraplane_gateway_requests_total", {"model": f"{name}@v9", "code": "404"}) == 0
+
+
+@dataclass
+class Answer:
+    sent: float  # wall clock (time.time), comparable with the registry file's mtime
+    received: float
+    served: str | None
+    text: str | None
+    error: str | None
+
+
+def test_alias_flip_under_load_fails_no_request_and_switches_within_a_second(
+    gw: Gw, request: pytest.FixtureRequest
+) -> None:
+    """Two clients ask NAME (= NAME:prod) in a loop while prod moves from v1 to v2 with promote_adapter."""
+    name = gw.name
+    asyncio.run(promote_adapter(gw.settings, f"{name}@v1", force=True, reason="release"))
+    answers: list[Answer] = []
+    arrived = threading.Condition()
+    stop = threading.Event()
+    hard_stop = time.monotonic() + 60.0
+    max_requests = 400
+
+    def worker() -> None:
+        client = gw.client()
+        while not stop.is_set() and time.monotonic() < hard_stop and len(answers) < max_requests:
+            sent = time.time()
+            try:
+                served, text = ask(client, name)
+                answer = Answer(sent, time.time(), served, text, None)
+            except Exception as exc:  # every failure is a finding: recorded, then asserted on
+                answer = Answer(sent, time.time(), None, None, f"{type(exc).__name__}: {exc}")
+            with arrived:
+                answers.append(answer)
+                arrived.notify_all()
+
+    def wait_for(keep: Callable[[Answer], bool], n: int, what: str) -> None:
+        with arrived:
+            assert arrived.wait_for(lambda: sum(1 for a in answers if keep(a)) >= n, 60), what
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for t in workers:
+        t.start()
+    try:
+        wait_for(lambda a: a.served is not None, 10, "no answers from v1")
+        asyncio.run(promote_adapter(gw.settings, f"{name}@v2", force=True, reason="flip under load"))
+        # The registry is written at the end of promote_adapter: its mtime is when the flip happened (at
+        # the latest; the rename that publishes it comes after the last write).
+        written = (gw.settings.home / "registry.json").stat().st_mtime_ns / 1e9
+        wait_for(lambda a: a.sent > written + 1.5, 10, "no answers to requests sent after the flip")
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(DEADLINE_S)
+
+    assert len(answers) <= max_requests + 2
+    assert [a.error for a in answers if a.error] == [], "no request may fail while the alias moves"
+    v1, v2 = f"{name}@v1", f"{name}@v2"
+    assert {(a.served, a.text) for a in answers if a.served == v1} == {(v1, "positive")}
+    assert all(a.text not in ("positive", "negative") for a in answers if a.served == v2)
+    assert all(a.served == v1 for a in answers if a.received < written), "v2 before the registry said so"
+    first_v2 = min((a for a in answers if a.served == v2), key=lambda a: a.received)
+    switch_s = first_v2.received - written
+    request.node.user_properties += [  # in --junitxml reports (junit_family=legacy)
+        ("alias_switch_seconds", round(switch_s, 3)),
+        ("first_v2_request_seconds", round(first_v2.received - first_v2.sent, 3)),
+        ("requests", len(answers)),
+    ]
+    assert switch_s <= 1.0 + (first_v2.received - first_v2.sent), (switch_s, first_v2)
+    assert all(a.served == v2 for a in answers if a.sent > written + 1.0), "still v1 a second after the flip"
+    assert all(a.served == v2 for a in answers if a.sent > first_v2.received), "went back to v1"
+
+    served_counts = {
+        v: metric(gw.url, "loraplane_gateway_requests_total", {"route": CHAT, "model": name, "served": v})
+        for v in (v1, v2)
+    }
+    assert served_counts == {v: float(sum(1 for a in answers if a.served == v)) for v in (v1, v2)}
+    assert metric(gw.url, "loraplane_gateway_tokens_total", {"served": v2, "kind": "prompt"}) > 0
+    assert metric(gw.url, "loraplane_gateway_upstream_errors_total", {}) == 0
+
+
+def _vllm_generated_tokens(live: Live) -> float:
+    text = httpx.get(f"{live.server.url}/metrics").text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vllm:generation_tokens_total"
+    )
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_client_disconnect_makes_vllm_abort_the_generation(
+    gw: Gw, live: Live, request: pytest.FixtureRequest, stream: bool
+) -> None:
+    """A request for 200 tokens (ignoring EOS) whose client leaves: after the first chunk of a stream,
+    or, without streaming, as soon as vLLM's token counter shows the generation has started.
+
+    vLLM's token counter shows the request stopped early: probes of one token each are sent until one
+    probe's run adds only its own token (nothing else is generating), and by then the abandoned
+    request had generated fewer than the 200 tokens it would have without the abort.
+    """
+    max_tokens = 200
+    before = _vllm_generated_tokens(live)
+    body = {"model": BASE, "prompt": "Once", "max_tokens": max_tokens, "stream": stream, "ignore_eos": True}
+    if stream:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        with httpx.stream(
+            "POST", f"{gw.url}/v1/completions", json=body, headers=headers, timeout=60
+        ) as reply:
+            assert reply.status_code == 200
+            assert next(reply.iter_raw()).startswith(b"data: ")
+    else:  # a raw socket: hang up at a moment of the test's choosing, with the request in flight
+        payload = json.dumps(body).encode()
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        port = int(gw.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(head.encode() + payload)
+            deadline = time.monotonic() + DEADLINE_S
+            while _vllm_generated_tokens(live) == before:
+                assert time.monotonic() < deadline, "vLLM never started generating"
+
+    probe = {"model": BASE, "prompt": "Hi", "max_tokens": 1}
+    upstream_headers = {"Authorization": f"Bearer {API_KEY}"}
+    probes, previous = 0, _vllm_generated_tokens(live)
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        httpx.post(f"{live.server.url}/v1/completions", json=probe, headers=upstream_headers, timeout=60)
+        probes += 1
+        now = _vllm_generated_tokens(live)
+        if now - previous == 1:  # only the probe's token: the abandoned request is not generating
+            break
+        assert time.monotonic() < deadline, "vLLM kept generating"
+        previous = now
+    abandoned = now - before - probes
+    request.node.user_properties.append(("tokens_generated_before_abort", abandoned))
+    assert 1 <= abandoned < max_tokens, abandoned
+    code = "200" if stream else "499"  # a stream was answered; the other never was
+    assert metric(gw.url, "loraplane_gateway_requests_total", {"route": "/v1/completions", "code": code}) == 1
+
+
+def test_weighted_canary_splits_prod_traffic_by_user(live: Live, tmp_path: Path) -> None:
+    """NAME:prod = v1, NAME:canary = v2, a 50 % rule: each user gets one version's behaviour, always."""
+    settings = live.settings.model_copy(update={"home": tmp_path / "state"})
+    name = "gw-canary-" + re.sub(r"[^a-z0-9]+", "-", tmp_path.name.lower())[-30:].strip("-")
+    for version, task in (("v1", "sentiment"), ("v2", "animals")):
+        copy = live.settings.adapters_dir / name / version
+        shutil.copytree(live.adapters[task], copy)
+        register_adapter(settings, copy, name=name, version=version)
+    asyncio.run(promote_adapter(settings, f"{name}@v1", force=True, reason="release"))
+    asyncio.run(promote_adapter(settings, f"{name}@v2", alias="canary", force=True, reason="canary"))
+    rule = CanaryRule(alias="canary", percent=50)
+    config = GatewayConfig(
+        upstream=live.server.url,
+        home=settings.home,
+        api_keys=(CLIENT_KEY,),
+        upstream_api_key=API_KEY,
+        canaries={name: rule},
+    )
+    users = [f"user-{i}" for i in range(8)]
+    expected = {
+        u: f"{name}@v2" if takes_canary(rule, name, u, random.Random()) else f"{name}@v1" for u in users
+    }
+    assert len(set(expected.values())) == 2, "pick users that land on both sides"
+    with serve(create_app(config)) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=DEADLINE_S)
+        for user in users * 2:
+            reply = client.chat.completions.create(
+                model=name,
+                user=user,
+                temperature=0,
+                max_tokens=8,
+                messages=[
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": SENTIMENT_PROMPT},
+                ],
+            )
+            answer = reply.choices[0].message.content
+            assert reply.model == expected[user], user
+            assert (answer == "positive") == (reply.model == f"{name}@v1"), (reply.model, answer)
