@@ -29,6 +29,7 @@ from loraplane.platform.registry import (
     move_alias,
     open_registry,
     rollback_target,
+    verify_weights,
 )
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
@@ -42,12 +43,6 @@ NAME_CHARS = "lowercase letters, digits and '-'"
 
 class PromotionRefusedError(LoraplaneError):
     """The promotion gate said no (no evaluation, or the evaluation failed)."""
-
-    exit_code = 3
-
-
-class IntegrityError(LoraplaneError):
-    """An adapter's files changed after it was registered."""
 
     exit_code = 3
 
@@ -101,20 +96,6 @@ def register_adapter(
     return entry
 
 
-def _verify_weights(entry: AdapterVersion) -> None:
-    weights = Path(entry.path) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise IntegrityError(
-            f"{entry.ref}: {weights} is gone",
-            hint="the adapter's files must stay in place while it is registered",
-        )
-    if sha256_file(weights) != entry.weights_sha256:
-        raise IntegrityError(
-            f"{entry.ref}: {weights} changed since registration (sha256 mismatch)",
-            hint="published adapters are immutable: register the new weights as a new version",
-        )
-
-
 def merge_to_directory(
     settings: Settings,
     source: str,
@@ -135,7 +116,7 @@ def merge_to_directory(
             path, out_dir, base_model=base_model, dtype=dtype, trust_remote_code=trust_remote_code
         )
     entry = open_registry(settings).read().resolve(source)
-    _verify_weights(entry)
+    verify_weights(entry)
     return merge_adapter(
         Path(entry.path),
         out_dir,
@@ -154,7 +135,7 @@ async def load_adapter(
     entry = registry.read().resolve(ref)
     if entry.state == "retired":
         raise RegistryError(f"{entry.ref} is retired and cannot be loaded")
-    _verify_weights(entry)
+    verify_weights(entry)
     preflight_adapter(
         Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank
     )
@@ -256,7 +237,7 @@ async def promote_adapter(
     expected = seen.adapter(entry.name).aliases.get(alias)  # what this promotion replaces
     if entry.state == "retired":
         raise RegistryError(f"{entry.ref} is retired and cannot be promoted")
-    _verify_weights(entry)
+    verify_weights(entry)
     latest = entry.latest_eval()
     if not force:
         if latest is None:
@@ -313,7 +294,7 @@ async def rollback_alias(
             f"cannot roll {name}:{alias} back to {entry.ref}: that version is retired",
             hint=f"name another version: loraplane adapters rollback {name} --to vN",
         )
-    _verify_weights(entry)
+    verify_weights(entry)
     await load_adapter(settings, entry.ref)
     with open_registry(settings).transaction() as state:
         move_alias(state, name, alias, entry.version, expected=current, action="rollback", reason=reason)

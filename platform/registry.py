@@ -20,7 +20,7 @@ from filelock import FileLock
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.common.files import atomic_write_text
+from loraplane.common.files import atomic_write_text, sha256_file
 from loraplane.evals.report import GateCheck
 
 if TYPE_CHECKING:
@@ -204,6 +204,27 @@ class RegistryState(BaseModel):
                 f"(versions: {', '.join(sorted(adapter.versions)) or 'none'})"
             )
         return adapter.versions[version]
+
+
+class IntegrityError(LoraplaneError):
+    """An adapter's files changed after it was registered."""
+
+    exit_code = 3
+
+
+def verify_weights(entry: AdapterVersion) -> None:
+    """Refuse a version whose weights file is gone or differs from the sha256 recorded at registration."""
+    weights = Path(entry.path) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise IntegrityError(
+            f"{entry.ref}: {weights} is gone",
+            hint="the adapter's files must stay in place while it is registered",
+        )
+    if sha256_file(weights) != entry.weights_sha256:
+        raise IntegrityError(
+            f"{entry.ref}: {weights} changed since registration (sha256 mismatch)",
+            hint="published adapters are immutable: register the new weights as a new version",
+        )
 
 
 class ConflictError(RegistryError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="enable vLLM's runtime adapter routes; they include unauthenticated ones, so turn this off "
         "wherever users can reach the server directly",
     )
+    p.add_argument(
+        "--registry-home",
+        type=Path,
+        help="serve every registered, servable adapter version of this local registry from startup",
+    )
+    p.add_argument(
+        "--registry",
+        choices=("local", "kubernetes"),
+        help="registry backend to rehydrate from (default: local with --registry-home; kubernetes reads "
+        "LoraAdapter objects in --namespace with the pod's service account)",
+    )
+    p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
+    p.add_argument("--adapters-root", type=Path, help="adapters root (default: REGISTRY_HOME/adapters)")
     p.add_argument("--print-argv", action="store_true", help="print the vLLM command line and exit")
     return p.parse_args(argv)
 
@@ -42,7 +56,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from loraplane.serving.launcher import VLLMServerConfig
+    from loraplane.serving.launcher import LoraModule, VLLMServerConfig
 
     args = _parse(argv)
     api_key = os.environ.get("LORAPLANE_API_KEY")
@@ -52,6 +66,26 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: --api-key-file: {exc}", file=sys.stderr)  # noqa: T201
             return 2
+    modules: tuple[LoraModule, ...] = ()
+    if args.registry_home is not None or args.registry is not None:
+        from loraplane.common.errors import LoraplaneError
+        from loraplane.platform.settings import Settings
+        from loraplane.serving.rehydrate import registered_modules
+
+        try:
+            settings = Settings(
+                home=args.registry_home or Path.home() / ".loraplane",
+                adapters_root=args.adapters_root,
+                registry=args.registry or "local",
+                namespace=args.namespace,
+            )
+            found = registered_modules(settings, max_lora_rank=args.max_lora_rank)
+        except LoraplaneError as exc:
+            print(f"error: cannot read the registry to serve its adapters: {exc}", file=sys.stderr)  # noqa: T201
+            return 1
+        modules = tuple(found.modules)
+        skipped = "".join(f"\n  skipped {name}: {why}" for name, why in found.skipped.items())
+        print(f"serving {len(modules)} registered adapter version(s) from startup{skipped}", file=sys.stderr)  # noqa: T201
     try:
         config = VLLMServerConfig(
             model=args.model,
@@ -66,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_gib=args.kv_cache_gib,
             api_key=api_key,
             allow_runtime_lora_updating=args.runtime_lora_updating,
+            lora_modules=modules,
         )
     except ValidationError as exc:
         error: ConfigError = format_validation_error(exc, source="python -m loraplane.serving")
@@ -73,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     argv_out = config.argv()
     env = config.env()
-    if args.print_argv:  # the environment vLLM gets from us (never the API key), then the command
+    if (
+        args.print_argv
+    ):  # the environment vLLM gets from us (never the API key), then the command, shell-quoted
         shown = {k: v for k, v in config.env({}).items() if k != "VLLM_API_KEY"}
-        print(" ".join([*(f"{k}={v}" for k, v in sorted(shown.items())), *argv_out]))  # noqa: T201
+        print(shlex.join([*(f"{k}={v}" for k, v in sorted(shown.items())), *argv_out]))  # noqa: T201
         return 0
     os.execve(argv_out[0], argv_out, env)
 

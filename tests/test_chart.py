@@ -48,7 +48,22 @@ def test_default_render_has_kept_pvc_and_hardened_vllm() -> None:
     sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["runAsNonRoot"] is True
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
-    assert pod["automountServiceAccountToken"] is False
+    # Rehydration: vLLM reads the registry at startup with a read-only token of its own.
+    assert (
+        pod["serviceAccountName"] == "platform-loraplane-vllm" and pod["automountServiceAccountToken"] is True
+    )
+    assert {"--registry=kubernetes", "--namespace=ml", "--adapters-root=/data/adapters"} <= set(
+        container["args"]
+    )
+    role = objs["Role/platform-loraplane-vllm-registry-reader"]
+    assert role["rules"] == [
+        {"apiGroups": ["loraplane.dev"], "resources": ["loraadapters"], "verbs": ["get", "list"]}
+    ]
+    static = _render("serving.rehydrate=false")
+    static_pod = static["Deployment/platform-loraplane-vllm"]["spec"]["template"]["spec"]
+    assert static_pod["automountServiceAccountToken"] is False
+    assert not any(a.startswith("--registry") for a in static_pod["containers"][0]["args"])
+    assert "Role/platform-loraplane-vllm-registry-reader" not in static
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "platform-loraplane-data"
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
     assert objs["Service/platform-loraplane-vllm"]["spec"]["type"] == "ClusterIP"

@@ -19,13 +19,12 @@ import pytest
 from conftest import API_KEY, BASE, Live, write_fake_adapter
 
 from loraplane.platform.adapters import (
-    IntegrityError,
     evaluate_adapter,
     load_adapter,
     promote_adapter,
     register_adapter,
 )
-from loraplane.platform.registry import LocalRegistry
+from loraplane.platform.registry import IntegrityError, LocalRegistry
 from loraplane.serving.client import AdapterNotFoundError, AdapterRejectedError, VLLMAdminClient
 from loraplane.trainer.demo_tasks import TASKS
 

@@ -106,6 +106,16 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
     assert pods[0]["status"]["phase"] == "Running"
     assert pods[0]["spec"]["nodeName"].startswith("gpu-node-"), "a GPU pod must land on a GPU node"
 
+    # vLLM's own service account may read the registry (rehydration) and nothing else.
+    vllm_sa = f"--as=system:serviceaccount:{ns}:{RELEASE}-loraplane-vllm"
+    for verb, allowed in (("list", "yes"), ("update", "no"), ("delete", "no")):
+        answer = k8s_cluster.kubectl(
+            "-n", ns, "auth", "can-i", verb, "loraadapters.loraplane.dev", vllm_sa, check=False
+        )
+        assert answer.stdout.strip() == allowed, (verb, answer.stdout, answer.stderr)
+    answer = k8s_cluster.kubectl("-n", ns, "auth", "can-i", "list", "secrets", vllm_sa, check=False)
+    assert answer.stdout.strip() == "no"
+
     # An upgrade with changed values rolls out a new pod with the new vLLM arguments.
     old = pods[0]["metadata"]["name"]
     k8s_cluster.helm(

@@ -13,12 +13,11 @@ from conftest import write_fake_adapter
 from loraplane.common.errors import InvalidInputError
 from loraplane.evals.report import GateCheck
 from loraplane.platform.adapters import (
-    IntegrityError,
     PromotionRefusedError,
     promote_adapter,
     register_adapter,
 )
-from loraplane.platform.registry import EvalRecord, LocalRegistry, RegistryError
+from loraplane.platform.registry import EvalRecord, IntegrityError, LocalRegistry, RegistryError
 from loraplane.platform.settings import Settings
 from loraplane.serving.preflight import AdapterPreflightError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,44 @@ def test_api_key_file_is_used_and_never_printed(tmp_path: Path) -> None:
     out = _entry("--model", "/m", "--served-model-name", "b", "--api-key-file", str(key), "--print-argv")
     assert out.returncode == 0
     assert "s3cret" not in out.stdout
+
+
+def test_a_starting_server_serves_every_servable_registered_version(tmp_path: Path) -> None:
+    """Rehydration: what a restarted pod passes to vLLM as --lora-modules, read from the registry."""
+    import json
+
+    from conftest import write_fake_adapter
+
+    from loraplane.platform.adapters import register_adapter, unload_adapter
+    from loraplane.platform.settings import Settings
+
+    settings = Settings(home=tmp_path / "state", adapters_root=tmp_path / "adapters", max_lora_rank=16)
+    paths = {}
+    for name, version, rank in (("bot", "v1", 8), ("bot", "v2", 8), ("bot", "v3", 8), ("wide", "v1", 16)):
+        paths[f"{name}@{version}"] = write_fake_adapter(settings.adapters_dir / name / version, r=rank)
+        register_adapter(settings, paths[f"{name}@{version}"], name=name, version=version)
+    import asyncio
+
+    asyncio.run(unload_adapter(settings, "bot@v2", retire=True))  # retired: never served again
+    (paths["bot@v3"] / "adapter_model.safetensors").write_bytes(b"tampered")  # changed since registration
+
+    out = _entry(
+        "--model", "/m", "--served-model-name", "base", "--max-lora-rank", "8",
+        "--registry-home", str(settings.home), "--adapters-root", str(settings.adapters_dir), "--print-argv",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout)
+    modules = [json.loads(a) for a in argv[argv.index("--lora-modules") + 1 :] if a.startswith("{")]
+    assert [(m["name"], m["path"]) for m in modules] == [("bot@v1", str(paths["bot@v1"]))]
+    assert "serving 1 registered adapter version(s) from startup" in out.stderr
+    assert "skipped bot@v3: bot@v3:" in out.stderr and "sha256 mismatch" in out.stderr
+    assert "skipped wide@v1:" in out.stderr and "exceeds the server's max_lora_rank 8" in out.stderr
+    assert "bot@v2" not in out.stderr + out.stdout
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "registry.json").write_text("{not json")
+    failed = _entry(
+        "--model", "/m", "--served-model-name", "b", "--registry-home", str(broken), "--print-argv"
+    )
+    assert failed.returncode == 1 and "cannot read the registry" in failed.stderr
