@@ -33,12 +33,15 @@ from starlette.responses import JSONResponse, Response
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.logs import configure_logging
+from loraplane.platform.registry import open_registry
+from loraplane.platform.settings import Settings
 from loraplane.serving.gateway_auth import KeyChecker
 from loraplane.serving.gateway_config import GatewayConfig, config_from_args
 from loraplane.serving.gateway_errors import GatewayError, error_response, transport_error
 from loraplane.serving.gateway_metrics import CONTENT_TYPE, GatewayMetrics
 from loraplane.serving.gateway_models import ModelResolver, RegistryWatcher, UpstreamModels
 from loraplane.serving.gateway_proxy import FORWARDED_ROUTES, Proxy
+from loraplane.serving.gateway_registry_poll import PollingRegistryWatcher
 
 __all__ = ["GatewayConfig", "create_app", "main"]
 
@@ -81,7 +84,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
     """The gateway as an ASGI app; each app has its own metrics registry and upstream client."""
     upstream = _Upstream(config)
     metrics = GatewayMetrics()
-    registry = RegistryWatcher(config.home, check_interval=config.registry_check_interval_s)
+    registry: RegistryWatcher | PollingRegistryWatcher
+    if config.registry == "kubernetes":
+        settings = Settings(home=config.home, registry="kubernetes", namespace=config.namespace)
+        registry = PollingRegistryWatcher(open_registry(settings), interval=config.registry_poll_s)
+    else:
+        registry = RegistryWatcher(config.home, check_interval=config.registry_check_interval_s)
     resolver = ModelResolver(
         registry, UpstreamModels(upstream), cache_s=config.models_cache_s, canaries=config.canaries
     )
@@ -98,11 +106,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream.open()
+        if isinstance(registry, PollingRegistryWatcher):
+            registry.start()
         registry.state()  # read the registry now: a broken one shows in the log at startup
         log.info("gateway ready", extra={"upstream": config.upstream, "home": str(config.home)})
         try:
             yield
         finally:
+            if isinstance(registry, PollingRegistryWatcher):
+                registry.stop()
             await upstream.aclose()
 
     app = FastAPI(
@@ -195,6 +207,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env_home = os.environ.get("LORAPLANE_HOME")
     p.add_argument("--upstream", default=os.environ.get("LORAPLANE_SERVER_URL"), help="vLLM's base URL")
     p.add_argument("--home", type=Path, default=Path(env_home) if env_home else Path.home() / ".loraplane")
+    p.add_argument(
+        "--registry",
+        choices=("local", "kubernetes"),
+        default=os.environ.get("LORAPLANE_REGISTRY", "local"),
+        help="local: HOME/registry.json; kubernetes: LoraAdapter objects in --namespace (polled)",
+    )
+    p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
     p.add_argument("--api-keys-file", type=Path, help="client API keys, one per line (# comments)")
     p.add_argument("--upstream-api-key-file", type=Path, help="vLLM's --api-key (else LORAPLANE_API_KEY)")
     p.add_argument("--allow-unauthenticated", action="store_true", help="run without client API keys")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import (
@@ -31,6 +31,14 @@ class GatewayConfig(BaseModel):
 
     upstream: str = Field(description="Base URL of the vLLM server, e.g. http://127.0.0.1:8000.")
     home: Path = Field(description="loraplane state directory; its registry.json resolves aliases.")
+    registry: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description="local: HOME/registry.json; kubernetes: LoraAdapter objects in namespace.",
+    )
+    namespace: str = Field(default="default", description="Namespace of the LoraAdapter objects.")
+    registry_poll_s: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.5, description="How often a Kubernetes registry is listed (an alias flip shows within it)."
+    )
     api_keys: tuple[SecretStr, ...] = Field(default=(), description="Keys clients may send as Bearer.")
     upstream_api_key: SecretStr | None = Field(default=None, description="vLLM's --api-key.")
     allow_unauthenticated: bool = Field(default=False, description="Required to run without api_keys.")
@@ -102,6 +110,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Ga
     fields: dict[str, Any] = {
         "upstream": args.upstream,
         "home": args.home,
+        "registry": args.registry,
+        "namespace": args.namespace,
         "api_keys": api_keys,
         "upstream_api_key": load_upstream_key(args.upstream_api_key_file, environ),
         "allow_unauthenticated": args.allow_unauthenticated,

@@ -33,6 +33,7 @@ from loraplane.serving.gateway_errors import (
     UpstreamFailedError,
     transport_error,
 )
+from loraplane.serving.gateway_registry_poll import StateSource
 
 log = logging.getLogger("loraplane.serving.gateway")
 
@@ -157,7 +158,7 @@ class ModelResolver:
 
     def __init__(
         self,
-        registry: RegistryWatcher,
+        registry: StateSource,
         upstream: UpstreamModels,
         *,
         cache_s: float = 30.0,

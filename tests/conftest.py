@@ -229,3 +229,22 @@ def k8s_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(Path(kubeconfig.stdout.strip()), Path(tools.stdout.strip()))
     finally:
         subprocess.run(["bash", script, "stop"], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture
+def k8s_settings(k8s_cluster: Cluster, tmp_path: Path) -> Settings:
+    """The chart's CRD installed, and a namespace of the test's own."""
+    k8s_cluster.kubectl("apply", "-f", str(ROOT / "charts" / "loraplane" / "crds"))
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/loraadapters.loraplane.dev")
+    import uuid
+
+    namespace = f"reg-{uuid.uuid4().hex[:8]}"
+    k8s_cluster.kubectl("create", "namespace", namespace)
+    return Settings(
+        home=tmp_path / "state",
+        adapters_root=tmp_path / "adapters",
+        server_url="http://127.0.0.1:9",
+        registry="kubernetes",
+        namespace=namespace,
+        kubeconfig=k8s_cluster.kubeconfig,
+    )

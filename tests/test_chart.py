@@ -55,15 +55,17 @@ def test_default_render_has_kept_pvc_and_hardened_vllm() -> None:
     assert {"--registry=kubernetes", "--namespace=ml", "--adapters-root=/data/adapters"} <= set(
         container["args"]
     )
-    role = objs["Role/platform-loraplane-vllm-registry-reader"]
+    role = objs["Role/platform-loraplane-registry-reader"]
     assert role["rules"] == [
         {"apiGroups": ["loraplane.dev"], "resources": ["loraadapters"], "verbs": ["get", "list"]}
     ]
-    static = _render("serving.rehydrate=false")
+    readers = objs["RoleBinding/platform-loraplane-registry-reader"]["subjects"]
+    assert [s["name"] for s in readers] == ["platform-loraplane-vllm", "platform-loraplane-gateway"]
+    static = _render("serving.rehydrate=false", "gateway.enabled=false")
     static_pod = static["Deployment/platform-loraplane-vllm"]["spec"]["template"]["spec"]
     assert static_pod["automountServiceAccountToken"] is False
     assert not any(a.startswith("--registry") for a in static_pod["containers"][0]["args"])
-    assert "Role/platform-loraplane-vllm-registry-reader" not in static
+    assert "Role/platform-loraplane-registry-reader" not in static
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "platform-loraplane-data"
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
     assert objs["Service/platform-loraplane-vllm"]["spec"]["type"] == "ClusterIP"
@@ -112,3 +114,42 @@ def test_the_training_job_template_fails_fast_on_the_trainers_do_not_retry_code(
     sa = objs["ServiceAccount/platform-loraplane-trainer"]
     assert sa["automountServiceAccountToken"] is False
     assert "ConfigMap/platform-loraplane-trainer-template" not in _render("trainer.enabled=false")
+
+
+def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None:
+    objs = _render()
+    vllm = objs["Deployment/platform-loraplane-vllm"]["spec"]["template"]["spec"]
+    assert "--api-key-file=/etc/loraplane/api-key/api-key" in vllm["containers"][0]["args"]
+    assert {"name": "api-key", "secret": {"secretName": "platform-loraplane-vllm-key"}} in vllm["volumes"]
+    assert set(objs["Secret/platform-loraplane-vllm-key"]["data"]) == {"api-key"}
+    assert set(objs["Secret/platform-loraplane-gateway-keys"]["data"]) == {"keys"}
+
+    gateway = objs["Deployment/platform-loraplane-gateway"]["spec"]["template"]["spec"]
+    args = gateway["containers"][0]["args"]
+    assert "--upstream=http://platform-loraplane-vllm:8000" in args
+    assert {"--registry=kubernetes", "--namespace=ml", "--host=0.0.0.0"} <= set(args)
+    assert "--upstream-api-key-file=/etc/loraplane/api-key/api-key" in args
+    assert "--api-keys-file=/etc/loraplane/gateway-keys/keys" in args
+    assert gateway["containers"][0]["livenessProbe"] == {"tcpSocket": {"port": "http"}, "periodSeconds": 10}
+    assert gateway["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+    policy = objs["NetworkPolicy/platform-loraplane-vllm"]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "vllm"
+    sources = [p["podSelector"]["matchLabels"] for p in policy["ingress"][0]["from"]]
+    assert sources == [
+        {"app.kubernetes.io/instance": "platform", "app.kubernetes.io/component": "gateway"},
+        {"loraplane.dev/vllm-client": "true"},
+    ]
+    assert policy["ingress"][0]["ports"] == [{"port": 8000, "protocol": "TCP"}]
+
+    hook = objs["Job/platform-loraplane-test-models"]
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "/v1/models" in hook["spec"]["template"]["spec"]["containers"][0]["command"][2]
+
+    own = _render(
+        "serving.apiKeySecret.name=mine", "serving.apiKeySecret.key=token", "gateway.apiKeysSecret.name=users"
+    )
+    assert not any(k.startswith("Secret/") for k in own), "the user's Secrets are used, none generated"
+    own_gw = own["Deployment/platform-loraplane-gateway"]["spec"]["template"]["spec"]
+    assert "--upstream-api-key-file=/etc/loraplane/api-key/token" in own_gw["containers"][0]["args"]
+    assert {"name": "gateway-keys", "secret": {"secretName": "users"}} in own_gw["volumes"]

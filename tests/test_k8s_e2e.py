@@ -106,6 +106,20 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
     assert pods[0]["status"]["phase"] == "Running"
     assert pods[0]["spec"]["nodeName"].startswith("gpu-node-"), "a GPU pod must land on a GPU node"
 
+    gateway = _pods(k8s_cluster, ns, "app.kubernetes.io/component=gateway")
+    assert [p["status"]["phase"] for p in gateway] == ["Running"]
+    assert not gateway[0]["spec"]["nodeName"].startswith("gpu-node-"), "the gateway needs no GPU"
+    tested = k8s_cluster.helm("test", RELEASE, "-n", ns, "--timeout", "60s")
+    assert "Phase:          Succeeded" in tested.stdout and "test-models" in tested.stdout
+
+    def secret(name: str) -> dict[str, str]:
+        data: dict[str, str] = json.loads(
+            k8s_cluster.kubectl("-n", ns, "get", "secret", name, "-o", "json").stdout
+        )["data"]
+        return data
+
+    keys_before = (secret(f"{RELEASE}-loraplane-vllm-key"), secret(f"{RELEASE}-loraplane-gateway-keys"))
+
     # vLLM's own service account may read the registry (rehydration) and nothing else.
     vllm_sa = f"--as=system:serviceaccount:{ns}:{RELEASE}-loraplane-vllm"
     for verb, allowed in (("list", "yes"), ("update", "no"), ("delete", "no")):
@@ -132,6 +146,8 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
 
     k8s_cluster.wait_for(rolled_out, what="the upgraded vLLM pod")
     (new,) = _pods(k8s_cluster, ns, "app.kubernetes.io/component=vllm")
+    keys_after = (secret(f"{RELEASE}-loraplane-vllm-key"), secret(f"{RELEASE}-loraplane-gateway-keys"))
+    assert keys_after == keys_before, "generated keys survive an upgrade (clients keep working)"
     assert "--max-loras=8" in new["spec"]["containers"][0]["args"]
     assert new["spec"]["nodeName"].startswith("gpu-node-")
 

@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, Cluster, write_fake_adapter
@@ -21,25 +19,6 @@ from loraplane.platform.registry_k8s import KubernetesRegistryError
 from loraplane.platform.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
-
-CRDS = ROOT / "charts" / "loraplane" / "crds"
-
-
-@pytest.fixture
-def k8s_settings(k8s_cluster: Cluster, tmp_path: Path) -> Settings:
-    """The chart's CRD installed, and a namespace of the test's own."""
-    k8s_cluster.kubectl("apply", "-f", str(CRDS))
-    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/loraadapters.loraplane.dev")
-    namespace = f"reg-{uuid.uuid4().hex[:8]}"
-    k8s_cluster.kubectl("create", "namespace", namespace)
-    return Settings(
-        home=tmp_path / "state",
-        adapters_root=tmp_path / "adapters",
-        server_url="http://127.0.0.1:9",
-        registry="kubernetes",
-        namespace=namespace,
-        kubeconfig=k8s_cluster.kubeconfig,
-    )
 
 
 def _register(settings: Settings, *versions: str) -> None:
