@@ -38,9 +38,9 @@ RUN python3 -m pip install --no-deps . \
       matplotlib fastapi starlette uvicorn anyio prometheus-client peft \
  && python3 -c "import loraplane.serving.gateway, loraplane.serving.__main__"
 
-# The chart runs every pod as uid 1000 with a read-only root filesystem (/tmp is an emptyDir).
-RUN useradd --uid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin loraplane
-USER 1000:1000
+# The chart runs every pod as uid 10001 with a read-only root filesystem (/tmp is an emptyDir).
+RUN useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin loraplane
+USER 10001:10001
 EXPOSE 8000 8080
 ENTRYPOINT []
 CMD ["python3", "-m", "loraplane.serving", "--help"]

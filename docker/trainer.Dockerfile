@@ -38,7 +38,7 @@ RUN python -m pip install --no-deps . \
  && (python -m pip uninstall -y torchvision torchaudio torchcodec || true) \
  && python -c "import loraplane.trainer.train, peft, trl"
 
-RUN useradd --uid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin loraplane
-USER 1000:1000
+RUN useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin loraplane
+USER 10001:10001
 ENTRYPOINT []
 CMD ["python", "-m", "loraplane.trainer", "--help"]

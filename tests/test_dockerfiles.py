@@ -14,6 +14,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
+CHART_UID = re.search(
+    r"runAsUser: (\d+)", (ROOT / "charts" / "loraplane" / "templates" / "serving.yaml").read_text()
+).group(1)  # type: ignore[union-attr]
 # What each base image brings (vLLM's official image: vLLM and its stack; PyTorch's: torch).
 BASE_PROVIDES = {
     "serving.Dockerfile": {
@@ -82,7 +85,7 @@ def test_the_image_is_pinned_non_root_and_installs_locked_versions(name: str) ->
     _, _, tag = base.partition(":")
     assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: base image {base!r} is not pinned"
     users = [arg for op, arg in steps if op == "USER"]
-    assert users and users[-1].split(":")[0] == "1000", "runs as the uid the chart's securityContext sets"
+    assert users and users[-1].split(":")[0] == CHART_UID, "runs as the uid the chart's securityContext sets"
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     assert "-c requirements/lock.txt" in runs, "dependencies are constrained to the tested lock"
     assert "--no-deps ." in runs, "loraplane itself installs without re-resolving the base image's stack"
