@@ -135,6 +135,8 @@ def _run(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise  # a command's own exit code (e.g. evals run --check: 3)
     except Exception as exc:
         if _state.debug:
             raise

@@ -117,3 +117,19 @@ def test_retiring_a_served_version_with_the_server_down_exits_1_and_changes_noth
     assert result.returncode == 1, result.stderr
     assert "cannot reach the vLLM server at http://127.0.0.1:9" in result.stderr
     assert (settings.home / "registry.json").read_bytes() == before
+
+
+def test_an_unexpected_error_is_one_line_without_traceback_unless_debug(
+    settings: Settings, fake_adapter: Path
+) -> None:
+    # A state directory that is a file: the registry cannot be created there (an OSError, not ours).
+    blocked = settings.model_copy(update={"home": settings.home.parent / "not-a-dir"})
+    blocked.home.write_text("x")
+    plain = _cli(blocked, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1")
+    assert plain.returncode == 1
+    assert "error: unexpected FileExistsError" in plain.stderr and "--debug" in plain.stderr
+    assert "Traceback" not in plain.stderr
+    debug = _cli(
+        blocked, "--debug", "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1"
+    )
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr

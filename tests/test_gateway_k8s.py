@@ -113,7 +113,10 @@ def test_the_gateway_serves_aliases_it_reads_from_loraadapter_objects(
         shutil.copytree(live.adapters["sentiment"], copy)
         register_adapter(settings, copy, name=name, version="v1")
         asyncio.run(promote_adapter(settings, f"{name}@v1", force=True, reason="k8s registry test"))
-        k8s_cluster.wait_for(lambda: ask(name).status_code == 200, timeout=10, what="the gateway to see it")
+        # The registration and the alias are two writes: wait for the one the request needs.
+        k8s_cluster.wait_for(
+            lambda: ask(f"{name}:prod").status_code == 200, timeout=30, what="the gateway to see the alias"
+        )
         answer = ask(f"{name}:prod")
         assert answer.status_code == 200 and answer.json()["model"] == f"{name}@v1", answer.text
         assert ask(f"{name}@v7").status_code == 404
