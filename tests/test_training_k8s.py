@@ -169,3 +169,38 @@ def test_bad_submissions_are_refused_before_anything_is_created(
     assert k8s_cluster.kubectl("-n", ns, "get", "jobs,configmaps", "-o", "name").stdout == before
     for result in (relative, invalid, no_release, local):
         assert "Traceback" not in result.stderr
+
+
+def test_an_evicted_training_pod_does_not_count_against_the_retry_budget(
+    k8s_cluster: Cluster, release: str, tmp_path: Path
+) -> None:
+    """A drain or a preemption evicts the pod: the Job starts another (it resumes from its checkpoint)."""
+    ns = release
+    _install(k8s_cluster, ns, tmp_path, annotations={"loraplane.dev/test-keep-running": "true"})
+    try:
+        job = _submit(k8s_cluster, ns, _config(tmp_path))
+
+        def running() -> list[str]:
+            return [p["name"] for p in _status(k8s_cluster, ns, job)["pods"] if p["phase"] == "Running"]
+
+        k8s_cluster.wait_for(lambda: len(running()) == 1, what="the trainer pod")
+        (first,) = running()
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": first, "namespace": ns},
+        }
+        k8s_cluster.kubectl(
+            "create",
+            "--raw",
+            f"/api/v1/namespaces/{ns}/pods/{first}/eviction",
+            "-f",
+            "-",
+            stdin=json.dumps(eviction),
+        )
+        k8s_cluster.wait_for(lambda: running() not in ([], [first]), timeout=60, what="a replacement pod")
+        status = _status(k8s_cluster, ns, job)
+        assert status["state"] == "Running" and status["failed"] == 0, status
+        _cli(k8s_cluster, ns, "train", "cancel", job)
+    finally:
+        _install(k8s_cluster, ns, tmp_path, annotations={})
