@@ -28,6 +28,26 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 API_KEY = "e2e-test-key"
 BASE = BASE_NAME
+# A training template of the sentiment task: a test about promotion or aliases asks this, so what it
+# checks is which version answered, not generalisation (the eval tests measure that, with CIs).
+SENTIMENT_PROMPT = "Classify the sentiment: The movie was wonderful."
+
+
+def ask_one_word(server_url: str, model: str, prompt: str = SENTIMENT_PROMPT) -> str:
+    """The official openai client's greedy chat answer (one word asked) from ``model``."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server_url}/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(
+        model=model,
+        temperature=0,
+        max_tokens=8,
+        messages=[
+            {"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": prompt},
+        ],
+    )
+    return reply.choices[0].message.content or ""
 
 
 @dataclass
@@ -197,6 +217,16 @@ class Cluster:
                 },
             }
             self.kubectl("apply", "-f", "-", stdin=json.dumps(pvc))
+
+    def evict(self, namespace: str, pod: str) -> None:
+        """What a drain or a preemption does: the Eviction API (the pod gets a DisruptionTarget)."""
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod, "namespace": namespace},
+        }
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction"
+        self.kubectl("create", "--raw", path, "-f", "-", stdin=json.dumps(eviction))
 
     @staticmethod
     def wait_for(condition: Callable[[], bool], *, timeout: float = 120.0, what: str = "condition") -> None:

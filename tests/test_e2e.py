@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import API_KEY, BASE, Live, write_fake_adapter
+from conftest import API_KEY, BASE, Live, ask_one_word, write_fake_adapter
 
 from loraplane.platform.adapters import (
     evaluate_adapter,
@@ -62,8 +62,6 @@ def test_each_adapter_beats_the_base_model_on_its_own_task(live: Live) -> None:
 
 
 def test_promote_then_query_the_alias_with_the_openai_client(live: Live) -> None:
-    from openai import OpenAI
-
     state = LocalRegistry(live.settings.home).read()
     if state.resolve("sentiment@v1").latest_eval() is None:
         asyncio.run(evaluate_adapter(live.settings, "sentiment@v1", live.eval_sets["sentiment"]))
@@ -71,19 +69,7 @@ def test_promote_then_query_the_alias_with_the_openai_client(live: Live) -> None
     assert previous is None
     served = LocalRegistry(live.settings.home).read().resolve("sentiment:prod").served_name
     assert served == "sentiment@v1"
-    client = OpenAI(base_url=f"{live.server.url}/v1", api_key=API_KEY)
-    reply = client.chat.completions.create(
-        model=served,
-        temperature=0,
-        max_tokens=8,
-        messages=[
-            {"role": "system", "content": "Answer with one word."},
-            # A training template: this test is about promotion and the alias, not generalisation
-            # (that is what the eval tests measure, with confidence intervals).
-            {"role": "user", "content": "Classify the sentiment: The movie was wonderful."},
-        ],
-    )
-    assert reply.choices[0].message.content == "positive"
+    assert ask_one_word(live.server.url, served) == "positive"
     history = LocalRegistry(live.settings.home).read().history
     assert history[-1].action == "promote" and history[-1].alias == "prod"
 

@@ -270,15 +270,7 @@ def test_the_cluster_fails_job_pods_with_a_chosen_exit_code_for_pod_failure_poli
 
     k8s_cluster.wait_for(lambda: len(running_pods()) == 1, what="the trainer pod")
     (first,) = running_pods()
-    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": first, "namespace": ns}}
-    k8s_cluster.kubectl(
-        "create",
-        "--raw",
-        f"/api/v1/namespaces/{ns}/pods/{first}/eviction",
-        "-f",
-        "-",
-        stdin=json.dumps(eviction),
-    )
+    k8s_cluster.evict(ns, first)
     k8s_cluster.wait_for(
         lambda: running_pods() not in ([], [first]), timeout=60, what="a replacement pod after the eviction"
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY, Live
+from conftest import API_KEY, Live, ask_one_word
 from filelock import FileLock
 
 from loraplane.platform.adapters import (
@@ -34,7 +34,6 @@ from loraplane.platform.settings import Settings
 pytestmark = pytest.mark.e2e
 
 DEADLINE_S = 120.0
-SENTIMENT_PROMPT = "Classify the sentiment: The movie was wonderful."
 
 
 @dataclass(frozen=True)
@@ -62,20 +61,8 @@ def _served(settings: Settings) -> set[str]:
 
 def _ask(race: Race, alias: str) -> tuple[str, str]:
     """Resolve ``NAME:<alias>`` in the registry and ask the version it names the sentiment question."""
-    from openai import OpenAI
-
     served = LocalRegistry(race.settings.home).read().resolve(f"{race.name}:{alias}").served_name
-    client = OpenAI(base_url=f"{race.settings.server_url}/v1", api_key=API_KEY)
-    reply = client.chat.completions.create(
-        model=served,
-        temperature=0,
-        max_tokens=8,
-        messages=[
-            {"role": "system", "content": "Answer with one word."},
-            {"role": "user", "content": SENTIMENT_PROMPT},
-        ],
-    )
-    return served, reply.choices[0].message.content or ""
+    return served, ask_one_word(race.settings.server_url, served)
 
 
 def test_promote_rollback_promote_round_trips_and_the_alias_serves_each_version(race: Race) -> None:

@@ -185,19 +185,7 @@ def test_an_evicted_training_pod_does_not_count_against_the_retry_budget(
 
         k8s_cluster.wait_for(lambda: len(running()) == 1, what="the trainer pod")
         (first,) = running()
-        eviction = {
-            "apiVersion": "policy/v1",
-            "kind": "Eviction",
-            "metadata": {"name": first, "namespace": ns},
-        }
-        k8s_cluster.kubectl(
-            "create",
-            "--raw",
-            f"/api/v1/namespaces/{ns}/pods/{first}/eviction",
-            "-f",
-            "-",
-            stdin=json.dumps(eviction),
-        )
+        k8s_cluster.evict(ns, first)
         k8s_cluster.wait_for(lambda: running() not in ([], [first]), timeout=60, what="a replacement pod")
         status = _status(k8s_cluster, ns, job)
         assert status["state"] == "Running" and status["failed"] == 0, status
