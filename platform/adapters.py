@@ -34,6 +34,8 @@ from loraplane.platform.registry import (
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
+from loraplane.serving.reconcile import SyncReport, check_servable, served_base, sync_replicas
+from loraplane.serving.replicas import list_vllm_pods, replica_urls
 from loraplane.trainer.merge import MergedModel, merge_adapter
 
 log = logging.getLogger("loraplane.platform")
@@ -130,24 +132,52 @@ def merge_to_directory(
 async def load_adapter(
     settings: Settings, ref: str, *, server_urls: list[str] | None = None
 ) -> AdapterVersion:
-    """Make every listed server (default: the configured one) serve ``ref`` under its served name."""
+    """Make every listed server (default: :func:`replica_urls`) serve ``ref`` under its served name.
+
+    Each server's base model is read from its model list, and the version is checked against it
+    before that server is asked (see ``serving/preflight.py``). When a server fails, the servers that
+    loaded the version in this call unload it again and the registry is unchanged.
+    """
     registry = open_registry(settings)
     entry = registry.read().resolve(ref)
     if entry.state == "retired":
         raise RegistryError(f"{entry.ref} is retired and cannot be loaded")
-    verify_weights(entry)
-    preflight_adapter(
-        Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank
-    )
-    for url in server_urls or [settings.server_url]:
-        async with VLLMAdminClient(url, api_key=settings.api_key) as client:
-            await client.load_adapter(entry.served_name, entry.path)
+    await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with registry.transaction() as state:
         current = state.resolve(entry.ref)
-        if current.state != "serving":
-            current.state = "serving"
-            state.history.append(HistoryEvent(action="load", adapter=entry.name, version=entry.version))
+        _mark_serving(state, current)
         return current
+
+
+def _mark_serving(state: RegistryState, entry: AdapterVersion) -> None:
+    if entry.state != "serving":
+        entry.state = "serving"
+        state.history.append(HistoryEvent(action="load", adapter=entry.name, version=entry.version))
+
+
+async def _load_everywhere(settings: Settings, entry: AdapterVersion, urls: list[str]) -> None:
+    """Check and load ``entry`` on every server in ``urls``, or on none: all or nothing."""
+    verify_weights(entry)
+    preflight_adapter(  # the checks that need no server, once, before any server is asked
+        Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank
+    )
+    newly: list[str] = []
+    try:
+        for url in urls:
+            async with VLLMAdminClient(url, api_key=settings.api_key) as client:
+                check_servable(settings, entry, served_base(await client.list_models()))
+                if await client.load_adapter(entry.served_name, entry.path):
+                    newly.append(url)
+    except BaseException:
+        for url in newly:  # undo, so that a failed promotion leaves every server as it was
+            try:
+                async with VLLMAdminClient(url, api_key=settings.api_key, retries=1) as client:
+                    await client.unload_adapter(entry.served_name)
+            except LoraplaneError as exc:
+                log.warning(
+                    "could not undo a load", extra={"adapter": entry.ref, "server": url, "why": exc.message}
+                )
+        raise
 
 
 async def base_model_name(settings: Settings) -> str:
@@ -223,12 +253,20 @@ async def evaluate_adapter(
 
 
 async def promote_adapter(
-    settings: Settings, ref: str, *, alias: str = "prod", force: bool = False, reason: str | None = None
+    settings: Settings,
+    ref: str,
+    *,
+    alias: str = "prod",
+    force: bool = False,
+    reason: str | None = None,
+    server_urls: list[str] | None = None,
 ) -> tuple[AdapterVersion, str | None]:
     """Point ``<name>:<alias>`` at ``ref``. Returns the version and the alias's previous target.
 
     Refused unless the version's weights are unchanged and its latest evaluation passed; ``force``
-    (with a ``reason``, kept in the history) overrides the evaluation gate only.
+    (with a ``reason``, kept in the history) overrides the evaluation gate only. Every replica
+    (``server_urls``, default :func:`replica_urls`) loads the version before the alias moves; when
+    one cannot, the others unload what this call loaded and the registry is unchanged.
     """
     if force and not (reason and reason.strip()):
         raise InvalidInputError("--force needs --reason: say why the evaluation gate is overridden")
@@ -257,8 +295,10 @@ async def promote_adapter(
                 f"(suite {latest.suite!r}, {latest.created_at}):\n{failed}",
                 hint='improve the adapter and evaluate again, or override with --force --reason "..."',
             )
-    await load_adapter(settings, entry.ref)  # every server must serve it before the alias points at it
+    # every replica must serve it before the alias points at it; on any failure nothing changes
+    await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
+        _mark_serving(state, state.resolve(entry.ref))
         previous = move_alias(
             state,
             entry.name,
@@ -273,7 +313,13 @@ async def promote_adapter(
 
 
 async def rollback_alias(
-    settings: Settings, name: str, *, alias: str = "prod", to: str | None = None, reason: str | None = None
+    settings: Settings,
+    name: str,
+    *,
+    alias: str = "prod",
+    to: str | None = None,
+    reason: str | None = None,
+    server_urls: list[str] | None = None,
 ) -> tuple[AdapterVersion, str]:
     """Point ``name:alias`` back at the version it had before its last change (or at ``to``).
 
@@ -294,9 +340,9 @@ async def rollback_alias(
             f"cannot roll {name}:{alias} back to {entry.ref}: that version is retired",
             hint=f"name another version: loraplane adapters rollback {name} --to vN",
         )
-    verify_weights(entry)
-    await load_adapter(settings, entry.ref)
+    await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
+        _mark_serving(state, state.resolve(entry.ref))
         move_alias(state, name, alias, entry.version, expected=current, action="rollback", reason=reason)
         return state.resolve(entry.ref), current
 
@@ -326,7 +372,7 @@ async def unload_adapter(
     what = "retire" if retire else "unload"
     _refuse_if_aliased(seen, entry, what)
     if entry.state == "serving":
-        for url in server_urls or [settings.server_url]:
+        for url in server_urls or replica_urls(settings):
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:
                 await client.unload_adapter(entry.served_name)
     with registry.transaction() as state:
@@ -338,3 +384,31 @@ async def unload_adapter(
             action: Literal["retire", "unload"] = "retire" if retire else "unload"
             state.history.append(HistoryEvent(action=action, adapter=entry.name, version=entry.version))
         return current
+
+
+async def sync_adapters(
+    settings: Settings,
+    server_urls: list[str] | None = None,
+    *,
+    release: str = "platform",
+    prune_unknown: bool = True,
+    dry_run: bool = False,
+) -> SyncReport:
+    """Make every replica serve exactly the registry's servable versions (see ``serving/reconcile.py``).
+
+    Replicas: ``server_urls`` if given; else, with the Kubernetes registry, the Ready pods of
+    ``release``'s vLLM Deployment; else :func:`replica_urls`.
+    """
+    if server_urls:
+        urls = server_urls
+    elif settings.registry == "kubernetes":
+        urls = list_vllm_pods(settings, release=release)
+        if not urls:
+            raise LoraplaneError(
+                f"release {release!r} has no Ready vLLM pod in namespace {settings.namespace!r}",
+                hint="check the release name (--release) and the pods: kubectl get pods -l "
+                "app.kubernetes.io/component=vllm",
+            )
+    else:
+        urls = replica_urls(settings)
+    return await sync_replicas(settings, urls, prune_unknown=prune_unknown, dry_run=dry_run)

@@ -1,0 +1,166 @@
+"""``python -m loraplane.serving.readiness``: is this vLLM server ready for traffic?
+
+Ready means, all within ``--timeout`` seconds:
+
+1. ``GET /health`` answers 200;
+2. a one-token completion on the base model succeeds. vLLM V1 runs the engine in a separate
+   process; ``/health`` only reports an engine that has died, so an engine that hangs (stopped,
+   deadlocked, stuck in a kernel) still answers 200 there. The completion goes through the engine
+   and catches it;
+3. every servable adapter version of the registry (``--registry-home DIR`` or ``--registry
+   kubernetes --namespace NS``; the same versions ``python -m loraplane.serving`` serves from
+   startup) is listed in ``/v1/models``. A missing version whose files fail their checks here (gone,
+   changed since registration, not a valid adapter) is not required: the server skipped it at start.
+
+Exit 0 when ready; exit 1 with a one-line reason on stderr. The chart runs it as the vLLM
+container's exec readinessProbe, so it imports neither torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from loraplane.platform.registry import AdapterVersion
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class NotReady(Exception):
+    """Why the server is not ready (one line)."""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loraplane.serving.readiness", description=__doc__)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the vLLM server")
+    p.add_argument("--api-key-file", type=Path, help="file holding vLLM's API key (default: $VLLM_API_KEY)")
+    p.add_argument("--base-model", required=True, help="served name of the base model")
+    p.add_argument("--registry-home", type=Path, help="local registry: require its servable adapters")
+    p.add_argument("--registry", choices=("local", "kubernetes"), help="registry backend")
+    p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for all checks")
+    return p.parse_args(argv)
+
+
+def required_adapters(args: argparse.Namespace) -> dict[str, AdapterVersion] | None:
+    """Served name -> version, for every servable version; None when no registry was named."""
+    if args.registry_home is None and args.registry is None:
+        return None
+    from loraplane.platform.registry import open_registry
+    from loraplane.platform.settings import Settings
+    from loraplane.serving.reconcile import servable_versions
+
+    settings = Settings(
+        home=args.registry_home or Path.home() / ".loraplane",
+        registry=args.registry or "local",
+        namespace=args.namespace,
+    )
+    return {v.served_name: v for v in servable_versions(open_registry(settings).read())}
+
+
+async def check(
+    url: str,
+    *,
+    base_model: str,
+    api_key: str | None,
+    timeout: float,
+    required: dict[str, AdapterVersion] | None,
+) -> None:
+    """Raise NotReady saying why ``url`` is not ready; return when it is."""
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NotReady(f"the checks did not finish within {timeout:g}s")
+        return remaining
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers) as client:
+        try:
+            health = await client.get("/health", timeout=left())
+        except httpx.TimeoutException:
+            raise NotReady(f"vLLM /health at {url} did not answer within {timeout:g}s") from None
+        except httpx.HTTPError as exc:
+            raise NotReady(f"cannot reach vLLM at {url}: {type(exc).__name__}: {exc}") from None
+        if health.status_code != 200:
+            raise NotReady(f"vLLM /health answered HTTP {health.status_code}")
+        try:
+            reply = await client.post(
+                "/v1/completions",
+                json={"model": base_model, "prompt": "ready", "max_tokens": 1, "temperature": 0},
+                timeout=left(),
+            )
+        except httpx.TimeoutException:
+            raise NotReady(
+                f"a one-token completion on {base_model!r} did not finish within {timeout:g}s although "
+                "/health answers 200: the engine is hung or overloaded"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise NotReady(f"one-token completion on {base_model!r}: {type(exc).__name__}: {exc}") from None
+        if reply.status_code != 200:
+            raise NotReady(
+                f"a one-token completion on {base_model!r} answered HTTP {reply.status_code}: "
+                f"{reply.text.strip()[:200]}"
+            )
+        if required is None:
+            return
+        try:
+            models = await client.get("/v1/models", timeout=left())
+        except httpx.HTTPError as exc:
+            raise NotReady(f"GET /v1/models: {type(exc).__name__}: {exc}") from None
+        if models.status_code != 200:
+            raise NotReady(f"GET /v1/models answered HTTP {models.status_code}")
+        listed = {m.get("id") for m in models.json().get("data", [])}
+    missing = sorted(n for n, v in required.items() if n not in listed and _servable_here(v))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise NotReady(f"{len(missing)} registered adapter version(s) not loaded: {shown}")
+
+
+def _servable_here(entry: AdapterVersion) -> bool:
+    """A version the server skipped at start because its files fail their checks is not required."""
+    from loraplane.common.errors import LoraplaneError
+    from loraplane.platform.registry import verify_weights
+    from loraplane.serving.preflight import check_adapter_files
+
+    try:
+        verify_weights(entry)
+        check_adapter_files(Path(entry.path))
+    except LoraplaneError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    api_key = os.environ.get("VLLM_API_KEY")
+    try:
+        if args.api_key_file is not None:
+            api_key = args.api_key_file.read_text().strip()
+        required = required_adapters(args)
+        asyncio.run(
+            check(
+                args.url, base_model=args.base_model, api_key=api_key, timeout=args.timeout, required=required
+            )
+        )
+    except NotReady as exc:
+        print(f"not ready: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except Exception as exc:  # a registry that cannot be read, a key file that is missing: not ready
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"not ready: {type(exc).__name__}: {first}", file=sys.stderr)  # noqa: T201
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""``sync``: make what vLLM replicas serve match what the registry says should be served.
+
+For each replica: every servable version that is not served is loaded (after the same checks as
+``adapters load``: weights unchanged since registration, preflight against the replica's base
+model); every served adapter that is not a servable version (retired, unloaded, unknown to the
+registry) is unloaded; the base model is never touched. Replicas are synced concurrently and each
+gets its own report; one unreachable replica does not stop the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraplane.common.errors import LoraplaneError
+from loraplane.platform.registry import AdapterVersion, RegistryState, open_registry, verify_weights
+from loraplane.platform.settings import Settings
+from loraplane.serving.base_model import BaseModelFacts, load_base_model
+from loraplane.serving.client import ModelCard, VLLMAdminClient
+from loraplane.serving.preflight import preflight_adapter
+
+log = logging.getLogger("loraplane.serving")
+
+
+def servable_versions(state: RegistryState) -> list[AdapterVersion]:
+    """The versions replicas should serve: not retired, and not stopped with ``adapters unload``
+    since they were last loaded. Ordered by adapter name, then version number."""
+    last_action: dict[tuple[str, str | None], str] = {}
+    for event in state.history:
+        if event.action in ("load", "unload", "register"):
+            last_action[(event.adapter, event.version)] = event.action
+    out = []
+    for adapter in sorted(state.adapters.values(), key=lambda a: a.name):
+        for entry in sorted(adapter.versions.values(), key=lambda v: int(v.version[1:])):
+            if entry.state == "retired":
+                continue
+            if entry.state == "registered" and last_action.get((entry.name, entry.version)) == "unload":
+                continue
+            out.append(entry)
+    return out
+
+
+_base_cache: dict[str, BaseModelFacts | None] = {}
+
+
+def served_base(cards: list[ModelCard]) -> BaseModelFacts | None:
+    """The base model a replica serves, read here from its ``--model`` (the base card's ``root``);
+    None when that path or hub id cannot be read on this machine (then the base checks are skipped)."""
+    bases = [c for c in cards if not c.is_adapter]
+    if not bases or not bases[0].root:
+        return None
+    root = bases[0].root
+    if root not in _base_cache:
+        _base_cache[root] = load_base_model(root, served_names=tuple(c.id for c in bases))
+        if _base_cache[root] is None:
+            log.info("cannot read the served base model here; base checks skipped", extra={"base": root})
+    return _base_cache[root]
+
+
+def check_servable(settings: Settings, entry: AdapterVersion, base: BaseModelFacts | None) -> None:
+    """Everything a version must pass before a server is asked to load it."""
+    verify_weights(entry)
+    preflight_adapter(
+        Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank, base=base
+    )
+
+
+@dataclass
+class ReplicaReport:
+    url: str
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # servable but failing its checks: why
+    failed: dict[str, str] = field(default_factory=dict)  # the server refused the load/unload: why
+    error: str | None = None  # the replica could not be synced at all
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.failed and not self.skipped
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.loaded or self.unloaded)
+
+
+@dataclass
+class SyncReport:
+    replicas: list[ReplicaReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.replicas)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "replicas": [{**asdict(r), "ok": r.ok} for r in self.replicas]}
+
+
+async def sync_replica(
+    settings: Settings,
+    url: str,
+    wanted: list[AdapterVersion],
+    *,
+    registered: set[str] | None = None,
+    prune_unknown: bool = True,
+    dry_run: bool = False,
+) -> ReplicaReport:
+    """Load what ``url`` lacks of ``wanted``; unload adapters that are not wanted. ``prune_unknown``
+    False keeps adapters that are not in ``registered`` (the served names the registry knows: another
+    registry may share the server)."""
+    report = ReplicaReport(url=url)
+    registered = registered or {e.served_name for e in wanted}
+    try:
+        async with VLLMAdminClient(url, api_key=settings.api_key) as client:
+            cards = await client.list_models()
+            served = {c.id: c.root for c in cards if c.is_adapter}
+            base = served_base(cards)
+            wanted_names = {e.served_name for e in wanted}
+            for entry in wanted:
+                name = entry.served_name
+                if name in served:
+                    report.unchanged.append(name)
+                    continue
+                try:
+                    check_servable(settings, entry, base)
+                except LoraplaneError as exc:
+                    report.skipped[name] = exc.message
+                    continue
+                try:
+                    if not dry_run:
+                        await client.load_adapter(name, entry.path)
+                    report.loaded.append(name)
+                except LoraplaneError as exc:
+                    report.failed[name] = exc.message
+            for name in sorted(served):
+                if name in wanted_names:
+                    continue
+                if not prune_unknown and name not in registered:
+                    continue
+                try:
+                    if not dry_run:
+                        await client.unload_adapter(name)
+                    report.unloaded.append(name)
+                except LoraplaneError as exc:
+                    report.failed[name] = exc.message
+    except LoraplaneError as exc:
+        report.error = exc.message
+    return report
+
+
+async def sync_replicas(
+    settings: Settings, urls: list[str], *, prune_unknown: bool = True, dry_run: bool = False
+) -> SyncReport:
+    """Sync every replica in ``urls`` with the registry (read once), concurrently."""
+    state = open_registry(settings).read()
+    wanted = servable_versions(state)
+    registered = {v.served_name for a in state.adapters.values() for v in a.versions.values()}
+    reports = await asyncio.gather(
+        *(
+            sync_replica(
+                settings, u, wanted, registered=registered, prune_unknown=prune_unknown, dry_run=dry_run
+            )
+            for u in urls
+        )
+    )
+    return SyncReport(replicas=list(reports))
