@@ -124,6 +124,20 @@ def _settings() -> Any:
     return Settings(**kwargs)
 
 
+@contextlib.contextmanager
+def _served_settings() -> Iterator[Any]:
+    """The settings; with the kubernetes registry and no --server-url, ``server_url`` is a
+    port-forward (through the Kubernetes API) to a Ready vLLM pod of the namespace."""
+    settings = _settings()
+    if settings.registry != "kubernetes" or _state.server_url is not None:
+        yield settings
+        return
+    from loraplane.platform.portforward import service_url
+
+    with service_url(settings, "vllm") as url:
+        yield settings.model_copy(update={"server_url": url})
+
+
 def _run(fn: Callable[[], T]) -> T:
     """Run a command body; a LoraplaneError becomes a clear message and its exit code, and anything
     else a one-line error (exit 1): a traceback only with --debug."""
@@ -270,8 +284,9 @@ def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIA
     def body() -> None:
         from loraplane.platform.adapters import load_adapter
 
-        entry = asyncio.run(load_adapter(_settings(), ref))
-        out.print(f"{entry.served_name} is served by {_settings().server_url}")
+        with _served_settings() as settings:
+            entry = asyncio.run(load_adapter(settings, ref))
+        out.print(f"{entry.served_name} is served by {settings.server_url}")
 
     _run(body)
 
@@ -305,9 +320,9 @@ def adapters_eval(
         from loraplane.evals.suite import load_suite, suite_for_dataset
 
         source = load_suite(suite) if suite is not None else suite_for_dataset(dataset)  # type: ignore[arg-type]
-        with _progress_bar("requests") as progress:
+        with _served_settings() as settings, _progress_bar("requests") as progress:
             record = asyncio.run(
-                evaluate_adapter(_settings(), ref, source, report_dir=report_dir, on_progress=progress)
+                evaluate_adapter(settings, ref, source, report_dir=report_dir, on_progress=progress)
             )
         if output == "json":
             out.print_json(record.model_dump_json())
@@ -333,9 +348,10 @@ def adapters_promote(
     def body() -> None:
         from loraplane.platform.adapters import promote_adapter
 
-        entry, previous = asyncio.run(
-            promote_adapter(_settings(), ref, alias=alias, force=force, reason=reason)
-        )
+        with _served_settings() as settings:
+            entry, previous = asyncio.run(
+                promote_adapter(settings, ref, alias=alias, force=force, reason=reason)
+            )
         was = f" (was {entry.name}@{previous})" if previous else ""
         out.print(f"{entry.name}:{alias} -> {entry.served_name}{was}")
 
@@ -398,7 +414,8 @@ def adapters_rollback(
     def body() -> None:
         from loraplane.platform.adapters import rollback_alias
 
-        entry, replaced = asyncio.run(rollback_alias(_settings(), name, alias=alias, to=to, reason=reason))
+        with _served_settings() as settings:
+            entry, replaced = asyncio.run(rollback_alias(settings, name, alias=alias, to=to, reason=reason))
         out.print(f"{name}:{alias} -> {entry.served_name} (was {name}@{replaced})")
 
     _run(body)
@@ -414,8 +431,9 @@ def adapters_unload(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None
     def body() -> None:
         from loraplane.platform.adapters import unload_adapter
 
-        entry = asyncio.run(unload_adapter(_settings(), ref))
-        out.print(f"{entry.served_name} is no longer served by {_settings().server_url}")
+        with _served_settings() as settings:
+            entry = asyncio.run(unload_adapter(settings, ref))
+        out.print(f"{entry.served_name} is no longer served by {settings.server_url}")
 
     _run(body)
 
@@ -430,8 +448,53 @@ def adapters_retire(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None
     def body() -> None:
         from loraplane.platform.adapters import unload_adapter
 
-        entry = asyncio.run(unload_adapter(_settings(), ref, retire=True))
+        with _served_settings() as settings:
+            entry = asyncio.run(unload_adapter(settings, ref, retire=True))
         out.print(f"{entry.ref} is retired")
+
+    _run(body)
+
+
+@adapters_app.command("sync")
+def adapters_sync(
+    server_urls: list[str] | None = typer.Option(
+        None, "--server-url", help="A vLLM replica; repeat for each (default: see below)."
+    ),
+    release: str = typer.Option("platform", help="Helm release whose vLLM pods to sync (Kubernetes)."),
+    keep_unknown: bool = typer.Option(False, help="Leave adapters the registry does not know loaded."),
+    dry_run: bool = typer.Option(False, help="Report what would change; change nothing."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+) -> None:
+    """Make each vLLM replica serve exactly the registry's servable versions; report the changes.
+
+    Replicas: every --server-url; else, with --registry kubernetes, the Ready vLLM pods of --release
+    (pod IPs: run it inside the cluster); else LORAPLANE_SERVER_URLS (comma-separated) or the global
+    --server-url. Exit 1 when a replica could not be synced completely.
+    """
+
+    def body() -> None:
+        from loraplane.platform.adapters import sync_adapters
+
+        report = asyncio.run(
+            sync_adapters(
+                _settings(), server_urls, release=release, prune_unknown=not keep_unknown, dry_run=dry_run
+            )
+        )
+        if output == "json":
+            out.print_json(json.dumps(report.to_json()))
+        else:
+            for r in report.replicas:
+                verdict = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
+                out.print(f"{_escape(r.url)}: {verdict}" + (f" ({_escape(r.error)})" if r.error else ""))
+                for label, names in (("loaded", r.loaded), ("unloaded", r.unloaded)):
+                    for n in names:
+                        out.print(f"  {label} {_escape(n)}")
+                out.print(f"  unchanged: {len(r.unchanged)}")
+                for kind, problems in (("skipped", r.skipped), ("failed", r.failed)):
+                    for n, why in problems.items():
+                        out.print(f"  [red]{kind}[/] {_escape(n)}: {_escape(why)}")
+        if not report.ok:
+            raise typer.Exit(1)
 
     _run(body)
 
@@ -571,34 +634,83 @@ def _cluster_settings() -> Any:
     settings = _settings()
     if settings.registry != "kubernetes":
         raise InvalidInputError(
-            "train submit/status/cancel run on a Kubernetes cluster: pass --registry kubernetes -n NAMESPACE "
-            "(or set LORAPLANE_REGISTRY=kubernetes)",
-            hint="to train on this machine: python -m loraplane.trainer --config FILE",
+            "train status/logs/register/cancel run on a Kubernetes cluster: pass --registry kubernetes "
+            "-n NAMESPACE (or set LORAPLANE_REGISTRY=kubernetes)",
+            hint="with the local registry, `loraplane train submit CONFIG` trains on this machine",
         )
     return settings
 
 
+def _register_run(settings: Any, job: str) -> tuple[Any, bool]:
+    from loraplane.platform.training_k8s import published_result, register_published
+
+    return register_published(settings, published_result(settings, job), job=job)
+
+
+def _registered_line(entry: Any, created: bool) -> str:
+    return f"{'registered' if created else 'already registered'} {entry.ref} ({entry.path})"
+
+
 @train_app.command("submit")
 def train_submit(
-    config: Path = typer.Argument(..., help="Training config (YAML); paths are on the shared volume."),
+    config: Path = typer.Argument(..., help="Training config (YAML); on a cluster, paths are on its volume."),
     overrides: list[str] | None = typer.Argument(None, help="section.key=value overrides."),
     release: str = typer.Option("platform", help="Helm release whose training template to use."),
+    wait: bool = typer.Option(
+        False, "--wait", help="Cluster: wait for the Job to finish, then register what it published."
+    ),
+    timeout: float = typer.Option(24 * 3600, help="Longest --wait in seconds."),
     output: str = typer.Option("text", "--output", "-o", help="text or json"),
 ) -> None:
-    """Validate a training config and start it as a Job from the installed template.
+    """Train an adapter. With the kubernetes registry: validate the config and start a Job from the
+    release's template (--wait: until it ends, then register the adapter). With the local registry:
+    run the trainer here, show its progress, and register the adapter it publishes.
 
-    Example: loraplane --registry kubernetes -n ml train submit train.yaml training.epochs=3
+    \b
+    Examples:
+      loraplane --registry kubernetes -n ml train submit train.yaml training.epochs=3 --wait
+      loraplane train submit train.yaml        # local: trains on this machine
     """
 
     def body() -> None:
-        from loraplane.platform.training_k8s import submit_training
+        settings = _settings()
+        if settings.registry != "kubernetes":
+            from loraplane.platform.training_local import train_locally
 
-        run = submit_training(_cluster_settings(), config, overrides or [], release=release)
-        if output == "json":
-            out.print_json(json.dumps({"job": run.job, "namespace": run.namespace, "adapter": run.adapter}))
+            local = train_locally(settings, config, overrides or [])
+            if output == "json":
+                dumped = local.adapter.model_dump(mode="json")
+                out.print_json(json.dumps({"adapter": dumped, "registered": local.registered}))
+                return
+            out.print(_registered_line(local.adapter, local.registered), highlight=False, soft_wrap=True)
             return
-        out.print(f"submitted {run.job} (adapter {run.adapter}) in namespace {run.namespace}")
-        out.print(f"follow it: loraplane --registry kubernetes -n {run.namespace} train status {run.job}")
+        from loraplane.platform.training_k8s import submit_training, wait_for_training
+
+        run = submit_training(settings, config, overrides or [], release=release)
+        result: dict[str, Any] = {"job": run.job, "namespace": run.namespace, "adapter": run.adapter}
+        if not wait:
+            if output == "json":
+                out.print_json(json.dumps(result))
+                return
+            out.print(f"submitted {run.job} (adapter {run.adapter}) in namespace {run.namespace}")
+            follow_cmd = f"loraplane --registry kubernetes -n {run.namespace} train logs {run.job} -f"
+            out.print(f"follow it: {follow_cmd}")
+            return
+        if output != "json":
+            err.print(f"submitted {run.job}; waiting for it to finish", highlight=False)
+        final = wait_for_training(settings, run.job, timeout=timeout)
+        result["state"] = final.state
+        if final.state != "Succeeded":
+            raise LoraplaneError(
+                f"training Job {run.job} failed: {final.reason}: {final.message}",
+                hint=f"see its log: loraplane --registry kubernetes -n {run.namespace} train logs {run.job}",
+            )
+        entry, created = _register_run(settings, run.job)
+        result["registered"] = {"ref": entry.ref, "path": entry.path, "new": created}
+        if output == "json":
+            out.print_json(json.dumps(result))
+            return
+        out.print(_registered_line(entry, created), highlight=False, soft_wrap=True)
 
     _run(body)
 
@@ -606,9 +718,13 @@ def train_submit(
 @train_app.command("status")
 def train_status(
     job: str = typer.Argument(..., help="Job name printed by train submit."),
+    register: bool = typer.Option(
+        True, "--register/--no-register", help="Register the published adapter when the run succeeded."
+    ),
     output: str = typer.Option("table", "--output", "-o", help="table or json"),
 ) -> None:
-    """Show a run: running, succeeded or failed (with the reason), and each pod's exit code.
+    """Show a run: running, succeeded or failed (with the reason), and each pod's exit code. A
+    succeeded run's adapter is registered (once; later calls say it already is).
 
     Example: loraplane --registry kubernetes -n ml train status train-support-bot-x7k2p
     """
@@ -618,9 +734,18 @@ def train_status(
 
         from loraplane.platform.training_k8s import training_status
 
-        status = training_status(_cluster_settings(), job)
+        settings = _cluster_settings()
+        status = training_status(settings, job)
+        registered: dict[str, Any] | None = None
+        if register and status.state == "Succeeded":
+            try:
+                entry, created = _register_run(settings, job)
+                registered = {"ref": entry.ref, "path": entry.path, "new": created}
+            except LoraplaneError as exc:  # the status stands; registering is retried by the next call
+                registered = {"error": str(exc)}
+                err.print(f"[yellow]warning:[/] not registered: {_escape(str(exc))}", highlight=False)
         if output == "json":
-            out.print_json(json.dumps(status.to_dict()))
+            out.print_json(json.dumps({**status.to_dict(), "registered": registered}))
             return
         why = f": {status.reason}: {status.message}" if status.reason else ""
         out.print(f"{status.job} ({status.adapter or '?'}): {status.state}{why}", highlight=False)
@@ -631,6 +756,51 @@ def train_status(
             code = "" if pod.exit_code is None else str(pod.exit_code)
             table.add_row(pod.name, pod.phase, pod.node or "", code, pod.meaning or "")
         out.print(table)
+        if registered is not None and "error" not in registered:
+            verb = "registered" if registered["new"] else "already registered"
+            out.print(f"{verb} {registered['ref']} ({registered['path']})", highlight=False, soft_wrap=True)
+
+    _run(body)
+
+
+@train_app.command("register")
+def train_register(
+    job: str = typer.Argument(..., help="Job name of a succeeded run."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+) -> None:
+    """Register the adapter a succeeded run published (idempotent: a second call changes nothing).
+
+    Example: loraplane --registry kubernetes -n ml train register train-support-bot-x7k2p
+    """
+
+    def body() -> None:
+        entry, created = _register_run(_cluster_settings(), job)
+        if output == "json":
+            out.print_json(json.dumps({"adapter": entry.model_dump(mode="json"), "registered": created}))
+            return
+        out.print(_registered_line(entry, created), highlight=False, soft_wrap=True)
+
+    _run(body)
+
+
+@train_app.command("logs")
+def train_logs(
+    job: str = typer.Argument(..., help="Job name printed by train submit."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the trainer exits."),
+) -> None:
+    """Print the trainer's log of a run (its newest pod), through the Kubernetes API.
+
+    Example: loraplane --registry kubernetes -n ml train logs train-support-bot-x7k2p -f
+    """
+
+    def body() -> None:
+        import sys
+
+        from loraplane.platform.training_k8s import training_logs
+
+        for line in training_logs(_cluster_settings(), job, follow=follow):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     _run(body)
 
@@ -647,6 +817,206 @@ def train_cancel(job: str = typer.Argument(..., help="Job name printed by train 
 
         cancel_training(_cluster_settings(), job)
         out.print(f"cancelled {job}")
+
+    _run(body)
+
+
+# --- the platform's Helm release --------------------------------------------------------------------
+
+
+def _release_option() -> Any:
+    return typer.Option("platform", "--release", help="Helm release name.")
+
+
+def _print_release(verb: str, info: Any, output: str) -> None:
+    if output == "json":
+        out.print_json(json.dumps(info.to_dict()))
+        return
+    out.print(
+        f"{verb} {info.name} ({info.chart}) in namespace {info.namespace}: revision {info.revision}, "
+        f"{info.status}",
+        highlight=False,
+    )
+
+
+def _deploy(
+    *,
+    upgrade: bool,
+    values: list[Path] | None,
+    sets: list[str] | None,
+    release: str,
+    chart: Path | None,
+    wait: bool,
+    timeout: str,
+) -> Any:
+    from loraplane.platform.helm_release import deploy, load_values
+
+    merged = load_values(values or [], sets or [])
+    return deploy(
+        _settings(), upgrade=upgrade, release=release, chart=chart, values=merged, wait=wait, timeout=timeout
+    )
+
+
+_VALUES_HELP = "Values file (YAML); repeat to layer several, later ones win."
+_SET_HELP = "KEY=VALUE on the command line (e.g. serving.replicas=2); repeatable; applied after -f."
+_WAIT_HELP = "Wait until every pod is Ready and every hook Job is done (up to --timeout)."
+
+
+@app.command()
+def install(
+    values: list[Path] | None = typer.Option(None, "--values", "-f", help=_VALUES_HELP),
+    sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
+    release: str = _release_option(),
+    chart: Path | None = typer.Option(None, help="Chart directory (default: the loraplane chart)."),
+    wait: bool = typer.Option(False, "--wait", help=_WAIT_HELP),
+    timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration: 90s, 10m)."),
+    gpu_operator: bool = typer.Option(
+        False, "--gpu-operator", help="First install NVIDIA's GPU operator chart from its repository."
+    ),
+    gpu_operator_repo: str = typer.Option(
+        "https://helm.ngc.nvidia.com/nvidia", help="Chart repository of the GPU operator."
+    ),
+    gpu_operator_version: str | None = typer.Option(
+        "v24.9.0", help="GPU operator chart version ('' for the repository's latest)."
+    ),
+    gpu_operator_namespace: str = typer.Option(
+        "gpu-operator", help="Namespace of the GPU operator (labelled Pod Security privileged)."
+    ),
+    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+) -> None:
+    """Install the platform's Helm release in the namespace (-n); refused if it is installed already.
+
+    \b
+    Examples:
+      loraplane -n ml install -f my-values.yaml --set serving.replicas=2 --wait
+      loraplane -n ml install --gpu-operator --wait
+    """
+
+    def body() -> None:
+        from loraplane.platform.helm_release import GpuOperator, install_gpu_operator
+
+        operator_info = None
+        if gpu_operator:
+            operator = GpuOperator(
+                repo=gpu_operator_repo,
+                version=gpu_operator_version or None,
+                namespace=gpu_operator_namespace,
+            )
+            operator_info = install_gpu_operator(_settings(), operator, wait=wait, timeout=timeout)
+            if output != "json":
+                _print_release("installed", operator_info, output)
+        info = _deploy(
+            upgrade=False, values=values, sets=sets, release=release, chart=chart, wait=wait, timeout=timeout
+        )
+        if output == "json":
+            both = {"release": info.to_dict()}
+            if operator_info is not None:
+                both["gpu_operator"] = operator_info.to_dict()
+            out.print_json(json.dumps(both))
+            return
+        _print_release("installed", info, output)
+        out.print(f"next: loraplane -n {info.namespace} status", highlight=False)
+
+    _run(body)
+
+
+@app.command()
+def upgrade(
+    values: list[Path] | None = typer.Option(None, "--values", "-f", help=_VALUES_HELP),
+    sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
+    release: str = _release_option(),
+    chart: Path | None = typer.Option(None, help="Chart directory (default: the loraplane chart)."),
+    wait: bool = typer.Option(False, "--wait", help=_WAIT_HELP),
+    timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration: 90s, 10m)."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+) -> None:
+    """Upgrade the installed release with new values or a new chart (values not given reset to the
+    chart's defaults, as `helm upgrade` does).
+
+    \b
+    Example:
+      loraplane -n ml upgrade -f my-values.yaml --set serving.maxLoras=8 --wait
+    """
+
+    def body() -> None:
+        info = _deploy(
+            upgrade=True, values=values, sets=sets, release=release, chart=chart, wait=wait, timeout=timeout
+        )
+        _print_release("upgraded", info, output)
+
+    _run(body)
+
+
+@app.command()
+def uninstall(
+    release: str = _release_option(),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the release's objects are gone."),
+    timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration)."),
+) -> None:
+    """Remove the release. The data volume (models, datasets, adapters) and the registry's
+    LoraAdapter objects are kept.
+
+    \b
+    Example:
+      loraplane -n ml uninstall --wait
+    """
+
+    def body() -> None:
+        from loraplane.platform.helm_release import uninstall as helm_uninstall
+
+        settings = _settings()
+        helm_uninstall(settings, release, wait=wait, timeout=timeout)
+        out.print(f"uninstalled {release} from namespace {settings.namespace}", highlight=False)
+
+    _run(body)
+
+
+@app.command()
+def status(
+    release: str = _release_option(),
+    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+) -> None:
+    """Show what runs in the namespace: the release, vLLM replicas ready/desired, the adapters vLLM
+    has loaded (through a port-forward) and the registry's aliases.
+
+    \b
+    Example:
+      loraplane -n ml status -o json
+    """
+
+    def body() -> None:
+        from rich.table import Table
+
+        from loraplane.platform.cluster_status import cluster_status
+
+        found = cluster_status(_settings(), release)
+        if output == "json":
+            out.print_json(json.dumps(found.to_dict()))
+            return
+        r = found.release
+        if r is None:
+            out.print(f"release {release}: not installed in namespace {found.namespace}", highlight=False)
+        else:
+            out.print(
+                f"release {r.name}: {r.chart}, revision {r.revision}, {r.status} (updated {r.updated})",
+                highlight=False,
+            )
+        for rep in found.vllm:
+            out.print(f"vLLM {rep.deployment}: {rep.ready}/{rep.desired} ready", highlight=False)
+        if found.loaded_error:
+            out.print(f"loaded adapters: unknown ({_escape(found.loaded_error)})", highlight=False)
+        else:
+            out.print("loaded adapters: " + (", ".join(found.loaded_adapters) or "none"), highlight=False)
+        table = Table(title="aliases")
+        for col in ("adapter", "alias", "version"):
+            table.add_column(col)
+        for name, aliases in sorted(found.aliases.items()):
+            for alias, version in sorted(aliases.items()):
+                table.add_row(name, alias, version)
+        if found.aliases_error:
+            out.print(f"aliases: unknown ({_escape(found.aliases_error)})", highlight=False)
+        else:
+            out.print(table)
 
     _run(body)
 

@@ -9,15 +9,18 @@ the Job (its pods get SIGTERM: the trainer saves a checkpoint and exits 75).
 
 from __future__ import annotations
 
+import json
 import secrets
 import string
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loraplane.common.errors import ConfigError, InvalidInputError
+from loraplane.common.errors import ConfigError, InvalidInputError, LoraplaneError
 from loraplane.platform.kube import KubernetesError, api_client, api_message
 from loraplane.platform.settings import Settings
 from loraplane.trainer.config import load_config
@@ -26,6 +29,9 @@ from loraplane.trainer.exit_codes import DO_NOT_RETRY, FAILED, PREEMPTED, SUCCES
 TEMPLATE_COMPONENT = "trainer-template"
 RUN_CONFIG_VOLUME = "run-config"
 ADAPTER_LABEL = "loraplane.dev/adapter"
+TRAINER_CONTAINER = "trainer"
+TRAINER_MODULE = "loraplane.trainer"
+REPORT_MODULE = "loraplane.platform.run_report"
 
 EXIT_MEANINGS = {
     SUCCESS: "published",
@@ -154,6 +160,10 @@ def submit_training(
             container["resources"][kind] = {k: str(v) for k, v in amounts.items()} if amounts else None
             if container["resources"][kind] is None:
                 del container["resources"][kind]
+    for container in pod["spec"]["containers"]:
+        command = container.get("command") or []
+        if command[1:3] == ["-m", TRAINER_MODULE]:  # the trainer, reporting what it published
+            container["command"] = [command[0], "-m", REPORT_MODULE, *command[3:]]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     if RUN_CONFIG_VOLUME not in volumes:
         raise InvalidInputError(
@@ -246,3 +256,141 @@ def cancel_training(settings: Settings, job_name: str) -> None:
                 f"no training Job {job_name!r} in namespace {settings.namespace!r}"
             ) from None
         raise KubernetesError(f"cannot delete Job {job_name}: {api_message(exc)}") from None
+
+
+def _job_pods(core: Any, namespace: str, job_name: str) -> list[Any]:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+    except ApiException as exc:
+        raise KubernetesError(f"cannot list the pods of Job {job_name}: {api_message(exc)}") from None
+    return sorted(pods, key=lambda p: (p.metadata.creation_timestamp, p.metadata.name))
+
+
+def training_logs(
+    settings: Settings, job_name: str, *, follow: bool = False, wait_seconds: float = 120.0
+) -> Iterator[str]:
+    """The trainer's log lines of the run's newest pod; with ``follow``, until the container ends.
+
+    A pod that has not started yet is waited for (up to ``wait_seconds``)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core: Any = client.CoreV1Api(api_client(settings))
+    namespace = settings.namespace
+    training_status(settings, job_name)  # a clear error for an unknown Job
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        pods = [p for p in _job_pods(core, namespace, job_name) if p.status.phase != "Pending"]
+        if pods:
+            break
+        if time.monotonic() > deadline:
+            raise InvalidInputError(
+                f"no started pod of Job {job_name!r} after {wait_seconds:.0f} s",
+                hint=f"see why: kubectl -n {namespace} describe pods -l job-name={job_name}",
+            )
+        time.sleep(0.5)
+    pod = pods[-1].metadata.name
+    try:
+        response = core.read_namespaced_pod_log(
+            pod, namespace, container=TRAINER_CONTAINER, follow=follow, _preload_content=False
+        )
+    except ApiException as exc:
+        raise KubernetesError(f"cannot read the log of pod {pod}: {api_message(exc)}") from None
+    pending = b""
+    try:
+        for chunk in response.stream(4096):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode(errors="replace")
+        if pending:
+            yield pending.decode(errors="replace")
+    finally:
+        response.release_conn()
+
+
+def published_result(settings: Settings, job_name: str) -> dict[str, Any]:
+    """What a succeeded run published, from the ``run_report`` line in its pod's log."""
+    status = training_status(settings, job_name)
+    if status.state != "Succeeded":
+        raise InvalidInputError(
+            f"training Job {job_name!r} has not succeeded ({status.state}); nothing to register",
+            hint=f"follow it: loraplane train logs {job_name} -f",
+        )
+    from loraplane.platform.run_report import RESULT_PREFIX
+
+    result = None
+    for line in training_logs(settings, job_name):
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+    if not isinstance(result, dict):
+        raise InvalidInputError(
+            f"the log of Job {job_name!r} has no '{RESULT_PREFIX.strip()}' line: the adapter it published "
+            "is unknown here",
+            hint="register it from a machine that mounts the volume: loraplane adapters register PATH",
+        )
+    return result
+
+
+def register_published(settings: Settings, result: dict[str, Any], *, job: str) -> tuple[Any, bool]:
+    """Record the published version once: ``(entry, True)`` when this call registered it, ``(entry,
+    False)`` when it was registered already with the same weights. Other weights under the same
+    version are refused (versions are immutable)."""
+    from loraplane.platform.registry import (
+        REF_PATTERN,
+        Adapter,
+        AdapterVersion,
+        HistoryEvent,
+        RegistryError,
+        open_registry,
+    )
+
+    try:
+        entry = AdapterVersion(
+            name=result["name"],
+            version=result["version"],
+            served_name=f"{result['name']}@{result['version']}",
+            path=result["path"],
+            weights_sha256=result["weights_sha256"],
+            base_model=result.get("base_model"),
+            manifest=result.get("manifest") or {},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"the result line of Job {job!r} is incomplete: {exc}") from None
+    if not REF_PATTERN.match(entry.ref) or not entry.path.startswith("/"):
+        raise InvalidInputError(f"the result line of Job {job!r} names {entry.ref} at {entry.path!r}")
+    with open_registry(settings).transaction() as state:
+        adapter = state.adapters.setdefault(entry.name, Adapter(name=entry.name))
+        existing = adapter.versions.get(entry.version)
+        if existing is not None:
+            if existing.weights_sha256 != entry.weights_sha256:
+                raise RegistryError(
+                    f"{entry.ref} is already registered with other weights (sha256 "
+                    f"{existing.weights_sha256[:12]}…, this run's {entry.weights_sha256[:12]}…)",
+                    hint="versions are immutable: publish the new weights as a new version",
+                )
+            return existing, False
+        adapter.versions[entry.version] = entry
+        state.history.append(
+            HistoryEvent(
+                action="register", adapter=entry.name, version=entry.version, reason=f"training Job {job}"
+            )
+        )
+    return entry, True
+
+
+def wait_for_training(settings: Settings, job_name: str, *, timeout: float) -> RunStatus:
+    """Poll the Job until it Succeeded or Failed (or ``timeout`` seconds pass)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = training_status(settings, job_name)
+        if status.state != "Running":
+            return status
+        if time.monotonic() > deadline:
+            raise LoraplaneError(
+                f"training Job {job_name} still running after {timeout:.0f} s",
+                hint=f"it keeps running; check it later with: loraplane train status {job_name}",
+            )
+        time.sleep(2.0)

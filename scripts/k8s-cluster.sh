@@ -49,6 +49,10 @@ options:
   etcdctlBinary: $BIN/etcdctl
   etcdutlBinary: $BIN/etcdutl
   kectlBinary: $BIN/kectl
+  # PortForward and Logs as CRDs: a test creates them at run time to route a fake pod's port to a
+  # local server (the CLI's port-forward through the API server) and to serve a fake container's
+  # log from a file (kubectl logs, loraplane train logs).
+  enableCRDs: [PortForward, Logs]
 EOF
   # Without a default route (a sandbox, a network namespace) kube-apiserver cannot pick an address to
   # advertise and exits: "Unable to find suitable network address". Only then advertise loopback

@@ -1,0 +1,93 @@
+"""What is running in a namespace: the Helm release, vLLM's replicas, the adapters vLLM has loaded
+(its ``/v1/models`` through a port-forward) and the registry's aliases.
+
+Each part is read on its own: a part that cannot be read (no Ready vLLM pod, no registry CRD) says
+why in its ``error`` field instead of hiding the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from loraplane.common.errors import LoraplaneError
+from loraplane.platform.helm_release import DEFAULT_RELEASE, ReleaseInfo, release_status
+from loraplane.platform.kube import KubernetesError, api_client, api_message
+from loraplane.platform.settings import Settings
+
+
+@dataclass
+class Replicas:
+    deployment: str
+    desired: int
+    ready: int
+
+
+@dataclass
+class ClusterStatus:
+    namespace: str
+    release: ReleaseInfo | None
+    vllm: list[Replicas] = field(default_factory=list)
+    loaded_adapters: list[str] = field(default_factory=list)
+    base_models: list[str] = field(default_factory=list)
+    loaded_error: str | None = None
+    aliases: dict[str, dict[str, str]] = field(default_factory=dict)
+    aliases_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def vllm_replicas(settings: Settings, release: str) -> list[Replicas]:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    apps: Any = client.AppsV1Api(api_client(settings))
+    selector = f"app.kubernetes.io/component=vllm,app.kubernetes.io/instance={release}"
+    try:
+        found = apps.list_namespaced_deployment(settings.namespace, label_selector=selector).items
+    except ApiException as exc:
+        raise KubernetesError(f"cannot list Deployments: {api_message(exc)}") from None
+    return [
+        Replicas(d.metadata.name, d.spec.replicas or 0, d.status.ready_replicas or 0)
+        for d in sorted(found, key=lambda d: d.metadata.name)
+    ]
+
+
+def served_models(url: str, api_key: str | None) -> tuple[list[str], list[str]]:
+    """(adapters, base models) that the vLLM server at ``url`` lists on ``/v1/models``."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=headers, timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise LoraplaneError(f"cannot reach vLLM: {exc}") from None
+    if response.status_code != 200:
+        raise LoraplaneError(f"vLLM answered /v1/models with HTTP {response.status_code}")
+    cards = response.json().get("data", [])
+    adapters = sorted(c["id"] for c in cards if c.get("parent"))
+    bases = sorted(c["id"] for c in cards if not c.get("parent"))
+    return adapters, bases
+
+
+def cluster_status(settings: Settings, release: str = DEFAULT_RELEASE) -> ClusterStatus:
+    from loraplane.platform.portforward import service_url
+    from loraplane.platform.registry import open_registry
+
+    status = ClusterStatus(namespace=settings.namespace, release=release_status(settings, release))
+    status.vllm = vllm_replicas(settings, release)
+    if any(r.ready for r in status.vllm):
+        try:
+            with service_url(settings, "vllm", release=release) as url:
+                status.loaded_adapters, status.base_models = served_models(url, settings.api_key)
+        except LoraplaneError as exc:
+            status.loaded_error = str(exc)
+    else:
+        status.loaded_error = "no Ready vLLM replica"
+    try:
+        state = open_registry(settings.model_copy(update={"registry": "kubernetes"})).read()
+        status.aliases = {name: dict(a.aliases) for name, a in state.adapters.items() if a.aliases}
+    except LoraplaneError as exc:
+        status.aliases_error = str(exc)
+    return status
