@@ -34,7 +34,13 @@ from loraplane.platform.registry import (
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
-from loraplane.serving.reconcile import SyncReport, check_servable, served_base, sync_replicas
+from loraplane.serving.reconcile import (
+    SyncReport,
+    check_servable,
+    servable_versions,
+    served_base,
+    sync_replicas,
+)
 from loraplane.serving.replicas import list_vllm_pods, replica_urls
 from loraplane.trainer.merge import MergedModel, merge_adapter
 
@@ -365,21 +371,36 @@ async def unload_adapter(
     settings: Settings, ref: str, *, server_urls: list[str] | None = None, retire: bool = False
 ) -> AdapterVersion:
     """Stop serving ``ref`` (and with ``retire``, mark it retired for good). Refused while an alias
-    points at it. The server is asked first: when it cannot be reached, the registry is unchanged."""
+    points at it. The servers are asked first: when one cannot be reached, the registry is unchanged.
+
+    A ``serving`` version is unloaded from every server first (when one cannot be reached, the
+    registry is unchanged); a ``registered`` one (which a restart or ``sync`` may have loaded) is
+    unloaded where a server answers. Either is recorded as unloaded: neither a restart nor ``sync``
+    loads it again until ``adapters load`` does.
+    """
     registry = open_registry(settings)
     seen = registry.read()
     entry = seen.resolve(ref)
     what = "retire" if retire else "unload"
     _refuse_if_aliased(seen, entry, what)
-    if entry.state == "serving":
-        for url in server_urls or replica_urls(settings):
+    servable = entry.served_name in {v.served_name for v in servable_versions(seen)}
+    for url in server_urls or replica_urls(settings) if servable else []:
+        if entry.state == "serving":  # it is served: every server must drop it, else nothing changes
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:
                 await client.unload_adapter(entry.served_name)
+            continue
+        try:  # registered: served only if a restart or sync loaded it; sync removes it later anyway
+            async with VLLMAdminClient(url, api_key=settings.api_key, retries=0) as client:
+                await client.unload_adapter(entry.served_name)
+        except LoraplaneError as exc:
+            log.info(
+                "could not unload; sync will", extra={"adapter": entry.ref, "server": url, "why": exc.message}
+            )
     with registry.transaction() as state:
         current = state.resolve(entry.ref)
         _refuse_if_aliased(state, current, what)  # an alias may have moved onto it meanwhile
         new_state: VersionState = "retired" if retire else "registered"
-        if current.state != new_state:
+        if current.state != new_state or servable:
             current.state = new_state
             action: Literal["retire", "unload"] = "retire" if retire else "unload"
             state.history.append(HistoryEvent(action=action, adapter=entry.name, version=entry.version))

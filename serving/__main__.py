@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                 registry=args.registry or "local",
                 namespace=args.namespace,
             )
-            found = registered_modules(settings, max_lora_rank=args.max_lora_rank)
+            from loraplane.serving.base_model import load_base_model
+
+            base = load_base_model(args.model, served_names=(args.served_model_name,))
+            found = registered_modules(settings, max_lora_rank=args.max_lora_rank, base=base)
         except LoraplaneError as exc:
             print(f"error: cannot read the registry to serve its adapters: {exc}", file=sys.stderr)  # noqa: T201
             return 1

@@ -105,8 +105,8 @@ class VLLMAdminClient:
         *,
         api_key: str | None = None,
         timeout: float = 60.0,
-        retries: int = 4,
-        backoff_s: float = 0.5,
+        retries: int = 3,
+        backoff_s: float = 0.25,
         max_backoff_s: float = 8.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -137,9 +137,9 @@ class VLLMAdminClient:
             except _Transient as exc:
                 if n == self.retries:
                     raise ServerUnavailableError(
-                        f"{what}: the vLLM server at {self.base_url} is unavailable ({exc.reason}; "
+                        f"cannot reach the vLLM server at {self.base_url} ({what}: {exc.reason}; "
                         f"{self.retries + 1} tries)",
-                        hint="is the server running and ready? check --server-url",
+                        hint="is the server running? start it with `loraplane serve` or check --server-url",
                     ) from None
                 log.info("retrying", extra={"what": what, "reason": exc.reason, "in_s": round(delay, 2)})
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))

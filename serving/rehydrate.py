@@ -16,8 +16,10 @@ from pathlib import Path
 from loraplane.common.errors import LoraplaneError
 from loraplane.platform.registry import open_registry, verify_weights
 from loraplane.platform.settings import Settings
+from loraplane.serving.base_model import BaseModelFacts
 from loraplane.serving.launcher import LoraModule
 from loraplane.serving.preflight import preflight_adapter
+from loraplane.serving.reconcile import servable_versions
 
 log = logging.getLogger("loraplane.serving")
 
@@ -28,24 +30,21 @@ class Rehydration:
     skipped: dict[str, str] = field(default_factory=dict)  # served name -> why
 
 
-def registered_modules(settings: Settings, *, max_lora_rank: int) -> Rehydration:
-    """Every non-retired version in the registry that passes the load checks, oldest first."""
+def registered_modules(
+    settings: Settings, *, max_lora_rank: int, base: BaseModelFacts | None = None
+) -> Rehydration:
+    """Every servable version in the registry (``reconcile.servable_versions``: not retired, not
+    unloaded) that passes the load checks (against ``base``, the model being served), oldest first."""
     result = Rehydration()
-    state = open_registry(settings).read()
-    for adapter in sorted(state.adapters.values(), key=lambda a: a.name):
-        for entry in sorted(adapter.versions.values(), key=lambda v: int(v.version[1:])):
-            if entry.state == "retired":
-                continue
-            try:
-                verify_weights(entry)
-                preflight_adapter(
-                    Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=max_lora_rank
-                )
-            except LoraplaneError as exc:
-                result.skipped[entry.served_name] = exc.message
-                log.warning(
-                    "not serving a registered adapter", extra={"adapter": entry.ref, "why": exc.message}
-                )
-                continue
-            result.modules.append(LoraModule(name=entry.served_name, path=Path(entry.path)))
+    for entry in servable_versions(open_registry(settings).read()):
+        try:
+            verify_weights(entry)
+            preflight_adapter(
+                Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=max_lora_rank, base=base
+            )
+        except LoraplaneError as exc:
+            result.skipped[entry.served_name] = exc.message
+            log.warning("not serving a registered adapter", extra={"adapter": entry.ref, "why": exc.message})
+            continue
+        result.modules.append(LoraModule(name=entry.served_name, path=Path(entry.path)))
     return result
