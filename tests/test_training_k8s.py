@@ -37,7 +37,7 @@ def release(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> s
 def _install(cluster: Cluster, ns: str, work: Path, *, annotations: dict[str, str]) -> None:
     values = {
         "serving": {"enabled": False},
-        "storage": {"create": False, "existingClaim": "models"},
+        "global": {"storage": {"create": False, "existingClaim": "models"}},
         "trainer": {"tolerations": TOLERATE_GPU, "podAnnotations": annotations},
     }
     path = work / "values.yaml"
@@ -71,7 +71,7 @@ def _submit(cluster: Cluster, ns: str, config: Path, *extra: str) -> str:
 
 
 def _status(cluster: Cluster, ns: str, job: str) -> dict[str, Any]:
-    result = _cli(cluster, ns, "train", "status", job, "-o", "json")
+    result = _cli(cluster, ns, "train", "status", job, "--no-register", "-o", "json")
     assert result.returncode == 0, result.stderr
     status: dict[str, Any] = json.loads(result.stdout)
     return status
@@ -101,7 +101,10 @@ def test_a_submitted_run_is_a_hardened_job_from_the_template_and_succeeds(
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
     pod_spec = spec["template"]["spec"]
     container = pod_spec["containers"][0]
-    assert container["command"][-3:] == ["loraplane.trainer", "--config", "/etc/loraplane/run/train.yaml"]
+    # The trainer runs through run_report, which prints what it published for `train status` to read.
+    assert container["command"][1:] == [
+        "-m", "loraplane.platform.run_report", "--config", "/etc/loraplane/run/train.yaml",
+    ]  # fmt: skip
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod_spec["automountServiceAccountToken"] is False
@@ -192,3 +195,122 @@ def test_an_evicted_training_pod_does_not_count_against_the_retry_budget(
         _cli(k8s_cluster, ns, "train", "cancel", job)
     finally:
         _install(k8s_cluster, ns, tmp_path, annotations={})
+
+
+def _cri(stream: str, text: str) -> str:
+    """One line of a container log as the kubelet (and kwok's Logs) stores it: CRI format."""
+    return f"2026-01-01T00:00:00.000000000Z {stream} F {text}\n"
+
+
+def _serve_log(cluster: Cluster, ns: str, pod: str, log_file: Path) -> None:
+    """kwok's Logs resource: the API server's pods/log of ``pod`` reads ``log_file`` (followed)."""
+    logs = {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Logs",
+        "metadata": {"name": pod, "namespace": ns},
+        "spec": {"logs": [{"containers": ["trainer"], "logsFile": str(log_file), "follow": True}]},
+    }
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(logs))
+
+
+def _published_adapter(tmp_path: Path, name: str, version: str) -> dict[str, Any]:
+    """The result line run_report prints for an adapter directory (real files, real sha256)."""
+    from conftest import write_fake_adapter
+
+    from loraplane.common.files import sha256_file
+    from loraplane.platform.run_report import published
+
+    adapter = write_fake_adapter(tmp_path / "adapters" / name / version)
+    manifest = {
+        "name": name,
+        "version": version,
+        "base_model": {"path": "/data/models/base"},
+        "weights_sha256": sha256_file(adapter / "adapter_model.safetensors"),
+    }
+    (adapter / "manifest.json").write_text(json.dumps(manifest))
+    trainer_stdout = json.dumps(
+        {"adapter": str(adapter), "name": name, "version": version, "already_published": False}
+    )
+    result = published("some other output\n" + trainer_stdout + "\n")
+    assert result is not None and result["weights_sha256"] == manifest["weights_sha256"]
+    return result
+
+
+def test_logs_are_streamed_and_a_succeeded_run_is_registered_exactly_once(
+    k8s_cluster: Cluster, release: str, tmp_path: Path
+) -> None:
+    """The pod's log comes through the API server (kwok serves it from a file); `train status` reads
+    the run_report line from it and registers the version in the cluster's registry, once."""
+    from loraplane.platform.run_report import RESULT_PREFIX
+
+    ns = release
+    k8s_cluster.kubectl("apply", "-f", str(ROOT / "charts" / "loraplane" / "crds"))
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/loraadapters.loraplane.dev")
+    _install(k8s_cluster, ns, tmp_path, annotations={"loraplane.dev/test-keep-running": "true"})
+    try:
+        job = _submit(k8s_cluster, ns, _config(tmp_path))
+
+        def pods() -> list[dict[str, Any]]:
+            return [p for p in _status(k8s_cluster, ns, job)["pods"] if p["phase"] == "Running"]
+
+        k8s_cluster.wait_for(lambda: len(pods()) == 1, what="the trainer pod")
+        pod = pods()[0]["name"]
+        log_file = tmp_path / "trainer.log"
+        log_file.write_text(_cri("stderr", '{"step": 1, "loss": 2.5}'))
+        _serve_log(k8s_cluster, ns, pod, log_file)
+
+        # -f: a line written after the command started arrives while it runs.
+        argv = [sys.executable, "-m", "loraplane.platform.cli", "--registry", "kubernetes", "-n", ns]
+        follow = subprocess.Popen(
+            [*argv, "train", "logs", job, "-f"], stdout=subprocess.PIPE, text=True, env=k8s_cluster.env()
+        )
+        try:
+            assert follow.stdout is not None
+            assert follow.stdout.readline() == '{"step": 1, "loss": 2.5}\n'
+            with log_file.open("a") as f:
+                f.write(_cri("stderr", '{"step": 2, "loss": 1.25}'))
+            assert follow.stdout.readline() == '{"step": 2, "loss": 1.25}\n'
+        finally:
+            follow.kill()
+            follow.wait()
+
+        # Still running: nothing to register yet.
+        early = _cli(k8s_cluster, ns, "train", "register", job)
+        assert early.returncode == 2 and "has not succeeded (Running)" in early.stderr
+
+        result = _published_adapter(tmp_path, "support-bot", "v7")
+        with log_file.open("a") as f:
+            f.write(_cri("stdout", RESULT_PREFIX + json.dumps(result)))
+        plain = _cli(k8s_cluster, ns, "train", "logs", job)
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout.splitlines()[-1].startswith(RESULT_PREFIX)
+        assert len(plain.stdout.splitlines()) == 3
+    finally:
+        _install(k8s_cluster, ns, tmp_path, annotations={})
+
+    # The pod "exits 0": kwok completes it as the Job's pod; the Job succeeds.
+    k8s_cluster.kubectl("-n", ns, "annotate", "pod", pod, "loraplane.dev/test-keep-running-")
+    k8s_cluster.wait_for(lambda: _status(k8s_cluster, ns, job)["state"] == "Succeeded", what="the run")
+
+    first = _cli(k8s_cluster, ns, "train", "status", job, "-o", "json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["registered"] == {
+        "ref": "support-bot@v7", "path": result["path"], "new": True,
+    }  # fmt: skip
+    second = _cli(k8s_cluster, ns, "train", "status", job)
+    assert second.returncode == 0 and "already registered support-bot@v7" in second.stdout
+    again = _cli(k8s_cluster, ns, "train", "register", job, "-o", "json")
+    assert json.loads(again.stdout)["registered"] is False
+
+    shown = json.loads(_cli(k8s_cluster, ns, "adapters", "show", "support-bot", "-o", "json").stdout)
+    version = shown["adapter"]["versions"]["v7"]
+    assert version["weights_sha256"] == result["weights_sha256"]
+    assert version["base_model"] == "/data/models/base" and version["manifest"]["version"] == "v7"
+    assert [(e["action"], e["version"]) for e in shown["history"]] == [("register", "v7")], "exactly once"
+    assert shown["history"][0]["reason"] == f"training Job {job}"
+
+
+def test_train_logs_of_an_unknown_job_is_a_clear_error(k8s_cluster: Cluster, release: str) -> None:
+    result = _cli(k8s_cluster, release, "train", "logs", "train-nope-12345")
+    assert result.returncode == 2 and "no training Job 'train-nope-12345'" in result.stderr
+    assert "Traceback" not in result.stderr
