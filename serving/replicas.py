@@ -22,9 +22,18 @@ def vllm_selector(release: str) -> str:
 
 def replica_urls(settings: Settings) -> list[str]:
     """Every vLLM replica a promotion must reach: ``LORAPLANE_SERVER_URLS`` (comma-separated) when
-    set, else the one ``settings.server_url``."""
+    set; else, inside a pod with the Kubernetes registry, the Ready vLLM pods of the release
+    ``LORAPLANE_RELEASE`` (default ``platform``) by pod IP, if there are any; else the one
+    ``settings.server_url``."""
     listed = [u.strip() for u in os.environ.get(SERVER_URLS_ENV, "").split(",") if u.strip()]
-    return listed or [settings.server_url]
+    if listed:
+        return listed
+    in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ and settings.kubeconfig is None
+    if settings.registry == "kubernetes" and in_cluster:
+        pods = list_vllm_pods(settings, release=os.environ.get("LORAPLANE_RELEASE", "platform"))
+        if pods:
+            return pods
+    return [settings.server_url]
 
 
 def _is_ready(pod: Any) -> bool:
