@@ -38,8 +38,11 @@ RUN python3 -m pip install --no-deps . \
       matplotlib fastapi starlette uvicorn anyio prometheus-client peft \
  && python3 -c "import loraplane.serving.gateway, loraplane.serving.__main__"
 
-# The chart runs every pod as uid 10001 with a read-only root filesystem (/tmp is an emptyDir).
-RUN useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin loraplane
+# The chart runs `python -m ...` (vLLM, the gateway, the readiness probe, the helm test): vLLM's image
+# ships python3, so make sure `python` names the same interpreter. Every pod runs as uid 10001 with a
+# read-only root filesystem (/tmp is an emptyDir).
+RUN (command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python) \
+ && useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin loraplane
 USER 10001:10001
 EXPOSE 8000 8080
 ENTRYPOINT []

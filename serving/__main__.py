@@ -28,6 +28,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-gib", type=float)
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        help="seconds vLLM lets in-flight requests finish after SIGTERM (vLLM's --shutdown-timeout)",
+    )
     p.add_argument("--api-key-file", type=Path, help="file holding the API key (a mounted Secret)")
     p.add_argument(
         "--runtime-lora-updating",
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             api_key=api_key,
             allow_runtime_lora_updating=args.runtime_lora_updating,
             lora_modules=modules,
+            extra_args=()
+            if args.shutdown_timeout is None
+            else ("--shutdown-timeout", str(args.shutdown_timeout)),
         )
     except ValidationError as exc:
         error: ConfigError = format_validation_error(exc, source="python -m loraplane.serving")

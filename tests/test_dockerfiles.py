@@ -6,16 +6,20 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
+CHART = ROOT / "charts" / "loraplane"
 CHART_UID = re.search(
-    r"runAsUser: (\d+)", (ROOT / "charts" / "loraplane" / "templates" / "serving.yaml").read_text()
+    r"runAsUser: (\d+)", (CHART / "charts" / "serving" / "templates" / "deployment.yaml").read_text()
 ).group(1)  # type: ignore[union-attr]
 # What each base image brings (vLLM's official image: vLLM and its stack; PyTorch's: torch).
 BASE_PROVIDES = {
@@ -109,9 +113,54 @@ def test_every_third_party_module_loraplane_imports_is_in_the_image(name: str) -
     assert not missing, f"{name} lacks {missing}: add them to its pip install line"
 
 
+def _values(part: str) -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((CHART / "charts" / part / "values.yaml").read_text())
+    return values
+
+
 def test_the_chart_runs_these_images() -> None:
-    values = yaml.safe_load((ROOT / "charts" / "loraplane" / "values.yaml").read_text())
-    assert values["image"]["repository"] == "ghcr.io/loraplane/loraplane"
-    assert values["trainer"]["image"]["repository"] == "ghcr.io/loraplane/loraplane-trainer"
-    assert "ghcr.io/loraplane/loraplane:" in (DOCKER / "serving.Dockerfile").read_text()
-    assert "ghcr.io/loraplane/loraplane-trainer:" in (DOCKER / "trainer.Dockerfile").read_text()
+    """Repositories, default tags (the appVersion) and versions agree between chart and Dockerfiles."""
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    for part, dockerfile, repository in (
+        ("serving", "serving.Dockerfile", "ghcr.io/loraplane/loraplane"),
+        ("trainer", "trainer.Dockerfile", "ghcr.io/loraplane/loraplane-trainer"),
+    ):
+        image = _values(part)["image"]
+        assert image["repository"] == repository
+        assert image["tag"] == "", "the tag defaults to the chart's appVersion"
+        text = (DOCKER / dockerfile).read_text()
+        assert f"{repository}:{app_version} " in text, (
+            f"{dockerfile}'s build command tags {repository}:{app_version}"
+        )
+        args = dict(arg.split("=", 1) for op, arg in _instructions(dockerfile) if op == "ARG" and "=" in arg)
+        assert args["LORAPLANE_VERSION"] == app_version, f"{dockerfile} labels the chart's appVersion"
+
+
+def test_every_command_the_chart_runs_is_in_its_image() -> None:
+    """The first word of each container command and exec probe the chart renders, per image."""
+    helm = shutil.which("helm") or str(ROOT / ".venv" / "bin" / "helm")
+    multi = CHART / "ci" / "02-multi-node-training-values.yaml"
+    commands: dict[str, set[str]] = {}
+    for extra in ([], ["-f", str(multi)]):
+        out = subprocess.run(
+            [helm, "template", "p", str(CHART), *extra], capture_output=True, text=True, check=True
+        ).stdout
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        docs += [yaml.safe_load(d["data"]["job.yaml"]) for d in docs if "job.yaml" in d.get("data", {})]
+        for doc in docs:
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for c in pod.get("containers", []):
+                words = [
+                    c.get("command", [None])[0],
+                    *(c.get("readinessProbe", {}).get("exec", {}).get("command", [])[:1]),
+                ]
+                commands.setdefault(c["image"].split(":")[0], set()).update(w for w in words if w)
+    assert commands["ghcr.io/loraplane/loraplane"] == {"python"}
+    assert commands["ghcr.io/loraplane/loraplane-trainer"] == {"python", "torchrun"}
+    serving = (DOCKER / "serving.Dockerfile").read_text()
+    # vLLM's image is Python 3 from the distribution: the image makes sure `python` names it.
+    assert re.search(r"ln -s[f]? .*python3.* /usr/local/bin/python\b", serving), (
+        "serving image provides `python`"
+    )
+    (base,) = [arg for op, arg in _instructions("trainer.Dockerfile") if op == "FROM"]
+    assert base.startswith("pytorch/pytorch:"), "PyTorch's image (conda) provides python and torchrun"

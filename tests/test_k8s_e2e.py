@@ -39,34 +39,47 @@ def _pods(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any
     return items
 
 
-@pytest.mark.parametrize(
-    "profile",
-    [
-        {},
-        {"storage": {"create": False, "existingClaim": "shared-models"}},
-        {"serving": {"replicas": 2, "apiKeySecret": {"name": "vllm-key"}, "runtimeLoraUpdating": True}},
-    ],
-    ids=["default", "existing-claim", "replicas-and-secret"],
-)
-def test_every_rendered_object_passes_the_api_servers_strict_validation(
-    k8s_cluster: Cluster, tmp_path: Path, profile: dict[str, Any]
+PROFILES = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+@pytest.fixture(scope="module")
+def service_monitor_crd(k8s_cluster: Cluster) -> None:
+    """prometheus-operator's real ServiceMonitor CRD (from its Go module's source zip, cached)."""
+    import subprocess
+
+    fetched = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "fetch-crds.sh")], capture_output=True, text=True
+    )
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    crd = fetched.stdout.strip()
+    k8s_cluster.kubectl("apply", "--server-side", "-f", crd)
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com")
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=[p.name.removesuffix("-values.yaml") for p in PROFILES])
+def test_every_rendered_object_of_every_profile_passes_the_api_servers_strict_validation(
+    k8s_cluster: Cluster, service_monitor_crd: None, profile: Path
 ) -> None:
-    rendered = k8s_cluster.helm(
-        "template", RELEASE, str(CHART), "-n", "default", "-f", _values_file(tmp_path, profile)
-    ).stdout
+    rendered = k8s_cluster.helm("template", RELEASE, str(CHART), "-n", "default", "-f", str(profile)).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    # The training Job template is validated too, as the Job `loraplane train submit` makes of it.
+    for doc in list(docs):
+        if "job.yaml" in doc.get("data", {}):
+            job = yaml.safe_load(doc["data"]["job.yaml"])
+            job["metadata"]["name"] = "template-check"
+            docs.append(job)
     check = k8s_cluster.kubectl(
         "apply",
         "--dry-run=server",
         "--validate=strict",
-        "-n",
-        "default",
         "-f",
         "-",
-        stdin=rendered,
+        stdin=yaml.safe_dump_all(docs),
         check=False,
     )
     assert check.returncode == 0, check.stderr
-    assert "created (server dry run)" in check.stdout
+    created = check.stdout.count("created (server dry run)")
+    assert created == len(docs), check.stdout
     assert "Warning" not in check.stderr, check.stderr
 
 
@@ -97,7 +110,11 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
         "install", RELEASE, str(CHART), "-n", ns, "-f", values, "--wait", "--timeout", "120s"
     )
     assert "violates PodSecurity" not in install.stderr
-    assert "NOTES" in install.stdout or "loraplane" in install.stdout
+    notes = install.stdout.split("NOTES:", 1)[1]
+    assert f"kubectl -n {ns} port-forward svc/{RELEASE}-loraplane-gateway 8080:80" in notes
+    assert f"http://{RELEASE}-loraplane-gateway.{ns}.svc:80/v1" in notes
+    assert f"loraplane --registry kubernetes -n {ns} train submit train.yaml --release {RELEASE}" in notes
+    assert f"helm test {RELEASE} -n {ns}" in notes
 
     pvc = json.loads(k8s_cluster.kubectl("-n", ns, "get", "pvc", claim, "-o", "json").stdout)
     assert pvc["status"]["phase"] == "Bound"
@@ -165,11 +182,13 @@ def test_a_privileged_pod_is_rejected_by_pod_security_admission_with_the_api_ser
     ns = k8s_cluster.restricted_namespace("lp-broken")
     broken = tmp_path / "loraplane"
     shutil.copytree(CHART, broken)
-    helpers = broken / "templates" / "_helpers.tpl"
+    helpers = broken / "charts" / "serving" / "templates" / "_helpers.tpl"
     text = helpers.read_text()
     assert "allowPrivilegeEscalation: false" in text
     helpers.write_text(text.replace("allowPrivilegeEscalation: false", "privileged: true"))
-    values = _values_file(tmp_path, {**GPU_VALUES, "storage": {"create": False, "existingClaim": "none"}})
+    values = _values_file(
+        tmp_path, {**GPU_VALUES, "global": {"storage": {"create": False, "existingClaim": "none"}}}
+    )
     install = k8s_cluster.helm(
         "install", RELEASE, str(broken), "-n", ns, "-f", values, "--wait", "--timeout", "20s", check=False
     )
@@ -301,3 +320,59 @@ def test_the_gpu_preflight_fails_the_install_with_its_message_when_no_node_has_t
     )
     k8s_cluster.helm("install", RELEASE, str(CHART), "-n", ns, "-f", off, "--set", "serving.enabled=false")
     k8s_cluster.helm("uninstall", RELEASE, "-n", ns)
+
+
+def test_a_multi_node_initial_run_is_an_indexed_job_whose_pods_find_pod_0_by_name(
+    k8s_cluster: Cluster, tmp_path: Path
+) -> None:
+    """Two nodes, two pods: each gets its index, the hostname JOB-INDEX under the headless
+    Service (so JOB-0.<service> is pod 0's DNS name, MASTER_ADDR), and lands on its own GPU node."""
+    ns = k8s_cluster.restricted_namespace("lp-multinode")
+    k8s_cluster.volume_for(ns, "models", create_claim=True)
+    config = yaml.safe_load((CHART / "ci" / "02-multi-node-training-values.yaml").read_text())
+    trainer = {
+        **config["trainer"],
+        "gpusPerNode": 1,
+        # No GPU asked: the other tests' GPU pods may still hold them. The node selector and the
+        # anti-affinity of the profile still put one pod on each GPU node.
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "priorityClassName": "",
+        "podAnnotations": {"loraplane.dev/test-keep-running": "true"},
+    }
+    values = {
+        "serving": {"enabled": False},
+        "global": {"storage": {"create": False, "existingClaim": "models"}},
+        "trainer": trainer,
+    }
+    k8s_cluster.helm("install", RELEASE, str(CHART), "-n", ns, "-f", _values_file(tmp_path, values))
+    jobs = json.loads(k8s_cluster.kubectl("-n", ns, "get", "jobs", "-o", "json").stdout)["items"]
+    (job,) = [j for j in jobs if j["metadata"]["name"].startswith(f"{RELEASE}-loraplane-run-")]
+    name = job["metadata"]["name"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 2
+
+    def running() -> list[dict[str, Any]]:
+        pods = _pods(k8s_cluster, ns, f"batch.kubernetes.io/job-name={name}")
+        return [p for p in pods if p["status"].get("phase") == "Running"]
+
+    k8s_cluster.wait_for(lambda: len(running()) == 2, what="both nodes of the run")
+    pods = sorted(
+        running(), key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+    )
+    service = f"{RELEASE}-loraplane-trainer"
+    for index, pod in enumerate(pods):
+        assert pod["spec"]["hostname"] == f"{name}-{index}" and pod["spec"]["subdomain"] == service
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert "JOB_COMPLETION_INDEX" in env, "the Job controller injects the node rank"
+        assert env["MASTER_ADDR"]["value"] == f"$(JOB_NAME)-0.{service}.{ns}.svc"
+        assert pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] == name, "what $(JOB_NAME) reads"
+    assert {p["spec"]["nodeName"] for p in pods} == {"gpu-node-0", "gpu-node-1"}, "one GPU node each"
+
+    # The headless Service publishes each pod under its hostname: pod 0 answers to NAME-0.<service>.
+    def hostnames() -> set[str]:
+        slices = k8s_cluster.kubectl(
+            "-n", ns, "get", "endpointslices", "-l", f"kubernetes.io/service-name={service}", "-o", "json"
+        ).stdout
+        return {e.get("hostname", "") for s in json.loads(slices)["items"] for e in s.get("endpoints") or []}
+
+    k8s_cluster.wait_for(lambda: hostnames() == {f"{name}-0", f"{name}-1"}, what="the rendezvous DNS names")
+    k8s_cluster.helm("uninstall", RELEASE, "-n", ns, "--wait")

@@ -1,0 +1,48 @@
+{{/*
+Names are the umbrella chart's, computed from `global` so that the parent and every subchart agree:
+RELEASE-loraplane-<part> (or global.fullnameOverride-<part>). Truncated at 63 characters (DNS labels).
+Helpers carry this chart's prefix: named templates are global across the parent and its subcharts.
+*/}}
+{{- define "loraplane-trainer.name" -}}
+{{- (.Values.global).nameOverride | default "loraplane" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "loraplane-trainer.fullname" -}}
+{{- $name := include "loraplane-trainer.name" . -}}
+{{- if (.Values.global).fullnameOverride -}}
+{{- .Values.global.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels on every object; selectors use only instance + component (immutable after creation). */}}
+{{- define "loraplane-trainer.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "loraplane-trainer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: loraplane
+{{- end -}}
+
+{{/* The shared volume (the parent chart creates it, or the user's existing claim). */}}
+{{- define "loraplane-trainer.claimName" -}}
+{{- ((.Values.global).storage).existingClaim | default (printf "%s-data" (include "loraplane-trainer.fullname" .)) -}}
+{{- end -}}
+{{- define "loraplane-trainer.mountPath" -}}
+{{- ((.Values.global).storage).mountPath | default "/data" -}}
+{{- end -}}
+
+{{/* Pod Security Standard "restricted": what every container of the platform runs with. */}}
+{{- define "loraplane-trainer.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}

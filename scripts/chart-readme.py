@@ -1,0 +1,173 @@
+"""Generate each chart's README.md from its values.yaml (the helm-docs `# --` convention).
+
+A key's documentation is the comment block right above it that starts with `# --`; the following
+`#` lines continue it. A documented key is one row of the table (its whole value is the default, so
+a map such as `resources` stays one row); an undocumented map is walked into; an undocumented leaf
+is reported (``--check`` fails on it). Subchart keys are shown with the subchart's name in front,
+as they are set in the parent chart (``serving.replicas``).
+
+The prose around the table comes from ``README.md.tmpl`` next to values.yaml, where the line
+``<!-- values -->`` becomes the table.
+
+    python scripts/chart-readme.py           # write every README.md
+    python scripts/chart-readme.py --check   # exit 1 when a README is out of date or a value undocumented
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "loraplane"
+MARKER = "<!-- values -->"
+_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.\-/]+):(?:\s|$)")
+_DOC = re.compile(r"^ *# -- ?(?P<text>.*)$")
+_MORE = re.compile(r"^ *# ?(?P<text>.*)$")
+
+
+@dataclass(frozen=True)
+class Row:
+    path: tuple[str, ...]
+    description: str
+
+
+def _charts() -> list[tuple[Path, str]]:
+    """(chart directory, key prefix) of the parent and each vendored subchart."""
+    found = [(CHART, "")]
+    for sub in sorted((CHART / "charts").iterdir()):
+        if (sub / "values.yaml").is_file():
+            found.append((sub, sub.name + "."))
+    return found
+
+
+def _scan(values: Path) -> tuple[list[Row], list[tuple[str, ...]]]:
+    """Documented keys (rows) and every key's path, in file order."""
+    rows: list[Row] = []
+    keys: list[tuple[str, ...]] = []
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []
+    documented = False
+    for line in values.read_text(encoding="utf-8").splitlines():
+        doc = _DOC.match(line)
+        if doc:
+            comment, documented = [doc.group("text").strip()], True
+            continue
+        if documented and line.lstrip().startswith("#"):
+            more = _MORE.match(line)
+            comment.append(more.group("text").strip() if more else "")
+            continue
+        match = _KEY.match(line)
+        if not match:
+            if not line.strip() or line.lstrip().startswith("#"):
+                comment, documented = [], False
+            continue
+        indent = len(match.group("indent"))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = (*(k for _, k in stack), match.group("key"))
+        stack.append((indent, match.group("key")))
+        keys.append(path)
+        if documented:
+            rows.append(Row(path, " ".join(c for c in comment if c)))
+        comment, documented = [], False
+    return rows, keys
+
+
+def _get(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        data = data[key]
+    return data
+
+
+def _type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return "object"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def undocumented(values: Path) -> list[str]:
+    """Keys that are neither documented nor under a documented key, nor maps (walked into)."""
+    rows, keys = _scan(values)
+    data = yaml.safe_load(values.read_text(encoding="utf-8")) or {}
+    covered = {r.path for r in rows}
+    missing = []
+    for path in keys:
+        if any(path[:i] in covered for i in range(1, len(path) + 1)):
+            continue
+        if isinstance(_get(data, path), dict) and _get(data, path):
+            continue
+        missing.append(".".join(path))
+    return missing
+
+
+def table(values: Path, prefix: str) -> str:
+    rows, _ = _scan(values)
+    data = yaml.safe_load(values.read_text(encoding="utf-8")) or {}
+    lines = ["| Key | Type | Default | Description |", "|-----|------|---------|-------------|"]
+    for row in rows:
+        value = _get(data, row.path)
+        default = json.dumps(value, separators=(",", ":"))
+        key = prefix + ".".join(row.path)
+        lines.append(f"| {key} | {_type(value)} | `{_cell(default)}` | {_cell(row.description)} |")
+    return "\n".join(lines)
+
+
+def render(chart: Path, prefix: str) -> str:
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text(encoding="utf-8"))
+    template = chart / "README.md.tmpl"
+    body = (
+        template.read_text(encoding="utf-8")
+        if template.is_file()
+        else f"# {meta['name']}\n\n{meta['description']}\n\n## Values\n\n{MARKER}\n"
+    )
+    generated = (
+        "<!-- Generated by scripts/chart-readme.py from values.yaml and README.md.tmpl: "
+        "edit those, then run `python scripts/chart-readme.py`. -->\n"
+    )
+    return generated + body.replace(MARKER, table(chart / "values.yaml", prefix))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--check", action="store_true", help="fail when a README is stale; write nothing")
+    args = parser.parse_args(argv)
+    problems = []
+    for chart, prefix in _charts():
+        for key in undocumented(chart / "values.yaml"):
+            problems.append(f"{chart.relative_to(ROOT)}/values.yaml: {key} has no '# --' comment")
+        readme = chart / "README.md"
+        text = render(chart, prefix)
+        if args.check:
+            if not readme.is_file() or readme.read_text(encoding="utf-8") != text:
+                problems.append(
+                    f"{readme.relative_to(ROOT)} is out of date: run python scripts/chart-readme.py"
+                )
+        else:
+            readme.write_text(text, encoding="utf-8")
+    for problem in problems:
+        sys.stderr.write(problem + "\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
