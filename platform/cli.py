@@ -235,7 +235,12 @@ def _escape(text: str) -> str:
 
 @adapters_app.command("list")
 def adapters_list(output: str = typer.Option("table", "--output", "-o", help="table or json")) -> None:
-    """List adapters, their versions, states, aliases and latest eval."""
+    """List adapters, their versions, states, aliases and latest eval.
+
+    \b
+    Example:
+      loraplane adapters list -o json
+    """
 
     def body() -> None:
         from rich.table import Table
@@ -266,7 +271,12 @@ def adapters_register(
     name: str | None = typer.Option(None, help="Adapter name (default: from manifest.json)."),
     version: str | None = typer.Option(None, help="Version, e.g. v3 (default: from manifest.json)."),
 ) -> None:
-    """Check an adapter directory (safetensors, under the root, rank) and record it."""
+    """Check an adapter directory (safetensors, under the root, rank) and record it.
+
+    \b
+    Example:
+      loraplane adapters register ~/.loraplane/adapters/support-bot/v3
+    """
 
     def body() -> None:
         from loraplane.platform.adapters import register_adapter
@@ -279,7 +289,13 @@ def adapters_register(
 
 @adapters_app.command("load")
 def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIAS")) -> None:
-    """Make the server serve a registered version under its immutable served name."""
+    """Make the server serve a registered version under its immutable served name. With the
+    kubernetes registry and no --server-url, the server is reached by a port-forward to a vLLM pod.
+
+    \b
+    Example:
+      loraplane adapters load support-bot@v3
+    """
 
     def body() -> None:
         from loraplane.platform.adapters import load_adapter
@@ -343,7 +359,12 @@ def adapters_promote(
     force: bool = typer.Option(False, help="Override a failed or missing evaluation (needs --reason)."),
     reason: str | None = typer.Option(None, help="Why; recorded in the history."),
 ) -> None:
-    """Point NAME:ALIAS at a version that passed its evaluation and is loaded on the server."""
+    """Point NAME:ALIAS at a version that passed its evaluation and is loaded on the server.
+
+    \b
+    Example:
+      loraplane adapters promote support-bot@v3 --alias prod --reason "beats v2 on the support suite"
+    """
 
     def body() -> None:
         from loraplane.platform.adapters import promote_adapter
@@ -470,6 +491,10 @@ def adapters_sync(
     Replicas: every --server-url; else, with --registry kubernetes, the Ready vLLM pods of --release
     (pod IPs: run it inside the cluster); else LORAPLANE_SERVER_URLS (comma-separated) or the global
     --server-url. Exit 1 when a replica could not be synced completely.
+
+    \b
+    Example:
+      loraplane --registry kubernetes -n ml adapters sync --dry-run
     """
 
     def body() -> None:
@@ -609,17 +634,36 @@ def evals_run(
 
 
 @evals_app.command("validate")
-def evals_validate(suite: Path = typer.Argument(..., help="Eval suite YAML.")) -> None:
-    """Check a suite file and every dataset it names, without sending a request."""
+def evals_validate(
+    suite: Path = typer.Argument(..., help="Eval suite YAML."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+) -> None:
+    """Check a suite file and every dataset it names, without sending a request.
+
+    Example: loraplane evals validate evals/support.yaml
+    """
 
     def body() -> None:
         from loraplane.evals.suite import load_suite
 
         loaded = load_suite(suite)
+        gate = loaded.suite.gate
+        if output == "json":
+            datasets = {
+                name: {
+                    "path": str(path),
+                    "examples": len(examples),
+                    "metrics": next(d for d in loaded.suite.datasets if d.name == name).figures(),
+                }
+                for name, (path, examples) in loaded.datasets.items()
+            }
+            rules = [{"rule": r, "key": k, "threshold": t} for r, k, t in gate.rules()] if gate else []
+            summary = {"suite": loaded.suite.name, "datasets": datasets, "gate": rules}
+            out.print_json(json.dumps(summary))
+            return
         for name, (path, examples) in loaded.datasets.items():
             spec = next(d for d in loaded.suite.datasets if d.name == name)
             out.print(f"{name}: {len(examples)} examples from {path}; metrics: {', '.join(spec.figures())}")
-        gate = loaded.suite.gate
         out.print(
             f"gate: {len(gate.rules())} rules" if gate else "gate: none (promote will refuse without --force)"
         )
@@ -1148,7 +1192,10 @@ def data_validate(
 def demo_build_model(
     directory: Path = typer.Argument(..., help="Output directory (must not exist)."),
 ) -> None:
-    """Write the deterministic tiny Llama demo model and its tokenizer (no download)."""
+    """Write the deterministic tiny Llama demo model and its tokenizer (no download).
+
+    Example: loraplane demo build-model ./demo-model
+    """
 
     def body() -> None:
         from loraplane.trainer.demo_model import build_demo_model
@@ -1163,7 +1210,10 @@ def demo_build_model(
 
 @demo_app.command("write-data")
 def demo_write_data(directory: Path = typer.Argument(..., help="Output directory.")) -> None:
-    """Write the two demo tasks' training (chat JSONL) and eval (prompt + expected) files."""
+    """Write the two demo tasks' training (chat JSONL) and eval (prompt + expected) files.
+
+    Example: loraplane demo write-data ./demo-data
+    """
 
     def body() -> None:
         from loraplane.trainer.demo_tasks import TASKS, write_task_files
@@ -1183,7 +1233,12 @@ def quickstart(
     port: int | None = typer.Option(None, help="vLLM port (default: a free one)."),
     output: str = typer.Option("table", "--output", "-o", help="table or json"),
 ) -> None:
-    """Train two adapters, serve them with vLLM, evaluate, promote the winner, and query it."""
+    """Train two adapters, serve them with vLLM, evaluate, promote the winner, and query it.
+
+    \b
+    Example:
+      loraplane quickstart --workdir /tmp/lp-quickstart
+    """
 
     def body() -> None:
         from loraplane.platform.quickstart import QuickstartOptions, run_quickstart, summary_table

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from loraplane.platform.settings import Settings
 
@@ -133,3 +134,92 @@ def test_an_unexpected_error_is_one_line_without_traceback_unless_debug(
         blocked, "--debug", "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1"
     )
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def _commands() -> list[tuple[list[str], object]]:
+    from typer.main import get_command
+
+    from loraplane.platform.cli import app
+
+    found: list[tuple[list[str], object]] = []
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        if hasattr(cmd, "list_commands"):  # a group (typer's click may be vendored)
+            ctx = cmd.context_class(cmd)
+            for name in cmd.list_commands(ctx):
+                walk(cmd.get_command(ctx, name), [*path, name])
+        else:
+            found.append((path, cmd))
+
+    walk(get_command(app), [])
+    return found
+
+
+def test_every_command_has_help_with_an_example_and_is_in_the_cli_docs() -> None:
+    from typer.testing import CliRunner
+
+    from loraplane.platform.cli import app
+
+    commands = _commands()
+    assert len(commands) >= 25
+    runner = CliRunner()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = []
+    for path, _ in commands:
+        shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, (path, shown.output)
+        if "Example" not in shown.output or "loraplane " not in shown.output.split("Example", 1)[1]:
+            missing.append(" ".join(path))
+        assert f"loraplane {' '.join(path)}" in docs or f"`{' '.join(path)}`" in docs, path
+    assert missing == [], f"no example in the --help of: {missing}"
+    for code in ("| 0 ", "| 1 ", "| 2 ", "| 3 ", "| 4 ", "| 130 "):
+        assert code in docs, f"exit code {code} undocumented"
+
+
+def test_read_commands_answer_json(settings: Settings, fake_adapter: Path, tmp_path: Path) -> None:
+    assert (
+        _cli(
+            settings, "adapters", "register", str(fake_adapter), "--name", "demo", "--version", "v1"
+        ).returncode
+        == 0
+    )
+    shown = json.loads(_cli(settings, "adapters", "show", "demo", "-o", "json").stdout)
+    assert shown["adapter"]["versions"]["v1"]["weights_sha256"]
+    assert [e["action"] for e in shown["history"]] == ["register"]
+    listed = json.loads(_cli(settings, "adapters", "list", "-o", "json").stdout)
+    assert listed["adapters"]["demo"]["versions"]["v1"]["state"] == "registered"
+
+    (tmp_path / "e.jsonl").write_text('{"prompt": "2+2?", "reference": "4"}\n')
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: s\ndatasets:\n  - {name: math, path: e.jsonl, metrics: [exact_match]}\n"
+        "gate: {min_score: {exact_match: 0.5}}\n"
+    )
+    validated = _cli(settings, "evals", "validate", str(suite), "-o", "json")
+    assert validated.returncode == 0, validated.stderr
+    parsed = json.loads(validated.stdout)
+    assert parsed["datasets"]["math"]["examples"] == 1 and parsed["datasets"]["math"]["metrics"] == [
+        "exact_match"
+    ]
+    assert parsed["gate"] == [{"rule": "min_score", "key": "exact_match", "threshold": 0.5}]
+
+
+def test_cluster_commands_with_the_local_registry_say_what_to_pass(settings: Settings) -> None:
+    for args in (("train", "logs", "j"), ("train", "register", "j"), ("train", "cancel", "j")):
+        result = _cli(settings, *args)
+        assert result.returncode == 2 and "--registry kubernetes" in result.stderr, args
+        assert "Traceback" not in result.stderr
+
+
+def test_set_values_are_typed_as_helm_types_them_and_files_merge_in_order(tmp_path: Path) -> None:
+    from loraplane.platform.helm_release import load_values
+
+    first = tmp_path / "a.yaml"
+    first.write_text("serving:\n  replicas: 1\n  args: [a, b]\n  tolerations: [x]\ngateway: {port: 1}\n")
+    second = tmp_path / "b.yaml"
+    second.write_text("serving:\n  args: [c]\n")
+    values = load_values([first, second], ["serving.replicas=3,gateway.enabled=false", "serving.name=v1.2"])
+    assert values == {
+        "serving": {"replicas": 3, "args": ["c"], "tolerations": ["x"], "name": "v1.2"},
+        "gateway": {"port": 1, "enabled": False},
+    }, "lists are replaced, not concatenated; --set wins; scalars typed"

@@ -1,0 +1,168 @@
+"""Reaching the cluster's gateway and vLLM from this machine: a port-forward through the real API
+server of the kwok cluster. kwok runs no containers; its PortForward resource routes a fake pod's
+port to a local address: a local HTTP server, or the session's real vLLM server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from conftest import API_KEY, BASE, ROOT, Cluster, Live
+
+from loraplane.platform.settings import Settings
+
+pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
+
+TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@pytest.fixture(scope="module")
+def platform_ns(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The chart installed with the CLI (vLLM and the gateway on), and the registry CRD."""
+    k8s_cluster.kubectl("apply", "-f", str(ROOT / "charts" / "loraplane" / "crds"))
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/loraadapters.loraplane.dev")
+    ns = k8s_cluster.restricted_namespace("cli-pf")
+    k8s_cluster.volume_for(ns, "platform-loraplane-data")
+    values = tmp_path_factory.mktemp("pf") / "values.yaml"
+    values.write_text(yaml.safe_dump({"serving": {"tolerations": TOLERATE_GPU}}))
+    installed = _cli(k8s_cluster, ns, "install", "-f", str(values), "--wait", "--timeout", "120s")
+    assert installed.returncode == 0, installed.stderr
+    return ns
+
+
+def _cli(cluster: Cluster, ns: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in cluster.env().items() if k != "LORAPLANE_SERVER_URL"}
+    argv = [sys.executable, "-m", "loraplane.platform.cli", "-n", ns, *args]
+    return subprocess.run(argv, capture_output=True, text=True, env={**environ, "COLUMNS": "200", **env})
+
+
+def _pod(cluster: Cluster, ns: str, component: str) -> str:
+    listed = cluster.kubectl(
+        "-n", ns, "get", "pods", "-l", f"app.kubernetes.io/component={component}", "-o", "json"
+    )
+    (pod,) = [p for p in json.loads(listed.stdout)["items"] if "deletionTimestamp" not in p["metadata"]]
+    name: str = pod["metadata"]["name"]
+    return name
+
+
+def _forward(cluster: Cluster, ns: str, pod: str, port: int) -> None:
+    """kwok's PortForward: every port of ``pod`` goes to 127.0.0.1:``port`` on this machine."""
+    body = {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "PortForward",
+        "metadata": {"name": pod, "namespace": ns},
+        "spec": {"forwards": [{"target": {"address": "127.0.0.1", "port": port}}]},
+    }
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+
+
+@pytest.fixture
+def local_site(tmp_path: Path) -> Iterator[int]:
+    (tmp_path / "hello.txt").write_text("hello through the API server\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _settings(cluster: Cluster, ns: str, tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path, registry="kubernetes", namespace=ns, kubeconfig=cluster.kubeconfig)
+
+
+def test_a_port_forward_reaches_the_gateway_pod_and_ends_with_the_block(
+    k8s_cluster: Cluster, platform_ns: str, local_site: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraplane.platform.portforward import find_target, service_url
+
+    monkeypatch.setenv("PATH", k8s_cluster.env()["PATH"])  # kubectl
+    settings = _settings(k8s_cluster, platform_ns, tmp_path)
+    target = find_target(settings, "gateway")
+    assert (
+        target.pod == _pod(k8s_cluster, platform_ns, "gateway")
+        and target.service == "platform-loraplane-gateway"
+    )
+    _forward(k8s_cluster, platform_ns, target.pod, local_site)
+    with service_url(settings, "gateway") as url:
+        assert url.startswith("http://127.0.0.1:")
+        for _ in range(3):  # one kubectl, many connections
+            assert httpx.get(f"{url}/hello.txt").text == "hello through the API server\n"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/hello.txt")
+
+
+def test_no_service_or_no_ready_pod_is_a_clear_error(
+    k8s_cluster: Cluster, platform_ns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraplane.platform.portforward import PortForwardError, find_target
+
+    monkeypatch.setenv("PATH", k8s_cluster.env()["PATH"])
+    empty = k8s_cluster.restricted_namespace("cli-pf-empty")
+    with pytest.raises(PortForwardError, match="no vllm Service in namespace 'cli-pf-empty'") as caught:
+        find_target(_settings(k8s_cluster, empty, tmp_path), "vllm")
+    assert "--server-url" in str(caught.value)
+
+    # A Service whose selector matches no pod.
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "lonely", "namespace": empty, "labels": {"app.kubernetes.io/component": "vllm"}},
+        "spec": {"selector": {"app": "nothing"}, "ports": [{"port": 8000}]},
+    }
+    k8s_cluster.kubectl("apply", "-f", "-", stdin=json.dumps(service))
+    with pytest.raises(PortForwardError, match="no Ready pod behind Service lonely"):
+        find_target(_settings(k8s_cluster, empty, tmp_path), "vllm")
+    cli = _cli(k8s_cluster, empty, "--registry", "kubernetes", "adapters", "load", "x@v1")
+    assert cli.returncode == 1 and "no Ready pod behind Service lonely" in cli.stderr
+    assert "Traceback" not in cli.stderr
+
+
+def test_admin_commands_and_status_reach_the_real_vllm_through_the_port_forward(
+    k8s_cluster: Cluster, platform_ns: str, live: Live
+) -> None:
+    """No --server-url: `adapters load`, `adapters promote` and `status` find the vLLM Service, forward
+    to its Ready pod (kwok routes it to the session's real vLLM server) and act on the real server."""
+    ns = platform_ns
+    _forward(k8s_cluster, ns, _pod(k8s_cluster, ns, "vllm"), int(live.server.url.rsplit(":", 1)[1]))
+    env = {
+        "LORAPLANE_REGISTRY": "kubernetes",
+        "LORAPLANE_API_KEY": API_KEY,
+        "LORAPLANE_ADAPTERS_ROOT": str(live.settings.adapters_dir),
+        "LORAPLANE_HOME": str(live.settings.home.parent / "pf-state"),
+    }
+    assert "LORAPLANE_SERVER_URL" not in os.environ
+    task = sorted(live.adapters)[0]
+    registered = _cli(k8s_cluster, ns, "adapters", "register", str(live.adapters[task]), **env)
+    assert registered.returncode == 0, registered.stderr
+    ref = registered.stdout.split()[1]  # "registered NAME@VERSION (PATH)"
+
+    loaded = _cli(k8s_cluster, ns, "adapters", "load", ref, **env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert f"{ref} is served by http://127.0.0.1:" in loaded.stdout
+
+    promoted = _cli(
+        k8s_cluster, ns, "adapters", "promote", ref, "--force", "--reason", "port-forward test", **env
+    )
+    assert promoted.returncode == 0, promoted.stderr
+
+    status: dict[str, Any] = json.loads(_cli(k8s_cluster, ns, "status", "-o", "json", **env).stdout)
+    assert status["loaded_error"] is None, status
+    assert ref in status["loaded_adapters"] and BASE in status["base_models"]
+    assert status["aliases"] == {task: {"prod": ref.split("@")[1]}}
+    assert status["vllm"][0]["ready"] == 1 and status["release"]["status"] == "deployed"
+    table = _cli(k8s_cluster, ns, "status", **env)
+    assert "loaded adapters: " in table.stdout and ref in table.stdout and "prod" in table.stdout
