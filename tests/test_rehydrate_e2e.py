@@ -1,33 +1,149 @@
-"""A restarted vLLM server serves every registered adapter before it reports ready.
+"""One dedicated vLLM server through its life: started, reconciled, hung, killed and started again.
 
 The server is started the way the chart starts it, through ``python -m loraplane.serving`` with
-``--registry-home``: nobody runs ``adapters load`` after the (re)start.
+``--registry-home``: nobody runs ``adapters load`` after the (re)start. Its readiness is what the
+chart's exec probe runs, ``python -m loraplane.serving.readiness``. The steps share one server (a
+start costs about a minute here), so they are one test, in order:
+
+1. a fresh server answers with every registered adapter as soon as it is healthy, and readiness
+   says ready;
+2. an adapter unloaded behind the registry's back and a stray one loaded by hand: readiness names
+   the missing one; ``loraplane adapters sync`` loads it and unloads the stray; ``adapters unload``
+   is durable (``sync`` does not bring it back);
+3. the engine core process stopped (SIGSTOP: a hung engine; ``/health`` still answers 200):
+   readiness fails saying so; SIGCONT: it recovers;
+4. the whole server killed (SIGKILL) and started again: when readiness first says ready, every
+   servable adapter answers, and the unloaded one is still not served.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import API_KEY, BASE, Live
 
+from loraplane.platform.adapters import register_adapter, unload_adapter
 from loraplane.platform.quickstart import free_port
+from loraplane.platform.settings import Settings
+from loraplane.serving.client import VLLMAdminClient
+from loraplane.serving.reconcile import sync_replicas
 
 pytestmark = pytest.mark.e2e
 
 DEADLINE_S = 600.0
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+NAMES = ("rh-sentiment@v1", "rh-animals@v1", "rh-extra@v1")
 
 
-def test_a_fresh_server_answers_with_every_registered_adapter_as_soon_as_it_is_healthy(
-    live: Live, demo_model: Path, tmp_path: Path
+@dataclass
+class Server:
+    """``python -m loraplane.serving`` in a process group of its own (killable as a whole)."""
+
+    argv: list[str]
+    log_path: Path
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "LORAPLANE_API_KEY": API_KEY},
+                start_new_session=True,
+            )
+
+    def alive(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()[-3000:]
+
+    def engine_core(self) -> psutil.Process:
+        """vLLM V1's engine core: the child process titled ``VLLM::EngineCore``."""
+        assert self.proc is not None
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        for child in children:
+            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
+                return child
+        raise AssertionError(f"no engine core among {[c.cmdline() for c in children]}")
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def readiness(url: str, settings: Settings, timeout: float = 10.0) -> tuple[int, str]:
+    """The chart's exec probe, as a process: (exit code, stderr)."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "loraplane.serving.readiness", "--url", url, "--base-model", BASE,
+            "--registry-home", str(settings.home), "--timeout", str(timeout),
+        ],
+        capture_output=True, text=True, env={**os.environ, "VLLM_API_KEY": API_KEY}, timeout=timeout + 30,
+    )  # fmt: skip
+    return proc.returncode, proc.stderr.strip()
+
+
+def served(url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{url}/v1/models", headers=HEADERS, timeout=30).json()["data"]}
+
+
+def answers(url: str, model: str) -> bool:
+    reply = httpx.post(
+        f"{url}/v1/completions",
+        headers=HEADERS,
+        json={"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0},
+        timeout=120,
+    )
+    return reply.status_code == 200
+
+
+def wait_until(
+    condition: object, what: str, timeout: float = DEADLINE_S, server: Server | None = None
 ) -> None:
-    settings = live.settings
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if server is not None:
+            server.alive()
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def server(live: Live, demo_model: Path, tmp_path: Path) -> Iterator[tuple[Server, Settings]]:
+    """A registry of the test's own with three versions, and a server that rehydrates from it."""
+    settings = live.settings.model_copy(update={"home": tmp_path / "state"})
+    for served_name, task in zip(NAMES, ("sentiment", "animals", "sentiment"), strict=True):
+        name, version = served_name.split("@")
+        copy = settings.adapters_dir / name / version
+        if not copy.exists():
+            shutil.copytree(live.adapters[task], copy)
+        register_adapter(settings, copy, name=name, version=version)
     port = free_port()
     argv = [
         sys.executable, "-m", "loraplane.serving",
@@ -36,40 +152,87 @@ def test_a_fresh_server_answers_with_every_registered_adapter_as_soon_as_it_is_h
         "--kv-cache-gib", "1",
         "--registry-home", str(settings.home), "--adapters-root", str(settings.adapters_dir),
     ]  # fmt: skip
-    log = (tmp_path / "vllm.log").open("w")
-    proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LORAPLANE_API_KEY": API_KEY}
-    )
-    url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    srv = Server(argv, tmp_path / "vllm.log", f"http://127.0.0.1:{port}")
+    srv.start()
     try:
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM did not become healthy"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        # Healthy: every registered version answers at once, with no load call in between.
-        served = {m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]}
-        assert {"sentiment@v1", "animals@v1"} <= served
-        for name in ("sentiment@v1", "animals@v1"):
-            reply = httpx.post(
-                f"{url}/v1/completions",
-                headers=headers,
-                json={"model": name, "prompt": "Hello", "max_tokens": 2, "temperature": 0},
-                timeout=60,
-            )
-            assert reply.status_code == 200, reply.text
-        assert "registered adapter version(s) from startup" in (tmp_path / "vllm.log").read_text()
+        yield srv, settings
     finally:
-        proc.send_signal(signal.SIGTERM)
+        srv.stop()
+
+
+def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_after_a_kill(
+    server: tuple[Server, Settings],
+) -> None:
+    srv, settings = server
+    url = srv.url
+
+    # 1. Healthy: every registered version answers at once, with no load call in between.
+    def healthy() -> bool:
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, "vLLM to become healthy", server=srv)
+    assert set(NAMES) <= served(url)
+    assert all(answers(url, name) for name in NAMES)
+    assert "registered adapter version(s) from startup" in srv.log_path.read_text()
+    assert readiness(url, settings) == (0, "")
+
+    # 2. Drift behind the registry's back, then sync.
+    async def drift() -> None:
+        async with VLLMAdminClient(url, api_key=API_KEY) as client:
+            assert await client.unload_adapter("rh-animals@v1")
+            assert await client.load_adapter("stray@v1", str(settings.adapters_dir / "rh-extra" / "v1"))
+
+    asyncio.run(drift())
+    code, reason = readiness(url, settings)
+    assert code == 1 and reason == "not ready: 1 registered adapter version(s) not loaded: rh-animals@v1"
+    cli = subprocess.run(
+        [
+            sys.executable, "-m", "loraplane.platform.cli", "--home", str(settings.home),
+            "--adapters-root", str(settings.adapters_dir),
+            "adapters", "sync", "--server-url", url, "-o", "json",
+        ],
+        capture_output=True, text=True, env={**os.environ, "LORAPLANE_API_KEY": API_KEY}, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    report = json.loads(cli.stdout)
+    (replica,) = report["replicas"]
+    assert report["ok"] and replica["loaded"] == ["rh-animals@v1"] and replica["unloaded"] == ["stray@v1"]
+    assert sorted(replica["unchanged"]) == ["rh-extra@v1", "rh-sentiment@v1"] and replica["url"] == url
+    assert served(url) == {BASE, *NAMES}
+    asyncio.run(unload_adapter(settings, "rh-extra@v1", server_urls=[url]))
+    assert "rh-extra@v1" not in served(url)
+    again = asyncio.run(sync_replicas(settings, [url])).replicas[0]
+    assert again.ok and not again.changed, "an unloaded version stays unloaded"
+    assert readiness(url, settings) == (0, "")
+
+    # 3. A hung engine: /health still answers, readiness does not.
+    engine = srv.engine_core()
+    engine.send_signal(signal.SIGSTOP)
+    try:
+        assert healthy(), "vLLM's /health does not notice a stopped engine: that is what readiness is for"
+        code, reason = readiness(url, settings, timeout=5)
+        assert code == 1, reason
+        assert "one-token completion on 'demo-base' did not finish within 5s" in reason
+        assert "engine is hung" in reason
+    finally:
+        engine.send_signal(signal.SIGCONT)
+    wait_until(lambda: readiness(url, settings)[0] == 0, "readiness after SIGCONT", timeout=120, server=srv)
+
+    # 4. Killed and started again: ready only once every servable version answers.
+    srv.kill()
+    srv.start()
+    results: list[tuple[int, str]] = []
+
+    def ready() -> bool:
+        srv.alive()
+        results.append(readiness(url, settings))
+        return results[-1][0] == 0
+
+    wait_until(ready, "readiness after the restart", server=srv)
+    wanted = [n for n in NAMES if n != "rh-extra@v1"]
+    assert all(answers(url, name) for name in wanted), "ready, but a registered adapter does not answer"
+    assert "rh-extra@v1" not in served(url), "an unloaded version came back after a restart"
+    assert any(code == 1 for code, _ in results), "readiness never said 'not ready' while vLLM started"
