@@ -124,14 +124,18 @@ def answers(url: str, model: str) -> bool:
 
 
 def wait_until(
-    condition: object, what: str, timeout: float = DEADLINE_S, server: Server | None = None
+    condition: object,
+    what: str,
+    timeout: float = DEADLINE_S,
+    server: Server | None = None,
+    every: float = 0.5,
 ) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         if server is not None:
             server.alive()
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 @pytest.fixture
@@ -231,7 +235,8 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
         results.append(readiness(url, settings))
         return results[-1][0] == 0
 
-    wait_until(ready, "readiness after the restart", server=srv)
+    # every 2 s: each probe is a process of its own, and two cores also start vLLM meanwhile
+    wait_until(ready, "readiness after the restart", server=srv, every=2.0)
     wanted = [n for n in NAMES if n != "rh-extra@v1"]
     assert all(answers(url, name) for name in wanted), "ready, but a registered adapter does not answer"
     assert "rh-extra@v1" not in served(url), "an unloaded version came back after a restart"
