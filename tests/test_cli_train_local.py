@@ -35,6 +35,8 @@ def demo_config(demo_model: Path, tmp_path: Path) -> Path:
     task = sorted(TASKS.values(), key=lambda t: t.name)[0]
     train, _ = write_task_files(task, tmp_path / "data")
     config = demo_trainer_config(task.name, demo_model, train, tmp_path / "adapters", epochs=1.0)
+    config["training"]["max_steps"] = 2  # type: ignore[index]  # what is tested is the plumbing
+    config["training"]["logging_steps"] = 1  # type: ignore[index]
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
