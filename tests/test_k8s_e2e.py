@@ -376,3 +376,32 @@ def test_a_multi_node_initial_run_is_an_indexed_job_whose_pods_find_pod_0_by_nam
 
     k8s_cluster.wait_for(lambda: hostnames() == {f"{name}-0", f"{name}-1"}, what="the rendezvous DNS names")
     k8s_cluster.helm("uninstall", RELEASE, "-n", ns, "--wait")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("serving.replicaz=2", "serving:\n- at '': additional properties 'replicaz' not allowed"),
+        ("serving.replicas=-1", "serving:\n- at '/replicas': minimum: got -1, want 0"),
+        (
+            "gpu.resourceName=acme.com/gpu",
+            "gpu:\n- at '/resourceName': value must be one of 'nvidia.com/gpu'",
+        ),
+        ("trainer.nodes=0", "trainer:\n- at '/nodes': minimum: got 0, want 1"),
+        (
+            "global.storage.sise=1Gi",
+            "loraplane:\n- at '/global/storage': additional properties 'sise' not allowed",
+        ),
+    ],
+)
+def test_invalid_values_fail_the_install_with_the_schemas_message_and_install_nothing(
+    k8s_cluster: Cluster, bad: str, message: str
+) -> None:
+    ns = "lp-invalid"
+    if k8s_cluster.kubectl("get", "namespace", ns, check=False).returncode != 0:
+        k8s_cluster.kubectl("create", "namespace", ns)
+    install = k8s_cluster.helm("install", RELEASE, str(CHART), "-n", ns, "--set", bad, check=False)
+    assert install.returncode != 0
+    assert "values don't meet the specifications of the schema(s)" in install.stderr
+    assert message in install.stderr
+    assert k8s_cluster.helm("list", "-n", ns, "-a", "-q").stdout.split() == []
