@@ -627,6 +627,9 @@ def test_the_initial_run_is_a_job_with_its_config_that_an_upgrade_does_not_retra
     assert run_key in again
     changed = _render("trainer.initialRun.config.training.epochs=3", files=(_profile("multi-node-training"),))
     assert run_key not in changed and any(k.startswith("Job/platform-loraplane-run-") for k in changed)
+    long = _render("global.fullnameOverride=" + "a" * 63, files=(_profile("multi-node-training"),))
+    (long_run,) = [k for k in long if k.startswith("Job/") and "-run-" in k]
+    assert len(long_run.split("/")[1]) + len("-99") <= 63, "pod hostnames NAME-INDEX stay DNS labels"
     assert "at '/initialRun/config': missing properties 'base_model', 'dataset', 'output'" in _fails(
         "trainer.initialRun.enabled=true"
     )
