@@ -134,6 +134,14 @@ def test_a_run_that_exits_do_not_retry_fails_at_once_and_status_says_why(
         k8s_cluster.wait_for(
             lambda: _status(k8s_cluster, ns, job)["state"] == "Failed", what="the run to fail"
         )
+        # submit --wait waits for the end and fails with the reason (nothing is registered).
+        waited = _cli(
+            k8s_cluster, ns, "train", "submit", str(_config(tmp_path)), "--wait", "--timeout", "120"
+        )
+        assert waited.returncode == 1, waited.stderr
+        assert (
+            "failed: PodFailurePolicy" in waited.stderr and "train logs train-support-bot-" in waited.stderr
+        )
     finally:
         _install(k8s_cluster, ns, tmp_path, annotations={})
     status = _status(k8s_cluster, ns, job)
