@@ -106,6 +106,13 @@ def _global(
     _state.debug = debug
 
 
+def _output_choice(value: str) -> str:
+    """``--output``: the command's human form (table or text) or json; anything else is a usage error."""
+    if value not in ("table", "text", "json"):
+        raise typer.BadParameter(f"{value!r}: use table (or text) or json")
+    return value
+
+
 def _settings() -> Any:
     from loraplane.platform.settings import Settings
 
@@ -234,7 +241,9 @@ def _escape(text: str) -> str:
 
 
 @adapters_app.command("list")
-def adapters_list(output: str = typer.Option("table", "--output", "-o", help="table or json")) -> None:
+def adapters_list(
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+) -> None:
     """List adapters, their versions, states, aliases and latest eval.
 
     \b
@@ -317,7 +326,7 @@ def adapters_eval(
         None, "--dataset", "-d", help="Or one eval JSONL with the default metrics and gate."
     ),
     report_dir: Path | None = typer.Option(None, help="Where report files go (default: HOME/reports)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
 ) -> None:
     """Evaluate a version, the adapter's current prod and the base model side by side through the live
     server; write JSON, Markdown and PNG reports and store the verdict of the suite's gate.
@@ -382,7 +391,7 @@ def adapters_promote(
 @adapters_app.command("show")
 def adapters_show(
     name: str = typer.Argument(..., help="Adapter name."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
 ) -> None:
     """Show one adapter: its versions, aliases and the history of every change.
 
@@ -484,7 +493,7 @@ def adapters_sync(
     release: str = typer.Option("platform", help="Helm release whose vLLM pods to sync (Kubernetes)."),
     keep_unknown: bool = typer.Option(False, help="Leave adapters the registry does not know loaded."),
     dry_run: bool = typer.Option(False, help="Report what would change; change nothing."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Make each vLLM replica serve exactly the registry's servable versions; report the changes.
 
@@ -586,7 +595,7 @@ def evals_run(
     ),
     report_dir: Path = typer.Option(Path("eval-reports"), help="Where the JSON, Markdown and PNG go."),
     check: bool = typer.Option(False, "--check", help="Exit 3 when the suite's gate fails (for CI)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
 ) -> None:
     """Run a suite against an endpoint (vLLM, the gateway, or another provider); nothing is registered.
 
@@ -636,7 +645,7 @@ def evals_run(
 @evals_app.command("validate")
 def evals_validate(
     suite: Path = typer.Argument(..., help="Eval suite YAML."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Check a suite file and every dataset it names, without sending a request.
 
@@ -704,7 +713,7 @@ def train_submit(
         False, "--wait", help="Cluster: wait for the Job to finish, then register what it published."
     ),
     timeout: float = typer.Option(24 * 3600, help="Longest --wait in seconds."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Train an adapter. With the kubernetes registry: validate the config and start a Job from the
     release's template (--wait: until it ends, then register the adapter). With the local registry:
@@ -765,7 +774,7 @@ def train_status(
     register: bool = typer.Option(
         True, "--register/--no-register", help="Register the published adapter when the run succeeded."
     ),
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
 ) -> None:
     """Show a run: running, succeeded or failed (with the reason), and each pod's exit code. A
     succeeded run's adapter is registered (once; later calls say it already is).
@@ -810,7 +819,7 @@ def train_status(
 @train_app.command("register")
 def train_register(
     job: str = typer.Argument(..., help="Job name of a succeeded run."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Register the adapter a succeeded run published (idempotent: a second call changes nothing).
 
@@ -926,7 +935,7 @@ def install(
     gpu_operator_namespace: str = typer.Option(
         "gpu-operator", help="Namespace of the GPU operator (labelled Pod Security privileged)."
     ),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Install the platform's Helm release in the namespace (-n); refused if it is installed already.
 
@@ -972,7 +981,7 @@ def upgrade(
     chart: Path | None = typer.Option(None, help="Chart directory (default: the loraplane chart)."),
     wait: bool = typer.Option(False, "--wait", help=_WAIT_HELP),
     timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration: 90s, 10m)."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Upgrade the installed release with new values or a new chart (values not given reset to the
     chart's defaults, as `helm upgrade` does).
@@ -1018,7 +1027,7 @@ def uninstall(
 @app.command()
 def status(
     release: str = _release_option(),
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
 ) -> None:
     """Show what runs in the namespace: the release, vLLM replicas ready/desired, the adapters vLLM
     has loaded (through a port-forward) and the registry's aliases.
@@ -1098,7 +1107,7 @@ def data_validate(
         False, "--all-tokens", help="Train on every token, not only the assistant's replies."
     ),
     seed: int | None = typer.Option(None, help="Seed of the --eval-fraction hold-out (default: 0)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
 ) -> None:
     """Run the trainer's data checks on a dataset without training: a report of every problem by class
     with line numbers, token lengths and tokens per epoch. Exits 2 when the data is not usable; writes
@@ -1231,7 +1240,7 @@ def quickstart(
         Path("quickstart-out"), help="Working directory (cleared if an earlier run made it)."
     ),
     port: int | None = typer.Option(None, help="vLLM port (default: a free one)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
 ) -> None:
     """Train two adapters, serve them with vLLM, evaluate, promote the winner, and query it.
 
