@@ -134,15 +134,16 @@ def _settings() -> Any:
 @contextlib.contextmanager
 def _served_settings() -> Iterator[Any]:
     """The settings; with the kubernetes registry and no --server-url, ``server_url`` is a
-    port-forward (through the Kubernetes API) to a Ready vLLM pod of the namespace."""
+    port-forward (through the Kubernetes API) to a Ready vLLM pod of the namespace, and the API key
+    (unless LORAPLANE_API_KEY is set) the one that pod uses, from its Secret."""
     settings = _settings()
     if settings.registry != "kubernetes" or _state.server_url is not None:
         yield settings
         return
-    from loraplane.platform.portforward import service_url
+    from loraplane.platform.portforward import vllm_admin
 
-    with service_url(settings, "vllm") as url:
-        yield settings.model_copy(update={"server_url": url})
+    with vllm_admin(settings) as forwarded:
+        yield forwarded
 
 
 def _run(fn: Callable[[], T]) -> T:

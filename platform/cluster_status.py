@@ -72,15 +72,17 @@ def served_models(url: str, api_key: str | None) -> tuple[list[str], list[str]]:
 
 
 def cluster_status(settings: Settings, release: str = DEFAULT_RELEASE) -> ClusterStatus:
-    from loraplane.platform.portforward import service_url
+    from loraplane.platform.portforward import vllm_admin
     from loraplane.platform.registry import open_registry
 
     status = ClusterStatus(namespace=settings.namespace, release=release_status(settings, release))
     status.vllm = vllm_replicas(settings, release)
     if any(r.ready for r in status.vllm):
         try:
-            with service_url(settings, "vllm", release=release) as url:
-                status.loaded_adapters, status.base_models = served_models(url, settings.api_key)
+            with vllm_admin(settings, release=release) as forwarded:
+                status.loaded_adapters, status.base_models = served_models(
+                    forwarded.server_url, forwarded.api_key
+                )
         except LoraplaneError as exc:
             status.loaded_error = str(exc)
     else:

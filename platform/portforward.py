@@ -162,3 +162,54 @@ def service_url(settings: Settings, component: str, *, release: str | None = Non
     target = find_target(settings, component, release=release)
     with port_forward(settings, target.pod, target.port) as url:
         yield url
+
+
+def api_key_of(settings: Settings, pod_name: str) -> str | None:
+    """The API key a vLLM pod was started with (``--api-key-file`` on a Secret volume), read from that
+    Secret; None when the pod takes no key file."""
+    import base64
+    import posixpath
+
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core: Any = client.CoreV1Api(api_client(settings))
+    ns = settings.namespace
+    try:
+        pod = core.read_namespaced_pod(pod_name, ns)
+    except ApiException as exc:
+        raise KubernetesError(f"cannot read pod {pod_name}: {api_message(exc)}") from None
+    for container in pod.spec.containers:
+        files = [a.split("=", 1)[1] for a in container.args or [] if a.startswith("--api-key-file=")]
+        if not files:
+            continue
+        path = files[0]
+        for mount in container.volume_mounts or []:
+            if posixpath.dirname(path) != mount.mount_path.rstrip("/"):
+                continue
+            volume = next((v for v in pod.spec.volumes or [] if v.name == mount.name), None)
+            if volume is None or volume.secret is None:
+                continue
+            secret_name, key = volume.secret.secret_name, posixpath.basename(path)
+            try:
+                secret = core.read_namespaced_secret(secret_name, ns)
+            except ApiException as exc:
+                raise PortForwardError(
+                    f"cannot read the vLLM key from Secret {secret_name!r}: {api_message(exc)}",
+                    hint="set LORAPLANE_API_KEY to vLLM's key",
+                ) from None
+            value = (secret.data or {}).get(key)
+            if value is None:
+                raise PortForwardError(f"Secret {secret_name!r} has no key {key!r} (vLLM's --api-key-file)")
+            return base64.b64decode(value).decode().strip()
+    return None
+
+
+@contextlib.contextmanager
+def vllm_admin(settings: Settings, *, release: str | None = None) -> Iterator[Settings]:
+    """``settings`` with ``server_url`` a port-forward to a Ready vLLM pod, and ``api_key`` (unless
+    given) the key that pod was started with, read from its Secret."""
+    target = find_target(settings, "vllm", release=release)
+    key = settings.api_key if settings.api_key is not None else api_key_of(settings, target.pod)
+    with port_forward(settings, target.pod, target.port) as url:
+        yield settings.model_copy(update={"server_url": url, "api_key": key})

@@ -28,17 +28,23 @@ TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSch
 
 
 @pytest.fixture(scope="module")
-def platform_ns(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+def platform_ns(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The chart installed with the CLI (vLLM and the gateway on), and the registry CRD."""
     k8s_cluster.kubectl("apply", "-f", str(ROOT / "charts" / "loraplane" / "crds"))
     k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/loraadapters.loraplane.dev")
     ns = k8s_cluster.restricted_namespace("cli-pf")
     k8s_cluster.volume_for(ns, "platform-loraplane-data")
     values = tmp_path_factory.mktemp("pf") / "values.yaml"
-    values.write_text(yaml.safe_dump({"serving": {"tolerations": TOLERATE_GPU}}))
+    # vLLM's key in a Secret of our own: the session's vLLM server (behind the fake pod) uses API_KEY.
+    k8s_cluster.kubectl(
+        "-n", ns, "create", "secret", "generic", "vllm-key", f"--from-literal=api-key={API_KEY}"
+    )
+    serving = {"tolerations": TOLERATE_GPU, "apiKeySecret": {"name": "vllm-key", "key": "api-key"}}
+    values.write_text(yaml.safe_dump({"serving": serving}))
     installed = _cli(k8s_cluster, ns, "install", "-f", str(values), "--wait", "--timeout", "120s")
     assert installed.returncode == 0, installed.stderr
-    return ns
+    yield ns
+    _cli(k8s_cluster, ns, "uninstall", "--wait")  # frees the fake GPU for other tests
 
 
 def _cli(cluster: Cluster, ns: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -87,10 +93,11 @@ def _settings(cluster: Cluster, ns: str, tmp_path: Path) -> Settings:
 def test_a_port_forward_reaches_the_gateway_pod_and_ends_with_the_block(
     k8s_cluster: Cluster, platform_ns: str, local_site: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from loraplane.platform.portforward import find_target, service_url
+    from loraplane.platform.portforward import api_key_of, find_target, service_url
 
     monkeypatch.setenv("PATH", k8s_cluster.env()["PATH"])  # kubectl
     settings = _settings(k8s_cluster, platform_ns, tmp_path)
+    assert api_key_of(settings, _pod(k8s_cluster, platform_ns, "vllm")) == API_KEY, "from the pod's Secret"
     target = find_target(settings, "gateway")
     assert (
         target.pod == _pod(k8s_cluster, platform_ns, "gateway")
@@ -134,17 +141,17 @@ def test_no_service_or_no_ready_pod_is_a_clear_error(
 def test_admin_commands_and_status_reach_the_real_vllm_through_the_port_forward(
     k8s_cluster: Cluster, platform_ns: str, live: Live
 ) -> None:
-    """No --server-url: `adapters load`, `adapters promote` and `status` find the vLLM Service, forward
-    to its Ready pod (kwok routes it to the session's real vLLM server) and act on the real server."""
+    """No --server-url, no key: `adapters load`, `adapters promote` and `status` find the vLLM Service,
+    read the key its pod uses from the Secret, forward to the pod (kwok routes it to the session's real
+    vLLM server) and act on the real server."""
     ns = platform_ns
     _forward(k8s_cluster, ns, _pod(k8s_cluster, ns, "vllm"), int(live.server.url.rsplit(":", 1)[1]))
     env = {
         "LORAPLANE_REGISTRY": "kubernetes",
-        "LORAPLANE_API_KEY": API_KEY,
         "LORAPLANE_ADAPTERS_ROOT": str(live.settings.adapters_dir),
         "LORAPLANE_HOME": str(live.settings.home.parent / "pf-state"),
     }
-    assert "LORAPLANE_SERVER_URL" not in os.environ
+    assert "LORAPLANE_SERVER_URL" not in os.environ and "LORAPLANE_API_KEY" not in os.environ
     task = sorted(live.adapters)[0]
     registered = _cli(k8s_cluster, ns, "adapters", "register", str(live.adapters[task]), **env)
     assert registered.returncode == 0, registered.stderr
