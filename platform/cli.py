@@ -584,8 +584,13 @@ def adapters_merge(
 @evals_app.command("run")
 def evals_run(
     suite: Path = typer.Argument(..., help="Eval suite YAML."),
-    endpoint: str = typer.Option(
-        ..., "--endpoint", "-e", envvar="LORAPLANE_EVAL_ENDPOINT", help="OpenAI-compatible base URL."
+    endpoint: str | None = typer.Option(
+        None,
+        "--endpoint",
+        "-e",
+        envvar="LORAPLANE_EVAL_ENDPOINT",
+        help="OpenAI-compatible base URL (with --registry kubernetes and none given: the namespace's "
+        "gateway, through a port-forward).",
     ),
     candidate: str = typer.Option(..., "--candidate", "-m", help="Model name to evaluate."),
     prod: str | None = typer.Option(None, help="Model serving production today (compared, gated on)."),
@@ -625,9 +630,20 @@ def evals_run(
             **({"base": base} if base else {}),
         }
         stem = f"{loaded.suite.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+        if endpoint is not None:
+            reach: contextlib.AbstractContextManager[str] = contextlib.nullcontext(endpoint)
+        elif _settings().registry == "kubernetes":
+            from loraplane.platform.portforward import service_url
+
+            reach = service_url(_settings(), "gateway")
+        else:
+            raise InvalidInputError(
+                "--endpoint URL is required", hint="e.g. -e http://127.0.0.1:8000/v1 (vLLM or the gateway)"
+            )
         try:
-            with _progress_bar("requests") as progress:
-                report = asyncio.run(run_suite(loaded, endpoint, models, api_key=key, on_progress=progress))
+            with reach as url, _progress_bar("requests") as progress:
+                base_url = url if endpoint is not None else f"{url}/v1"
+                report = asyncio.run(run_suite(loaded, base_url, models, api_key=key, on_progress=progress))
         except SuiteIncompleteError as exc:
             files = write_report(exc.report, report_dir, stem + "-INCOMPLETE")
             raise LoraplaneError(str(exc), hint=f"partial report: {files.markdown}") from None

@@ -225,3 +225,13 @@ def test_set_values_are_typed_as_helm_types_them_and_files_merge_in_order(tmp_pa
         "serving": {"replicas": 3, "args": ["c"], "tolerations": ["x"], "name": "v1.2"},
         "gateway": {"port": 1, "enabled": False},
     }, "lists are replaced, not concatenated; --set wins; scalars typed"
+
+
+def test_evals_run_without_an_endpoint_on_the_local_registry_says_what_to_pass(
+    settings: Settings, tmp_path: Path
+) -> None:
+    (tmp_path / "e.jsonl").write_text('{"prompt": "2+2?", "reference": "4"}\n')
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\ndatasets:\n  - {name: math, path: e.jsonl, metrics: [exact_match]}\n")
+    result = _cli(settings, "evals", "run", str(suite), "-m", "x")
+    assert result.returncode == 2 and "--endpoint URL is required" in result.stderr

@@ -136,6 +136,11 @@ def test_no_service_or_no_ready_pod_is_a_clear_error(
     cli = _cli(k8s_cluster, empty, "--registry", "kubernetes", "adapters", "load", "x@v1")
     assert cli.returncode == 1 and "no Ready pod behind Service lonely" in cli.stderr
     assert "Traceback" not in cli.stderr
+    suite = tmp_path / "suite.yaml"
+    (tmp_path / "e.jsonl").write_text('{"prompt": "2+2?", "reference": "4"}\n')
+    suite.write_text("name: s\ndatasets:\n  - {name: math, path: e.jsonl, metrics: [exact_match]}\n")
+    users = _cli(k8s_cluster, empty, "--registry", "kubernetes", "evals", "run", str(suite), "-m", "x")
+    assert users.returncode == 1 and "no gateway Service in namespace 'cli-pf-empty'" in users.stderr
 
 
 def test_admin_commands_and_status_reach_the_real_vllm_through_the_port_forward(
@@ -171,5 +176,26 @@ def test_admin_commands_and_status_reach_the_real_vllm_through_the_port_forward(
     assert ref in status["loaded_adapters"] and BASE in status["base_models"]
     assert status["aliases"] == {task: {"prod": ref.split("@")[1]}}
     assert status["vllm"][0]["ready"] == 1 and status["release"]["status"] == "deployed"
+    # A user's command: `evals run` without --endpoint goes to the gateway Service's pod (kwok routes
+    # it to the same real vLLM server, which speaks the same OpenAI API as the gateway).
+    _forward(k8s_cluster, ns, _pod(k8s_cluster, ns, "gateway"), int(live.server.url.rsplit(":", 1)[1]))
+    suite = live.settings.home.parent / "pf-suite.yaml"
+    suite.write_text(
+        yaml.safe_dump(
+            {
+                "name": "pf",
+                "datasets": [{"name": task, "path": str(live.eval_sets[task]), "metrics": ["exact_match"]}],
+            }
+        )
+    )
+    evaluated = _cli(
+        k8s_cluster, ns, "evals", "run", str(suite), "-m", ref, "--base", BASE, "-o", "json",
+        "--report-dir", str(live.settings.home.parent / "pf-reports"), LORAPLANE_API_KEY=API_KEY, **env,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["models"] == {"candidate": ref, "base": BASE}
+    assert report["endpoint"].startswith("http://127.0.0.1:") and report["endpoint"].endswith("/v1")
+
     table = _cli(k8s_cluster, ns, "status", **env)
     assert "loaded adapters: " in table.stdout and ref in table.stdout and "prod" in table.stdout
