@@ -43,7 +43,9 @@ app.add_typer(evals_app, name="evals")
 data_app = typer.Typer(help="Check training data without training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(
-    help="Training runs on the cluster: a Job per run from the chart's template.", no_args_is_help=True
+    help="Training runs: a Job per run on the cluster (from the chart's template), or a local trainer "
+    "process with the local registry.",
+    no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
 
