@@ -137,24 +137,6 @@ def say(line: str = "") -> None:
 # ------------------------------------------------------------------------------------------ servers
 
 
-class NoLoraConfig(VLLMServerConfig):
-    """Configuration (a): the launcher always enables LoRA; this drops the LoRA flags from its argv."""
-
-    def argv(self, python: str = sys.executable) -> list[str]:
-        out: list[str] = []
-        skip = False
-        for arg in super().argv(python):
-            if skip:
-                skip = False
-            elif arg == "--enable-lora":
-                continue
-            elif arg in ("--max-loras", "--max-lora-rank", "--max-cpu-loras"):
-                skip = True
-            else:
-                out.append(arg)
-        return out
-
-
 def server_config(
     model_dir: Path,
     *,
@@ -165,8 +147,7 @@ def server_config(
 ) -> VLLMServerConfig:
     from loraplane.platform.quickstart import free_port
 
-    cls = VLLMServerConfig if lora else NoLoraConfig
-    return cls(
+    return VLLMServerConfig(
         model=str(model_dir),
         served_model_name=BASE,
         port=free_port(),
@@ -178,6 +159,7 @@ def server_config(
         dtype="float32",
         kv_cache_gib=KV_CACHE_GIB,
         api_key=API_KEY,
+        enable_lora=lora,
         allow_runtime_lora_updating=lora,
         lora_modules=tuple(modules),
         extra_args=("--no-enable-prefix-caching",),

@@ -27,7 +27,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-cpu-loras", type=int)
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-cache-gib", type=float)
+    p.add_argument("--kv-cache-gib", type=int)
     p.add_argument(
         "--shutdown-timeout",
         type=int,

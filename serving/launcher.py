@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraplane.common.errors import LoraplaneError
 
@@ -53,13 +53,24 @@ class VLLMServerConfig(BaseModel):
     max_model_len: Annotated[int, Field(ge=16)] = 512
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    kv_cache_gib: Annotated[float, Field(gt=0)] | None = Field(
-        default=None, description="CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    kv_cache_gib: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="CPU backend: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE, an integer).",
     )
+    enable_lora: bool = Field(default=True, description="Serve LoRA adapters (off: the base model only).")
     api_key: str | None = Field(default=None, description="Bearer key clients must send; never logged.")
     allow_runtime_lora_updating: bool = True
     lora_modules: tuple[LoraModule, ...] = ()
     extra_args: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _adapters_need_lora(self) -> VLLMServerConfig:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError(
+                f"lora_modules: {len(self.lora_modules)} adapter(s) given but enable_lora is false; "
+                "turn enable_lora on or drop the adapters"
+            )
+        return self
 
     def argv(self, python: str = sys.executable) -> list[str]:
         args = [
@@ -74,13 +85,6 @@ class VLLMServerConfig(BaseModel):
             self.host,
             "--port",
             str(self.port),
-            "--enable-lora",
-            "--max-loras",
-            str(self.max_loras),
-            "--max-lora-rank",
-            str(self.max_lora_rank),
-            "--max-cpu-loras",
-            str(self.max_cpu_loras or self.max_loras),
             "--max-model-len",
             str(self.max_model_len),
             "--max-num-seqs",
@@ -89,6 +93,16 @@ class VLLMServerConfig(BaseModel):
             self.dtype,
             "--disable-uvicorn-access-log",
         ]
+        if self.enable_lora:
+            args += [
+                "--enable-lora",
+                "--max-loras",
+                str(self.max_loras),
+                "--max-lora-rank",
+                str(self.max_lora_rank),
+                "--max-cpu-loras",
+                str(self.max_cpu_loras or self.max_loras),
+            ]
         if self.lora_modules:
             args.append("--lora-modules")
             args += [
@@ -102,7 +116,8 @@ class VLLMServerConfig(BaseModel):
         env = dict(os.environ if base is None else base)
         env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1")  # never download adapters by name
         env["VLLM_PLUGINS"] = ""  # no LoRA resolver plugins: only adapters we load explicitly
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1" if self.allow_runtime_lora_updating else "0"
+        runtime = self.enable_lora and self.allow_runtime_lora_updating
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1" if runtime else "0"
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         if self.kv_cache_gib is not None:

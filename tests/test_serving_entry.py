@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from loraplane.serving.launcher import LoraModule, VLLMServerConfig
 
 
@@ -105,3 +108,25 @@ def test_a_starting_server_serves_every_servable_registered_version(tmp_path: Pa
         "--model", "/m", "--served-model-name", "b", "--registry-home", str(broken), "--print-argv"
     )
     assert failed.returncode == 1 and "cannot read the registry" in failed.stderr
+
+
+def test_base_only_server_has_no_lora_flags_and_refuses_adapters() -> None:
+    base_only = VLLMServerConfig(model="/m", served_model_name="base", enable_lora=False)
+    argv = base_only.argv(python="python")
+    assert not {"--enable-lora", "--max-loras", "--max-lora-rank", "--max-cpu-loras"} & set(argv)
+    assert base_only.env({})["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "0"
+    with pytest.raises(ValidationError, match="enable_lora is false"):
+        VLLMServerConfig(
+            model="/m",
+            served_model_name="base",
+            enable_lora=False,
+            lora_modules=(LoraModule(name="bot@v1", path=Path("/a")),),
+        )
+
+
+def test_kv_cache_size_is_whole_gib_as_vllm_reads_it() -> None:
+    # vLLM's CPU backend parses VLLM_CPU_KVCACHE_SPACE with int(): 0.5 would kill it at start.
+    with pytest.raises(ValidationError, match="kv_cache_gib"):
+        VLLMServerConfig(model="/m", served_model_name="base", kv_cache_gib=0.5)
+    bad = _entry("--model", "/m", "--served-model-name", "b", "--kv-cache-gib", "0.5")
+    assert bad.returncode == 2 and "--kv-cache-gib" in bad.stderr
