@@ -26,6 +26,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-cpu-loras", type=int)
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-gib", type=int)
     p.add_argument(
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             max_lora_rank=args.max_lora_rank,
             max_cpu_loras=args.max_cpu_loras,
             max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
             dtype=args.dtype,
             kv_cache_gib=args.kv_cache_gib,
             api_key=api_key,

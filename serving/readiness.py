@@ -6,13 +6,17 @@ Ready means, all within ``--timeout`` seconds:
 2. a one-token completion on the base model succeeds. vLLM V1 runs the engine in a separate
    process; ``/health`` only reports an engine that has died, so an engine that hangs (stopped,
    deadlocked, stuck in a kernel) still answers 200 there. The completion goes through the engine
-   and catches it;
+   and catches it. A busy engine is not a hung one: when the completion waits in vLLM's queue past
+   its share of the deadline but ``vllm:generation_tokens_total`` (``/metrics``) grew meanwhile, the
+   engine is making progress and the server stays ready (taking the only replica out of rotation
+   for being loaded would turn load into an outage);
 3. every servable adapter version of the registry (``--registry-home DIR`` or ``--registry
    kubernetes --namespace NS``; the same versions ``python -m loraplane.serving`` serves from
    startup) is listed in ``/v1/models``. A missing version whose files fail their checks here (gone,
    changed since registration, not a valid adapter) is not required: the server skipped it at start.
 
-Exit 0 when ready; exit 1 with a one-line reason on stderr. The chart runs it as the vLLM
+Exit 0 when ready (stdout says "ready", or "ready (busy: ...)"); exit 1 with a one-line reason on
+stderr. The chart runs it as the vLLM
 container's exec readinessProbe, so it imports neither torch nor vLLM.
 """
 
@@ -66,6 +70,24 @@ def required_adapters(args: argparse.Namespace) -> dict[str, AdapterVersion] | N
     return {v.served_name: v for v in servable_versions(open_registry(settings).read())}
 
 
+async def generated_tokens(client: httpx.AsyncClient, budget: float) -> float | None:
+    """vLLM's ``vllm:generation_tokens_total`` summed over its label sets; None when unreadable.
+
+    ``/metrics`` is outside vLLM's API-key guard (it guards /v1 and a few other prefixes)."""
+    try:
+        reply = await client.get("/metrics", timeout=max(budget, 0.1))
+    except httpx.HTTPError:
+        return None
+    if reply.status_code != 200:
+        return None
+    values = [
+        float(line.rsplit(None, 1)[1])
+        for line in reply.text.splitlines()
+        if line.startswith(("vllm:generation_tokens_total{", "vllm:generation_tokens_total "))
+    ]
+    return sum(values) if values else None
+
+
 async def check(
     url: str,
     *,
@@ -73,9 +95,11 @@ async def check(
     api_key: str | None,
     timeout: float,
     required: dict[str, AdapterVersion] | None,
-) -> None:
-    """Raise NotReady saying why ``url`` is not ready; return when it is."""
+) -> str:
+    """Raise NotReady saying why ``url`` is not ready; when it is, return "" or a note ("busy: ...")."""
     deadline = time.monotonic() + timeout
+    reserve = min(2.0, timeout / 4)  # kept for /metrics and /v1/models after a slow completion
+    note = ""
 
     def left() -> float:
         remaining = deadline - time.monotonic()
@@ -93,26 +117,37 @@ async def check(
             raise NotReady(f"cannot reach vLLM at {url}: {type(exc).__name__}: {exc}") from None
         if health.status_code != 200:
             raise NotReady(f"vLLM /health answered HTTP {health.status_code}")
+        before = await generated_tokens(client, min(1.0, left() - reserve))
+        budget = left() - reserve
+        reply: httpx.Response | None = None
         try:
+            if budget <= 0:
+                raise httpx.ReadTimeout("no time left for the completion")
             reply = await client.post(
                 "/v1/completions",
                 json={"model": base_model, "prompt": "ready", "max_tokens": 1, "temperature": 0},
-                timeout=left(),
+                timeout=budget,
             )
         except httpx.TimeoutException:
-            raise NotReady(
-                f"a one-token completion on {base_model!r} did not finish within {timeout:g}s although "
-                "/health answers 200: the engine is hung or overloaded"
-            ) from None
+            after = await generated_tokens(client, left())
+            if before is None or after is None or after <= before:
+                raise NotReady(
+                    f"a one-token completion on {base_model!r} did not finish within {budget:.3g}s and "
+                    "no token was generated meanwhile although /health answers 200: the engine is hung"
+                ) from None
+            note = (
+                f"busy: the one-token completion waited over {budget:.3g}s in the queue while the engine "
+                f"generated {after - before:g} tokens"
+            )
         except httpx.HTTPError as exc:
             raise NotReady(f"one-token completion on {base_model!r}: {type(exc).__name__}: {exc}") from None
-        if reply.status_code != 200:
+        if reply is not None and reply.status_code != 200:
             raise NotReady(
                 f"a one-token completion on {base_model!r} answered HTTP {reply.status_code}: "
                 f"{reply.text.strip()[:200]}"
             )
         if required is None:
-            return
+            return note
         try:
             models = await client.get("/v1/models", timeout=left())
         except httpx.HTTPError as exc:
@@ -124,6 +159,7 @@ async def check(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise NotReady(f"{len(missing)} registered adapter version(s) not loaded: {shown}")
+    return note
 
 
 def _servable_here(entry: AdapterVersion) -> bool:
@@ -147,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.api_key_file is not None:
             api_key = args.api_key_file.read_text().strip()
         required = required_adapters(args)
-        asyncio.run(
+        note = asyncio.run(
             check(
                 args.url, base_model=args.base_model, api_key=api_key, timeout=args.timeout, required=required
             )
@@ -159,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"not ready: {type(exc).__name__}: {first}", file=sys.stderr)  # noqa: T201
         return 1
+    print(f"ready ({note})" if note else "ready")  # noqa: T201
     return 0
 
 

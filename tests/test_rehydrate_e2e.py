@@ -219,8 +219,8 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
         assert healthy(), "vLLM's /health does not notice a stopped engine: that is what readiness is for"
         code, reason = readiness(url, settings, timeout=5)
         assert code == 1, reason
-        assert "one-token completion on 'demo-base' did not finish within 5s" in reason
-        assert "engine is hung" in reason
+        assert "one-token completion on 'demo-base' did not finish within" in reason
+        assert "no token was generated meanwhile" in reason and "the engine is hung" in reason
     finally:
         engine.send_signal(signal.SIGCONT)
     wait_until(lambda: readiness(url, settings)[0] == 0, "readiness after SIGCONT", timeout=120, server=srv)
