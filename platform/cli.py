@@ -723,6 +723,14 @@ def _registered_line(entry: Any, created: bool) -> str:
     return f"{'registered' if created else 'already registered'} {entry.ref} ({entry.path})"
 
 
+def _print_registration(entry: Any, created: bool, output: str) -> None:
+    """The answer of a command whose result is one registered adapter: the entry as JSON, or a line."""
+    if output == "json":
+        out.print_json(json.dumps({"adapter": entry.model_dump(mode="json"), "registered": created}))
+    else:
+        out.print(_registered_line(entry, created), highlight=False, soft_wrap=True)
+
+
 @train_app.command("submit")
 def train_submit(
     config: Path = typer.Argument(..., help="Training config (YAML); on a cluster, paths are on its volume."),
@@ -750,11 +758,7 @@ def train_submit(
             from loraplane.platform.training_local import train_locally
 
             local = train_locally(settings, config, overrides or [])
-            if output == "json":
-                dumped = local.adapter.model_dump(mode="json")
-                out.print_json(json.dumps({"adapter": dumped, "registered": local.registered}))
-                return
-            out.print(_registered_line(local.adapter, local.registered), highlight=False, soft_wrap=True)
+            _print_registration(local.adapter, local.registered, output)
             return
         from loraplane.platform.training_k8s import submit_training, wait_for_training
 
@@ -847,10 +851,7 @@ def train_register(
 
     def body() -> None:
         entry, created = _register_run(_cluster_settings(), job)
-        if output == "json":
-            out.print_json(json.dumps({"adapter": entry.model_dump(mode="json"), "registered": created}))
-            return
-        out.print(_registered_line(entry, created), highlight=False, soft_wrap=True)
+        _print_registration(entry, created, output)
 
     _run(body)
 
