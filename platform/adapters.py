@@ -26,6 +26,7 @@ from loraplane.platform.registry import (
     RegistryError,
     RegistryState,
     VersionState,
+    mark_serving,
     move_alias,
     open_registry,
     rollback_target,
@@ -151,14 +152,8 @@ async def load_adapter(
     await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with registry.transaction() as state:
         current = state.resolve(entry.ref)
-        _mark_serving(state, current)
+        mark_serving(state, current)
         return current
-
-
-def _mark_serving(state: RegistryState, entry: AdapterVersion) -> None:
-    if entry.state != "serving":
-        entry.state = "serving"
-        state.history.append(HistoryEvent(action="load", adapter=entry.name, version=entry.version))
 
 
 async def _load_everywhere(settings: Settings, entry: AdapterVersion, urls: list[str]) -> None:
@@ -304,7 +299,7 @@ async def promote_adapter(
     # every replica must serve it before the alias points at it; on any failure nothing changes
     await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
-        _mark_serving(state, state.resolve(entry.ref))
+        mark_serving(state, state.resolve(entry.ref))
         previous = move_alias(
             state,
             entry.name,
@@ -348,7 +343,7 @@ async def rollback_alias(
         )
     await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
-        _mark_serving(state, state.resolve(entry.ref))
+        mark_serving(state, state.resolve(entry.ref))
         move_alias(state, name, alias, entry.version, expected=current, action="rollback", reason=reason)
         return state.resolve(entry.ref), current
 

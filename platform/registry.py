@@ -227,6 +227,13 @@ def verify_weights(entry: AdapterVersion) -> None:
         )
 
 
+def mark_serving(state: RegistryState, entry: AdapterVersion) -> None:
+    """Record that every server now serves ``entry`` (state ``serving``, one ``load`` event)."""
+    if entry.state != "serving":
+        entry.state = "serving"
+        state.history.append(HistoryEvent(action="load", adapter=entry.name, version=entry.version))
+
+
 class ConflictError(RegistryError):
     """Another command changed what this one decided on (an alias moved meanwhile): nothing changed."""
 

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry import AdapterVersion, RegistryState, open_registry, verify_weights
+from loraplane.platform.registry import (
+    AdapterVersion,
+    RegistryState,
+    mark_serving,
+    open_registry,
+    verify_weights,
+)
 from loraplane.platform.settings import Settings
 from loraplane.serving.base_model import BaseModelFacts, load_base_model
 from loraplane.serving.client import ModelCard, VLLMAdminClient
@@ -154,8 +160,10 @@ async def sync_replica(
 async def sync_replicas(
     settings: Settings, urls: list[str], *, prune_unknown: bool = True, dry_run: bool = False
 ) -> SyncReport:
-    """Sync every replica in ``urls`` with the registry (read once), concurrently."""
-    state = open_registry(settings).read()
+    """Sync every replica in ``urls`` with the registry (read once), concurrently. A version that
+    every replica now serves is recorded as ``serving``, as ``adapters load`` records it."""
+    registry = open_registry(settings)
+    state = registry.read()
     wanted = servable_versions(state)
     registered = {v.served_name for a in state.adapters.values() for v in a.versions.values()}
     reports = await asyncio.gather(
@@ -166,4 +174,14 @@ async def sync_replicas(
             for u in urls
         )
     )
+    if not dry_run and reports and all(r.error is None for r in reports):
+        on_every = set.intersection(*({*r.loaded, *r.unchanged} for r in reports))
+        newly = [e for e in wanted if e.state == "registered" and e.served_name in on_every]
+        if newly:
+            with registry.transaction() as current:
+                for entry in newly:
+                    adapter = current.adapters.get(entry.name)
+                    latest = adapter.versions.get(entry.version) if adapter else None
+                    if latest is not None and latest.state == "registered":
+                        mark_serving(current, latest)
     return SyncReport(replicas=list(reports))

@@ -38,6 +38,7 @@ from conftest import API_KEY, BASE, Live
 
 from loraplane.platform.adapters import register_adapter, unload_adapter
 from loraplane.platform.quickstart import free_port
+from loraplane.platform.registry import open_registry
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.reconcile import sync_replicas
@@ -206,6 +207,8 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     assert report["ok"] and replica["loaded"] == ["rh-animals@v1"] and replica["unloaded"] == ["stray@v1"]
     assert sorted(replica["unchanged"]) == ["rh-extra@v1", "rh-sentiment@v1"] and replica["url"] == url
     assert served(url) == {BASE, *NAMES}
+    versions = [v for a in open_registry(settings).read().adapters.values() for v in a.versions.values()]
+    assert {v.served_name: v.state for v in versions} == dict.fromkeys(NAMES, "serving"), "sync records it"
     asyncio.run(unload_adapter(settings, "rh-extra@v1", server_urls=[url]))
     assert "rh-extra@v1" not in served(url)
     again = asyncio.run(sync_replicas(settings, [url])).replicas[0]
