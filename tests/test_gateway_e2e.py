@@ -250,9 +250,13 @@ def test_client_disconnect_makes_vllm_abort_the_generation(
     request had generated fewer than the 200 tokens it would have without the abort.
     """
     max_tokens = 200
-    # Without streaming, the test sees the generation start only through vLLM's token counter, a moment
-    # late: 8 sequences make the uninterrupted request (1,600 tokens) outlast that moment by far.
-    sequences = 1 if stream else 8
+    # Without streaming, the test sees the generation start only through vLLM's token counter, which
+    # vLLM's API server process updates as it handles the engine's outputs: on a loaded machine it lags
+    # the engine process by seconds, and the abort travels back through that same busy process. With 8
+    # or 48 sequences (200 or 600 engine steps) the engine finished everything before the abort reached
+    # it when both cores were busy elsewhere; 256 sequences (16 waves of the server's 16 at once, 3,200
+    # engine steps) outlast that lag by far.
+    sequences = 1 if stream else 256
     before = _vllm_generated_tokens(live)
     body = {
         "model": BASE,
