@@ -18,7 +18,9 @@ k8s-tools:
 quickstart: setup
 	$(VENV)/bin/loraplane quickstart
 
-test: setup k8s-tools
+# setup and k8s-tools side by side (scripts/prepare-tests.sh), then lint, type-check and pytest.
+test:
+	@bash scripts/prepare-tests.sh
 	bash scripts/test.sh
 
 test-fast: setup

