@@ -98,7 +98,7 @@ async def check(
 ) -> str:
     """Raise NotReady saying why ``url`` is not ready; when it is, return "" or a note ("busy: ...")."""
     deadline = time.monotonic() + timeout
-    reserve = min(2.0, timeout / 4)  # kept for /metrics and /v1/models after a slow completion
+    reserve = min(2.0, timeout / 4)  # kept for /metrics after a slow completion
     note = ""
 
     def left() -> float:
@@ -117,6 +117,15 @@ async def check(
             raise NotReady(f"cannot reach vLLM at {url}: {type(exc).__name__}: {exc}") from None
         if health.status_code != 200:
             raise NotReady(f"vLLM /health answered HTTP {health.status_code}")
+        listed: set[str] = set()
+        if required is not None:  # before the completion: after a slow one only /metrics must fit
+            try:
+                models = await client.get("/v1/models", timeout=left())
+            except httpx.HTTPError as exc:
+                raise NotReady(f"GET /v1/models: {type(exc).__name__}: {exc}") from None
+            if models.status_code != 200:
+                raise NotReady(f"GET /v1/models answered HTTP {models.status_code}")
+            listed = {m.get("id") for m in models.json().get("data", [])}
         before = await generated_tokens(client, min(1.0, left() - reserve))
         budget = left() - reserve
         reply: httpx.Response | None = None
@@ -146,15 +155,8 @@ async def check(
                 f"a one-token completion on {base_model!r} answered HTTP {reply.status_code}: "
                 f"{reply.text.strip()[:200]}"
             )
-        if required is None:
-            return note
-        try:
-            models = await client.get("/v1/models", timeout=left())
-        except httpx.HTTPError as exc:
-            raise NotReady(f"GET /v1/models: {type(exc).__name__}: {exc}") from None
-        if models.status_code != 200:
-            raise NotReady(f"GET /v1/models answered HTTP {models.status_code}")
-        listed = {m.get("id") for m in models.json().get("data", [])}
+    if required is None:
+        return note
     missing = sorted(n for n, v in required.items() if n not in listed and _servable_here(v))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
