@@ -27,8 +27,9 @@ import asyncio
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -51,7 +52,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--registry", choices=("local", "kubernetes"), help="registry backend")
     p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for all checks")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--adapters-root",
+        type=Path,
+        help="the server's adapters root (with --max-lora-rank): a version the server skipped at start "
+        "for being outside it, above its rank limit or for another base is not required",
+    )
+    p.add_argument("--max-lora-rank", type=int, help="the server's --max-lora-rank (with --adapters-root)")
+    args = p.parse_args(argv)
+    if (args.adapters_root is None) != (args.max_lora_rank is None):
+        p.error("--adapters-root and --max-lora-rank go together: pass the server's values of both")
+    return args
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the server itself checks at start (``python -m loraplane.serving``) beyond the files."""
+
+    adapters_root: Path
+    max_lora_rank: int
 
 
 def required_adapters(args: argparse.Namespace) -> dict[str, AdapterVersion] | None:
@@ -95,6 +114,7 @@ async def check(
     api_key: str | None,
     timeout: float,
     required: dict[str, AdapterVersion] | None,
+    limits: ServerLimits | None = None,
 ) -> str:
     """Raise NotReady saying why ``url`` is not ready; when it is, return "" or a note ("busy: ...")."""
     deadline = time.monotonic() + timeout
@@ -118,6 +138,7 @@ async def check(
         if health.status_code != 200:
             raise NotReady(f"vLLM /health answered HTTP {health.status_code}")
         listed: set[str] = set()
+        cards: list[dict[str, Any]] = []
         if required is not None:  # before the completion: after a slow one only /metrics must fit
             try:
                 models = await client.get("/v1/models", timeout=left())
@@ -125,7 +146,8 @@ async def check(
                 raise NotReady(f"GET /v1/models: {type(exc).__name__}: {exc}") from None
             if models.status_code != 200:
                 raise NotReady(f"GET /v1/models answered HTTP {models.status_code}")
-            listed = {m.get("id") for m in models.json().get("data", [])}
+            cards = [m for m in models.json().get("data", []) if isinstance(m, dict)]
+            listed = {str(m.get("id")) for m in cards}
         before = await generated_tokens(client, min(1.0, left() - reserve))
         budget = left() - reserve
         reply: httpx.Response | None = None
@@ -157,22 +179,37 @@ async def check(
             )
     if required is None:
         return note
-    missing = sorted(n for n, v in required.items() if n not in listed and _servable_here(v))
+    missing = sorted(n for n, v in required.items() if n not in listed and _servable_here(v, limits, cards))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise NotReady(f"{len(missing)} registered adapter version(s) not loaded: {shown}")
     return note
 
 
-def _servable_here(entry: AdapterVersion) -> bool:
-    """A version the server skipped at start because its files fail their checks is not required."""
+def _servable_here(entry: AdapterVersion, limits: ServerLimits | None, cards: list[dict[str, Any]]) -> bool:
+    """A version the server skipped at start because it fails its checks is not required: its files
+    (always), and with ``limits`` also the adapters root, the rank limit and the served base, exactly
+    as ``serving/rehydrate.py`` checks them; else one such version would keep the pod unready forever."""
     from loraplane.common.errors import LoraplaneError
     from loraplane.platform.registry import verify_weights
-    from loraplane.serving.preflight import check_adapter_files
+    from loraplane.serving.client import ModelCard
+    from loraplane.serving.preflight import check_adapter_files, preflight_adapter
+    from loraplane.serving.reconcile import served_base
 
     try:
         verify_weights(entry)
-        check_adapter_files(Path(entry.path))
+        if limits is None:
+            check_adapter_files(Path(entry.path))
+        else:
+            base = served_base(
+                [ModelCard(id=str(c.get("id")), root=c.get("root"), parent=c.get("parent")) for c in cards]
+            )
+            preflight_adapter(
+                Path(entry.path),
+                adapters_root=limits.adapters_root,
+                max_lora_rank=limits.max_lora_rank,
+                base=base,
+            )
     except LoraplaneError:
         return False
     return True
@@ -185,9 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.api_key_file is not None:
             api_key = args.api_key_file.read_text().strip()
         required = required_adapters(args)
+        limits = (
+            ServerLimits(args.adapters_root, args.max_lora_rank) if args.max_lora_rank is not None else None
+        )
         note = asyncio.run(
             check(
-                args.url, base_model=args.base_model, api_key=api_key, timeout=args.timeout, required=required
+                args.url,
+                base_model=args.base_model,
+                api_key=api_key,
+                timeout=args.timeout,
+                required=required,
+                limits=limits,
             )
         )
     except NotReady as exc:

@@ -361,6 +361,12 @@ def test_the_serving_entry_point_accepts_every_argument_the_chart_passes(tmp_pat
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1" in vllm_argv
 
 
+def _arg(args: list[str], flag: str) -> str:
+    """The value of ``--flag=value`` in a container's args."""
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{flag}=")]
+    return value
+
+
 def test_probes_are_sized_for_long_loads_and_readiness_runs_the_readiness_module() -> None:
     _, _, container = _vllm(
         _render("serving.startupTimeoutSeconds=2400", "serving.readiness.timeoutSeconds=20")
@@ -376,6 +382,8 @@ def test_probes_are_sized_for_long_loads_and_readiness_runs_the_readiness_module
         "--base-model=base",
         "--registry=kubernetes",
         "--namespace=ml",
+        "--adapters-root=/data/adapters",
+        f"--max-lora-rank={_arg(container['args'], '--max-lora-rank')}",
         "--timeout=20",
     ]  # fmt: skip
     assert readiness["timeoutSeconds"] > 20, "the probe outlives the module's own deadline"
@@ -393,6 +401,14 @@ def test_the_readiness_module_accepts_the_probes_arguments() -> None:
     assert parsed.url == "http://127.0.0.1:8000" and parsed.base_model == "base"
     assert parsed.registry == "kubernetes" and parsed.namespace == "ml" and parsed.timeout == 10
     assert str(parsed.api_key_file) == "/etc/loraplane/api-key/api-key"
+    # the limits it applies to registered versions are the server's own
+    assert str(parsed.adapters_root) == _arg(container["args"], "--adapters-root")
+    assert parsed.max_lora_rank == int(_arg(container["args"], "--max-lora-rank"))
+    _, _, wide = _vllm(_render("serving.maxLoraRank=64"))
+    assert (
+        "--max-lora-rank=64" in wide["args"]
+        and "--max-lora-rank=64" in wide["readinessProbe"]["exec"]["command"]
+    )
 
 
 def test_drain_settings_are_consistent_and_tested_at_their_limit() -> None:

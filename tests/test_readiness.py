@@ -1,9 +1,12 @@
-"""The readiness probe's own behaviour without a server: light, one line, exit 1 (the checks against
-a live vLLM, a hung engine included, are in tests/test_rehydrate_e2e.py)."""
+"""The readiness probe's own behaviour: light, one line, exit 1 without a server; against the session's
+vLLM, which registered versions it requires given the server's limits (a hung engine, a restart and
+drift are in tests/test_rehydrate_e2e.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import API_KEY, BASE, Live
+
+from loraplane.platform.adapters import register_adapter
 
 
 @pytest.fixture
@@ -20,12 +26,13 @@ def closed_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _probe(*args: str) -> subprocess.CompletedProcess[str]:
+def _probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "loraplane.serving.readiness", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
 
 
@@ -56,3 +63,32 @@ def test_the_probe_imports_neither_torch_nor_vllm(closed_url: str, tmp_path: Pat
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "1 []", proc.stdout + proc.stderr
+
+
+@pytest.mark.e2e
+def test_a_version_the_server_would_skip_is_required_only_within_the_given_limits(
+    live: Live, tmp_path: Path
+) -> None:
+    """A registered rank-8 version the server has not loaded. Without limits the probe requires it;
+    with the server's root and rank limit 8 too; with rank limit 4, or another root, a server started
+    with those limits would have skipped it (serving/rehydrate.py), so it is not required."""
+    settings = live.settings.model_copy(update={"home": tmp_path / "state"})
+    name = "rd-" + tmp_path.name.lower().replace("_", "-")[-20:].strip("-")
+    copy = settings.adapters_dir / name / "v1"
+    shutil.copytree(live.adapters["sentiment"], copy)
+    register_adapter(settings, copy, name=name, version="v1")
+    base = ["--url", live.server.url, "--base-model", BASE, "--registry-home", str(settings.home)]
+    root = ["--adapters-root", str(settings.adapters_dir)]
+    env = {**os.environ, "VLLM_API_KEY": API_KEY}
+    missing = f"not ready: 1 registered adapter version(s) not loaded: {name}@v1\n"
+
+    plain = _probe(*base, env=env)
+    assert (plain.returncode, plain.stderr) == (1, missing)
+    within = _probe(*base, *root, "--max-lora-rank", "8", env=env)
+    assert (within.returncode, within.stderr) == (1, missing)
+    above = _probe(*base, *root, "--max-lora-rank", "4", env=env)
+    assert (above.returncode, above.stdout, above.stderr) == (0, "ready\n", "")
+    elsewhere = _probe(*base, "--adapters-root", str(tmp_path / "other"), "--max-lora-rank", "8", env=env)
+    assert (elsewhere.returncode, elsewhere.stderr) == (0, "")
+    alone = _probe(*base, "--max-lora-rank", "8", env=env)
+    assert alone.returncode == 2 and "--adapters-root and --max-lora-rank go together" in alone.stderr
