@@ -135,9 +135,9 @@ def _settings() -> Any:
 
 @contextlib.contextmanager
 def _served_settings() -> Iterator[Any]:
-    """The settings; with the kubernetes registry and no --server-url, ``server_url`` is a
-    port-forward (through the Kubernetes API) to a Ready vLLM pod of the namespace, and the API key
-    (unless LORAPLANE_API_KEY is set) the one that pod uses, from its Secret."""
+    """The settings; with the kubernetes registry and no --server-url, ``server_urls`` are
+    port-forwards (through the Kubernetes API) to every Ready vLLM pod of the namespace, and the API
+    key (unless LORAPLANE_API_KEY is set) the one the pods use, from their Secret."""
     settings = _settings()
     if settings.registry != "kubernetes" or _state.server_url is not None:
         yield settings
@@ -301,8 +301,8 @@ def adapters_register(
 
 @adapters_app.command("load")
 def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIAS")) -> None:
-    """Make the server serve a registered version under its immutable served name. With the
-    kubernetes registry and no --server-url, the server is reached by a port-forward to a vLLM pod.
+    """Make the servers serve a registered version under its immutable served name. With the
+    kubernetes registry and no --server-url, every Ready vLLM pod is reached by a port-forward.
 
     \b
     Example:
@@ -314,7 +314,9 @@ def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIA
 
         with _served_settings() as settings:
             entry = asyncio.run(load_adapter(settings, ref))
-        out.print(f"{entry.served_name} is served by {settings.server_url}")
+        out.print(
+            f"{entry.served_name} is served by {', '.join(settings.server_urls or [settings.server_url])}"
+        )
 
     _run(body)
 

@@ -39,8 +39,9 @@ class PortForwardError(LoraplaneError):
 @dataclass(frozen=True)
 class Target:
     service: str
-    pod: str
+    pod: str  # the first Ready pod (by name)
     port: int
+    ready_pods: tuple[str, ...] = ()  # every Ready pod behind the Service, by name
 
 
 def kubectl_executable() -> str:
@@ -106,7 +107,12 @@ def find_target(settings: Settings, component: str, *, release: str | None = Non
             for p in container.ports or []:
                 if p.name == port.target_port:
                     target_port = p.container_port
-    return Target(service=service.metadata.name, pod=ready[0].metadata.name, port=int(target_port))
+    return Target(
+        service=service.metadata.name,
+        pod=ready[0].metadata.name,
+        port=int(target_port),
+        ready_pods=tuple(p.metadata.name for p in ready),
+    )
 
 
 @contextlib.contextmanager
@@ -207,9 +213,14 @@ def api_key_of(settings: Settings, pod_name: str) -> str | None:
 
 @contextlib.contextmanager
 def vllm_admin(settings: Settings, *, release: str | None = None) -> Iterator[Settings]:
-    """``settings`` with ``server_url`` a port-forward to a Ready vLLM pod, and ``api_key`` (unless
-    given) the key that pod was started with, read from its Secret."""
+    """``settings`` with ``server_urls`` a port-forward to each Ready vLLM pod (``server_url`` the
+    first), so that a load or promotion reaches every replica or none, and ``api_key`` (unless given)
+    the key the pods were started with, read from their Secret."""
     target = find_target(settings, "vllm", release=release)
     key = settings.api_key if settings.api_key is not None else api_key_of(settings, target.pod)
-    with port_forward(settings, target.pod, target.port) as url:
-        yield settings.model_copy(update={"server_url": url, "api_key": key})
+    with contextlib.ExitStack() as forwards:
+        urls = tuple(
+            forwards.enter_context(port_forward(settings, pod, target.port))
+            for pod in target.ready_pods or (target.pod,)
+        )
+        yield settings.model_copy(update={"server_url": urls[0], "server_urls": urls, "api_key": key})

@@ -33,6 +33,11 @@ class Settings(BaseModel):
     server_url: str = Field(
         default_factory=lambda: os.environ.get("LORAPLANE_SERVER_URL", "http://127.0.0.1:8000")
     )
+    server_urls: tuple[str, ...] = Field(
+        default=(),
+        description="Every vLLM replica a change must reach (the CLI's port-forwards to each Ready pod); "
+        "empty: see serving/replicas.py:replica_urls.",
+    )
     api_key: str | None = Field(default_factory=lambda: os.environ.get("LORAPLANE_API_KEY"))
     max_lora_rank: int = 16
     registry: Literal["local", "kubernetes"] = Field(

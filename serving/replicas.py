@@ -22,12 +22,15 @@ def vllm_selector(release: str) -> str:
 
 def replica_urls(settings: Settings) -> list[str]:
     """Every vLLM replica a promotion must reach: ``LORAPLANE_SERVER_URLS`` (comma-separated) when
-    set; else, inside a pod with the Kubernetes registry, the Ready vLLM pods of the release
+    set; else ``settings.server_urls`` (the CLI's port-forwards, one per Ready vLLM pod) when set;
+    else, inside a pod with the Kubernetes registry, the Ready vLLM pods of the release
     ``LORAPLANE_RELEASE`` (default ``platform``) by pod IP, if there are any; else the one
     ``settings.server_url``."""
     listed = [u.strip() for u in os.environ.get(SERVER_URLS_ENV, "").split(",") if u.strip()]
     if listed:
         return listed
+    if settings.server_urls:
+        return list(settings.server_urls)
     in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ and settings.kubeconfig is None
     if settings.registry == "kubernetes" and in_cluster:
         pods = list_vllm_pods(settings, release=os.environ.get("LORAPLANE_RELEASE", "platform"))

@@ -8,6 +8,8 @@ import functools
 import http.server
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -199,3 +201,70 @@ def test_admin_commands_and_status_reach_the_real_vllm_through_the_port_forward(
 
     table = _cli(k8s_cluster, ns, "status", **env)
     assert "loaded adapters: " in table.stdout and ref in table.stdout and "prod" in table.stdout
+
+
+def _ready_vllm_pods(cluster: Cluster, ns: str) -> list[str]:
+    listed = cluster.kubectl("-n", ns, "get", "pods", "-l", "app.kubernetes.io/component=vllm", "-o", "json")
+    return sorted(
+        p["metadata"]["name"]
+        for p in json.loads(listed.stdout)["items"]
+        if "deletionTimestamp" not in p["metadata"]
+        and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    )
+
+
+def _served(live: Live) -> set[str]:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return {m["id"] for m in httpx.get(f"{live.server.url}/v1/models", headers=headers).json()["data"]}
+
+
+def test_a_promotion_from_outside_reaches_every_ready_vllm_pod_or_changes_nothing(
+    k8s_cluster: Cluster, platform_ns: str, live: Live, tmp_path: Path
+) -> None:
+    """Two vLLM replicas, no --server-url: a promotion port-forwards to each Ready pod. While one pod's
+    port leads nowhere the promotion fails and changes nothing (no alias, nothing left loaded on the
+    replica that did load it); once both answer, it loads on both and moves the alias."""
+    ns = platform_ns
+    k8s_cluster.kubectl("-n", ns, "scale", "deployment", "platform-loraplane-vllm", "--replicas=2")
+    try:
+        k8s_cluster.wait_for(lambda: len(_ready_vllm_pods(k8s_cluster, ns)) == 2, what="two Ready vLLM pods")
+        first, second = _ready_vllm_pods(k8s_cluster, ns)
+        vllm_port = int(live.server.url.rsplit(":", 1)[1])
+        _forward(k8s_cluster, ns, first, vllm_port)
+        with socket.socket() as closed:  # bound, never listening: the second replica does not answer
+            closed.bind(("127.0.0.1", 0))
+            _forward(k8s_cluster, ns, second, closed.getsockname()[1])
+            env = {
+                "LORAPLANE_REGISTRY": "kubernetes",
+                "LORAPLANE_ADAPTERS_ROOT": str(live.settings.adapters_dir),
+                "LORAPLANE_HOME": str(tmp_path / "state"),
+            }
+            name = "pf-" + tmp_path.name.lower().replace("_", "-")[-20:].strip("-")
+            copy = live.settings.adapters_dir / name / "v1"
+            shutil.copytree(live.adapters[sorted(live.adapters)[0]], copy)
+            registered = _cli(k8s_cluster, ns, "adapters", "register", str(copy), "--name", name, **env)
+            assert registered.returncode == 0, registered.stderr
+            ref = f"{name}@v1"
+
+            refused = _cli(
+                k8s_cluster, ns, "adapters", "promote", ref, "--force", "--reason", "two pods", **env
+            )
+            assert refused.returncode != 0 and "Traceback" not in refused.stderr
+            assert "http://127.0.0.1:" in refused.stderr, refused.stderr  # the replica that failed
+            assert ref not in _served(live), "the replica that loaded it unloaded it again"
+            shown = json.loads(_cli(k8s_cluster, ns, "adapters", "show", name, "-o", "json", **env).stdout)
+            assert shown["adapter"]["aliases"] == {} and [e["action"] for e in shown["history"]] == ["register"]
+
+        _forward(k8s_cluster, ns, second, vllm_port)
+        loaded = _cli(k8s_cluster, ns, "adapters", "load", ref, **env)
+        assert loaded.returncode == 0, loaded.stderr
+        urls = loaded.stdout.split(" is served by ")[1].strip().split(", ")
+        assert len(set(urls)) == 2 and all(u.startswith("http://127.0.0.1:") for u in urls), loaded.stdout
+        promoted = _cli(k8s_cluster, ns, "adapters", "promote", ref, "--force", "--reason", "two pods", **env)
+        assert promoted.returncode == 0, promoted.stderr
+        assert ref in _served(live)
+        shown = json.loads(_cli(k8s_cluster, ns, "adapters", "show", name, "-o", "json", **env).stdout)
+        assert shown["adapter"]["aliases"] == {"prod": "v1"}
+    finally:
+        k8s_cluster.kubectl("-n", ns, "scale", "deployment", "platform-loraplane-vllm", "--replicas=1")
+        k8s_cluster.wait_for(lambda: len(_ready_vllm_pods(k8s_cluster, ns)) == 1, what="one vLLM pod again")
