@@ -253,7 +253,8 @@ def test_a_promotion_from_outside_reaches_every_ready_vllm_pod_or_changes_nothin
             assert "http://127.0.0.1:" in refused.stderr, refused.stderr  # the replica that failed
             assert ref not in _served(live), "the replica that loaded it unloaded it again"
             shown = json.loads(_cli(k8s_cluster, ns, "adapters", "show", name, "-o", "json", **env).stdout)
-            assert shown["adapter"]["aliases"] == {} and [e["action"] for e in shown["history"]] == ["register"]
+            assert shown["adapter"]["aliases"] == {}
+            assert [e["action"] for e in shown["history"]] == ["register"]
 
         _forward(k8s_cluster, ns, second, vllm_port)
         loaded = _cli(k8s_cluster, ns, "adapters", "load", ref, **env)
