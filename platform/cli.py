@@ -503,8 +503,9 @@ def adapters_sync(
     """Make each vLLM replica serve exactly the registry's servable versions; report the changes.
 
     Replicas: every --server-url; else, with --registry kubernetes, the Ready vLLM pods of --release
-    (pod IPs: run it inside the cluster); else LORAPLANE_SERVER_URLS (comma-separated) or the global
-    --server-url. Exit 1 when a replica could not be synced completely.
+    (inside the cluster by pod IP, from outside through one port-forward per pod); else
+    LORAPLANE_SERVER_URLS (comma-separated) or the global --server-url. Exit 1 when a replica could
+    not be synced completely.
 
     \b
     Example:
@@ -513,12 +514,26 @@ def adapters_sync(
 
     def body() -> None:
         from loraplane.platform.adapters import sync_adapters
+        from loraplane.serving.replicas import in_cluster
 
-        report = asyncio.run(
-            sync_adapters(
-                _settings(), server_urls, release=release, prune_unknown=not keep_unknown, dry_run=dry_run
-            )
+        settings, urls = _settings(), server_urls
+        forward = (
+            settings.registry == "kubernetes"
+            and not urls
+            and _state.server_url is None
+            and not in_cluster(settings)
         )
+        with contextlib.ExitStack() as stack:
+            if forward:  # outside the cluster pod IPs are unreachable: one port-forward per Ready pod
+                from loraplane.platform.portforward import vllm_admin
+
+                settings = stack.enter_context(vllm_admin(settings, release=release))
+                urls = list(settings.server_urls)
+            report = asyncio.run(
+                sync_adapters(
+                    settings, urls, release=release, prune_unknown=not keep_unknown, dry_run=dry_run
+                )
+            )
         if output == "json":
             out.print_json(json.dumps(report.to_json()))
         else:

@@ -31,12 +31,16 @@ def replica_urls(settings: Settings) -> list[str]:
         return listed
     if settings.server_urls:
         return list(settings.server_urls)
-    in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ and settings.kubeconfig is None
-    if settings.registry == "kubernetes" and in_cluster:
+    if settings.registry == "kubernetes" and in_cluster(settings):
         pods = list_vllm_pods(settings, release=os.environ.get("LORAPLANE_RELEASE", "platform"))
         if pods:
             return pods
     return [settings.server_url]
+
+
+def in_cluster(settings: Settings) -> bool:
+    """Running in a pod that talks to its own cluster (no kubeconfig named): pod IPs are reachable."""
+    return "KUBERNETES_SERVICE_HOST" in os.environ and settings.kubeconfig is None
 
 
 def _is_ready(pod: Any) -> bool:

@@ -223,7 +223,8 @@ def test_a_promotion_from_outside_reaches_every_ready_vllm_pod_or_changes_nothin
 ) -> None:
     """Two vLLM replicas, no --server-url: a promotion port-forwards to each Ready pod. While one pod's
     port leads nowhere the promotion fails and changes nothing (no alias, nothing left loaded on the
-    replica that did load it); once both answer, it loads on both and moves the alias."""
+    replica that did load it); once both answer, it loads on both and moves the alias, and ``adapters
+    sync`` reaches both the same way."""
     ns = platform_ns
     k8s_cluster.kubectl("-n", ns, "scale", "deployment", "platform-loraplane-vllm", "--replicas=2")
     try:
@@ -266,6 +267,14 @@ def test_a_promotion_from_outside_reaches_every_ready_vllm_pod_or_changes_nothin
         assert ref in _served(live)
         shown = json.loads(_cli(k8s_cluster, ns, "adapters", "show", name, "-o", "json", **env).stdout)
         assert shown["adapter"]["aliases"] == {"prod": "v1"}
+        # sync from outside the cluster: one port-forward per pod, too (a dry run: the vLLM is shared)
+        synced = _cli(k8s_cluster, ns, "adapters", "sync", "--dry-run", "--keep-unknown", "-o", "json", **env)
+        assert synced.returncode == 0, synced.stderr
+        replicas = json.loads(synced.stdout)["replicas"]
+        assert len({r["url"] for r in replicas}) == 2 and all(
+            r["url"].startswith("http://127.0.0.1:") for r in replicas
+        )
+        assert all(ref in r["unchanged"] for r in replicas), replicas
     finally:
         k8s_cluster.kubectl("-n", ns, "scale", "deployment", "platform-loraplane-vllm", "--replicas=1")
         k8s_cluster.wait_for(lambda: len(_ready_vllm_pods(k8s_cluster, ns)) == 1, what="one vLLM pod again")
