@@ -71,6 +71,11 @@ class ModelCard:
     def is_adapter(self) -> bool:
         return self.parent is not None
 
+    @classmethod
+    def from_json(cls, model: dict[str, Any]) -> ModelCard:
+        """One entry of vLLM's ``/v1/models`` ``data`` list."""
+        return cls(id=str(model["id"]), root=model.get("root"), parent=model.get("parent"))
+
 
 def _error_message(response: httpx.Response) -> str:
     try:
@@ -183,10 +188,7 @@ class VLLMAdminClient:
         response = await self._request("GET", "/v1/models")
         if response.status_code != 200:
             raise ServerError(f"GET /v1/models: HTTP {response.status_code}: {_error_message(response)}")
-        return [
-            ModelCard(id=m["id"], root=m.get("root"), parent=m.get("parent"))
-            for m in response.json().get("data", [])
-        ]
+        return [ModelCard.from_json(m) for m in response.json().get("data", [])]
 
     async def served_adapters(self) -> dict[str, str | None]:
         """Served adapter name -> the path it was loaded from."""

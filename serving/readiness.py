@@ -146,7 +146,7 @@ async def check(
                 raise NotReady(f"GET /v1/models: {type(exc).__name__}: {exc}") from None
             if models.status_code != 200:
                 raise NotReady(f"GET /v1/models answered HTTP {models.status_code}")
-            cards = [m for m in models.json().get("data", []) if isinstance(m, dict)]
+            cards = [m for m in models.json().get("data", []) if isinstance(m, dict) and "id" in m]
             listed = {str(m.get("id")) for m in cards}
         before = await generated_tokens(client, min(1.0, left() - reserve))
         budget = left() - reserve
@@ -201,9 +201,7 @@ def _servable_here(entry: AdapterVersion, limits: ServerLimits | None, cards: li
         if limits is None:
             check_adapter_files(Path(entry.path))
         else:
-            base = served_base(
-                [ModelCard(id=str(c.get("id")), root=c.get("root"), parent=c.get("parent")) for c in cards]
-            )
+            base = served_base([ModelCard.from_json(c) for c in cards])
             preflight_adapter(
                 Path(entry.path),
                 adapters_root=limits.adapters_root,
