@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -61,12 +62,27 @@ class Live:
 @pytest.fixture(scope="session")
 def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One real vLLM server for the whole session, started early so it loads while adapters train."""
-    server = VLLMServer(
-        demo_server_config(demo_model, free_port(), API_KEY), tmp_path_factory.mktemp("vllm") / "vllm.log"
-    )
+    config = demo_server_config(demo_model, free_port(), API_KEY)
+    # vLLM's GET /load: how many generation requests its API server holds (the gateway's disconnect test)
+    config = config.model_copy(update={"extra_args": ("--enable-server-load-tracking",)})
+    server = VLLMServer(config, tmp_path_factory.mktemp("vllm") / "vllm.log")
     server.start()
     yield server
     server.stop()
+
+
+def engine_core(server: VLLMServer | int) -> psutil.Process:
+    """vLLM V1's engine core: the child process titled ``VLLM::EngineCore`` of a server (or of a pid)."""
+    if isinstance(server, int):
+        pid = server
+    else:
+        assert server.process is not None, "the server is not running"
+        pid = server.process.pid
+    children = psutil.Process(pid).children(recursive=True)
+    for child in children:
+        if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
+            return child
+    raise AssertionError(f"no engine core among {[c.cmdline() for c in children]}")
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import API_KEY, BASE, Live
+from conftest import API_KEY, BASE, Live, engine_core
 
 from loraplane.platform.adapters import register_adapter, unload_adapter
 from loraplane.platform.quickstart import free_port
@@ -73,13 +73,8 @@ class Server:
         assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()[-3000:]
 
     def engine_core(self) -> psutil.Process:
-        """vLLM V1's engine core: the child process titled ``VLLM::EngineCore``."""
         assert self.proc is not None
-        children = psutil.Process(self.proc.pid).children(recursive=True)
-        for child in children:
-            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
-                return child
-        raise AssertionError(f"no engine core among {[c.cmdline() for c in children]}")
+        return engine_core(self.proc.pid)
 
     def kill(self) -> None:
         if self.proc is None:
