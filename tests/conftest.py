@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import yaml
@@ -69,6 +71,16 @@ def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     server.start()
     yield server
     server.stop()
+
+
+@functools.cache
+def http() -> httpx.Client:
+    """One HTTP client for the tests' polling loops (thread-safe).
+
+    Each new httpx client loads the CA bundle: about 50 ms of CPU, and over half a second while vLLM's
+    CPU engine keeps both cores busy, which made every ``httpx.get`` in a poll that slow.
+    """
+    return httpx.Client(timeout=60)
 
 
 def engine_core(server: VLLMServer | int) -> psutil.Process:

@@ -25,6 +25,7 @@ import anyio
 import httpx
 import pytest
 import uvicorn
+from conftest import http
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
@@ -248,7 +249,7 @@ def chat(model: str, **extra: Any) -> dict[str, Any]:
 
 def metric(url: str, name: str, labels: dict[str, str]) -> float:
     """The sum of the samples ``name`` whose labels include ``labels`` (0 when there are none)."""
-    text = httpx.get(f"{url}/metrics").text
+    text = http().get(f"{url}/metrics").text
     return sum(
         float(sample.value)
         for family in text_string_to_metric_families(text)

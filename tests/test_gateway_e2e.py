@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core
+from conftest import API_KEY, BASE, Live, engine_core, http
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway import metric, serve
@@ -230,7 +230,7 @@ def test_alias_flip_under_load_fails_no_request_and_switches_within_a_second(
 
 
 def _vllm_generated_tokens(live: Live) -> float:
-    text = httpx.get(f"{live.server.url}/metrics").text
+    text = http().get(f"{live.server.url}/metrics").text
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
@@ -245,7 +245,7 @@ def _vllm_requests_in_flight(live: Live) -> int:
     It counts a request once vLLM's handler has it, and stops counting it when vLLM sees the client's
     disconnect (or the answer is sent).
     """
-    reply = httpx.get(f"{live.server.url}/load", headers={"Authorization": f"Bearer {API_KEY}"})
+    reply = http().get(f"{live.server.url}/load", headers={"Authorization": f"Bearer {API_KEY}"})
     reply.raise_for_status()
     return int(reply.json()["server_load"])
 
@@ -300,7 +300,7 @@ def test_client_disconnect_makes_vllm_abort_the_generation(
                 _wait_for(lambda: _vllm_requests_in_flight(live) == 1, "vLLM's handler to take the request")
         _wait_for(lambda: metric(gw.url, "loraplane_gateway_requests_total", answered) == 1, "the gateway")
         _wait_for(lambda: _vllm_requests_in_flight(live) == 0, "vLLM to see the disconnect")
-        httpx.get(f"{live.server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+        http().get(f"{live.server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     finally:
         engine.send_signal(signal.SIGCONT)
 
@@ -309,7 +309,7 @@ def test_client_disconnect_makes_vllm_abort_the_generation(
     probes, previous = 0, _vllm_generated_tokens(live)
     deadline = time.monotonic() + DEADLINE_S
     while True:
-        httpx.post(f"{live.server.url}/v1/completions", json=probe, headers=upstream_headers, timeout=60)
+        http().post(f"{live.server.url}/v1/completions", json=probe, headers=upstream_headers)
         probes += 1
         now = _vllm_generated_tokens(live)
         if now - previous == 1:  # only the probe's token: the abandoned request is not generating
