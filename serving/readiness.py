@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from loraplane.platform.registry import AdapterVersion
 
 DEFAULT_TIMEOUT_S = 10.0
+FINISH_S = 0.25  # of the deadline, kept to give the verdict after the completion's budget ran out
 
 
 class NotReady(Exception):
@@ -107,6 +109,42 @@ async def generated_tokens(client: httpx.AsyncClient, budget: float) -> float | 
     return sum(values) if values else None
 
 
+class TokenProgress:
+    """``vllm:generation_tokens_total`` read again and again while the probe's completion waits.
+
+    The readings are taken during the wait, not after it: on a CPU-only server that its own engine
+    keeps busy, ``/metrics`` itself can take seconds to answer, so a reading after the completion's
+    budget ran out might not fit the deadline any more.
+    """
+
+    INTERVAL_S = 0.5
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.readings: list[float] = []
+        self.failed = 0
+
+    async def sample_until_cancelled(self, until: float) -> None:
+        while (left := until - time.monotonic()) > 0:
+            started = time.monotonic()
+            value = await generated_tokens(self.client, left)
+            if value is None:
+                self.failed += 1
+            else:
+                self.readings.append(value)
+            await asyncio.sleep(max(0.0, self.INTERVAL_S - (time.monotonic() - started)))
+
+    def generated(self) -> float | None:
+        """Tokens generated between the first reading and the last; None without progress seen."""
+        if len(self.readings) < 2 or self.readings[-1] <= self.readings[0]:
+            return None
+        return self.readings[-1] - self.readings[0]
+
+    @property
+    def attempts(self) -> int:
+        return len(self.readings) + self.failed
+
+
 async def check(
     url: str,
     *,
@@ -118,7 +156,6 @@ async def check(
 ) -> str:
     """Raise NotReady saying why ``url`` is not ready; when it is, return "" or a note ("busy: ...")."""
     deadline = time.monotonic() + timeout
-    reserve = min(2.0, timeout / 4)  # kept for /metrics after a slow completion
     note = ""
 
     def left() -> float:
@@ -128,7 +165,10 @@ async def check(
         return remaining
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers) as client:
+    # Certificates only for https: loading the CA bundle costs about 50 ms of CPU, and seconds on a CPU-only
+    # server whose engine keeps every core busy, which is when the probe matters most.
+    tls = url.lower().startswith("https://")
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, verify=tls) as client:
         try:
             health = await client.get("/health", timeout=left())
         except httpx.TimeoutException:
@@ -139,7 +179,7 @@ async def check(
             raise NotReady(f"vLLM /health answered HTTP {health.status_code}")
         listed: set[str] = set()
         cards: list[dict[str, Any]] = []
-        if required is not None:  # before the completion: after a slow one only /metrics must fit
+        if required is not None:  # before the completion, which may take the rest of the deadline
             try:
                 models = await client.get("/v1/models", timeout=left())
             except httpx.HTTPError as exc:
@@ -148,8 +188,9 @@ async def check(
                 raise NotReady(f"GET /v1/models answered HTTP {models.status_code}")
             cards = [m for m in models.json().get("data", []) if isinstance(m, dict) and "id" in m]
             listed = {str(m.get("id")) for m in cards}
-        before = await generated_tokens(client, min(1.0, left() - reserve))
-        budget = left() - reserve
+        budget = left() - FINISH_S
+        progress = TokenProgress(client)
+        sampler = asyncio.create_task(progress.sample_until_cancelled(deadline - FINISH_S))
         reply: httpx.Response | None = None
         try:
             if budget <= 0:
@@ -160,18 +201,28 @@ async def check(
                 timeout=budget,
             )
         except httpx.TimeoutException:
-            after = await generated_tokens(client, left())
-            if before is None or after is None or after <= before:
+            generated = progress.generated()
+            if generated is None and len(progress.readings) < 2:
+                raise NotReady(
+                    f"a one-token completion on {base_model!r} did not finish within {budget:.3g}s, and "
+                    "vLLM's /metrics did not answer often enough to tell a busy engine from a hung one "
+                    f"({len(progress.readings)} of {progress.attempts} reads answered in time)"
+                ) from None
+            if generated is None:
                 raise NotReady(
                     f"a one-token completion on {base_model!r} did not finish within {budget:.3g}s and "
                     "no token was generated meanwhile although /health answers 200: the engine is hung"
                 ) from None
             note = (
                 f"busy: the one-token completion waited over {budget:.3g}s in the queue while the engine "
-                f"generated {after - before:g} tokens"
+                f"generated {generated:g} tokens"
             )
         except httpx.HTTPError as exc:
             raise NotReady(f"one-token completion on {base_model!r}: {type(exc).__name__}: {exc}") from None
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         if reply is not None and reply.status_code != 200:
             raise NotReady(
                 f"a one-token completion on {base_model!r} answered HTTP {reply.status_code}: "

@@ -11,7 +11,8 @@ start costs about a minute here), so they are one test, in order:
    the missing one; ``loraplane adapters sync`` loads it and unloads the stray; ``adapters unload``
    is durable (``sync`` does not bring it back);
 3. the engine core process stopped (SIGSTOP: a hung engine; ``/health`` still answers 200):
-   readiness fails saying so; SIGCONT: it recovers;
+   readiness fails saying so; SIGCONT: it recovers. Then a busy engine (long requests queued for the
+   server's only sequence slot): readiness says ready, busy;
 4. the whole server killed (SIGKILL) and started again: when readiness first says ready, every
    servable adapter answers, and the unloaded one is still not served.
 """
@@ -26,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,13 +36,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core
+from conftest import API_KEY, BASE, Live, engine_core, http
 
 from loraplane.platform.adapters import register_adapter, unload_adapter
 from loraplane.platform.quickstart import free_port
 from loraplane.platform.registry import open_registry
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
+from loraplane.serving.readiness import check
 from loraplane.serving.reconcile import sync_replicas
 
 pytestmark = pytest.mark.e2e
@@ -93,16 +96,30 @@ class Server:
             self.kill()
 
 
-def readiness(url: str, settings: Settings, timeout: float = 10.0) -> tuple[int, str]:
-    """The chart's exec probe, as a process: (exit code, stderr)."""
-    proc = subprocess.run(
+def probe(url: str, settings: Settings, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    """The chart's exec probe, as a process."""
+    return subprocess.run(
         [
             sys.executable, "-m", "loraplane.serving.readiness", "--url", url, "--base-model", BASE,
             "--registry-home", str(settings.home), "--timeout", str(timeout),
         ],
         capture_output=True, text=True, env={**os.environ, "VLLM_API_KEY": API_KEY}, timeout=timeout + 30,
     )  # fmt: skip
+
+
+def readiness(url: str, settings: Settings, timeout: float = 10.0) -> tuple[int, str]:
+    """The chart's exec probe: (exit code, stderr)."""
+    proc = probe(url, settings, timeout)
     return proc.returncode, proc.stderr.strip()
+
+
+def generated_tokens(url: str) -> float:
+    text = http().get(f"{url}/metrics").text
+    return sum(
+        float(line.rsplit(None, 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total{")
+    )
 
 
 def served(url: str) -> set[str]:
@@ -149,7 +166,7 @@ def server(live: Live, demo_model: Path, tmp_path: Path) -> Iterator[tuple[Serve
         sys.executable, "-m", "loraplane.serving",
         "--model", str(demo_model), "--served-model-name", BASE, "--port", str(port),
         "--max-loras", "2", "--max-lora-rank", "8", "--max-model-len", "256", "--dtype", "float32",
-        "--kv-cache-gib", "1",
+        "--kv-cache-gib", "1", "--max-num-seqs", "1",
         "--registry-home", str(settings.home), "--adapters-root", str(settings.adapters_dir),
     ]  # fmt: skip
     srv = Server(argv, tmp_path / "vllm.log", f"http://127.0.0.1:{port}")
@@ -223,8 +240,34 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
         engine.send_signal(signal.SIGCONT)
     wait_until(lambda: readiness(url, settings)[0] == 0, "readiness after SIGCONT", timeout=120, server=srv)
 
+    # 3b. A busy engine is not a hung one. The server runs one sequence at a time (--max-num-seqs 1), and
+    # 24 requests for 240 tokens each (about a second each here) hold it for several times the probe's
+    # budget: the probe's one-token completion waits in the queue past its budget while tokens are
+    # generated, so the pod stays ready.
+    long_request = {"model": BASE, "prompt": "Once", "max_tokens": 240, "ignore_eos": True}
+
+    def occupy() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # step 4 kills the server under it
+            http().post(f"{url}/v1/completions", json=long_request, headers=HEADERS, timeout=DEADLINE_S)
+
+    occupiers = [threading.Thread(target=occupy, daemon=True) for _ in range(24)]
+    start = generated_tokens(url)
+    for thread in occupiers:
+        thread.start()
+    wait_until(lambda: generated_tokens(url) > start, "the long requests to start generating", every=0.1)
+    # The probe's own check, in this process: a probe process's imports took up to a minute on two cores
+    # that vLLM's engine keeps busy, long enough for the queue to drain first (its deadline starts after
+    # them, so they do not change its verdict).
+    note = asyncio.run(check(url, base_model=BASE, api_key=API_KEY, timeout=6, required=None))
+    assert note.startswith("busy: the one-token completion waited over"), note
+    assert any(t.is_alive() for t in occupiers), (
+        "the long requests ended before the probe: no queue was tested"
+    )
+
     # 4. Killed and started again: ready only once every servable version answers.
     srv.kill()
+    for thread in occupiers:
+        thread.join(timeout=60)
     srv.start()
     results: list[tuple[int, str]] = []
 
