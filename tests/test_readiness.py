@@ -1,9 +1,11 @@
-"""The readiness probe's own behaviour: light, one line, exit 1 without a server; against the session's
+"""The readiness probe's own behaviour: light, one line, exit 1 without a server, no 'hung' verdict
+when /metrics stalls too; against the session's
 vLLM, which registered versions it requires given the server's limits (a hung engine, a restart and
 drift are in tests/test_rehydrate_e2e.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -15,8 +17,11 @@ from pathlib import Path
 
 import pytest
 from conftest import API_KEY, BASE, Live
+from fastapi import FastAPI
+from test_gateway import serve
 
 from loraplane.platform.adapters import register_adapter
+from loraplane.serving.readiness import NotReady, check
 
 
 @pytest.fixture
@@ -92,3 +97,27 @@ def test_a_version_the_server_would_skip_is_required_only_within_the_given_limit
     assert (elsewhere.returncode, elsewhere.stderr) == (0, "")
     alone = _probe(*base, "--max-lora-rank", "8", env=env)
     assert alone.returncode == 2 and "--adapters-root and --max-lora-rank go together" in alone.stderr
+
+
+def test_a_server_whose_metrics_do_not_answer_is_not_called_hung() -> None:
+    """A completion that waits out its budget while /metrics does not answer either: the probe cannot
+    tell a busy engine from a hung one, and says that (not 'hung'). A real vLLM cannot be made to stall
+    /metrics while /health answers, so a small HTTP server plays one whose API server is starved."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    @app.get("/metrics")
+    @app.post("/v1/completions")
+    async def stalled() -> dict[str, str]:
+        await asyncio.sleep(6)  # past the probe's 2 s; short, so that the server stops soon after
+        return {}
+
+    with serve(app) as url, pytest.raises(NotReady) as caught:
+        asyncio.run(check(url, base_model=BASE, api_key=None, timeout=2, required=None))
+    reason = str(caught.value)
+    assert reason.startswith(f"a one-token completion on {BASE!r} did not finish within"), reason
+    assert "/metrics did not answer often enough to tell a busy engine from a hung one" in reason
+    assert "hung" not in reason.split("from a hung one")[1]
