@@ -693,15 +693,22 @@ def test_canary_rules_from_the_command_line(tmp_path: Path) -> None:
         config_from_args(parse_args([*args, "--canary", "demo=5"]), {})
 
 
-def test_client_leaving_a_non_streaming_request_closes_the_upstream_request(gateway: Env) -> None:
-    body = json.dumps(chat("demo", hold=True)).encode()
+@contextmanager
+def raw_post(url: str, route: str, body: dict[str, Any], key: str) -> Iterator[socket.socket]:
+    """POST ``body`` over a raw socket and hold the connection; leaving the block hangs up mid-request."""
+    payload = json.dumps(body).encode()
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST {route} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: {len(payload)}\r\n\r\n"
     )
-    port = int(gateway.url.rsplit(":", 1)[1])
+    port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
-        sock.sendall(head.encode() + body)
+        sock.sendall(head.encode() + payload)
+        yield sock
+
+
+def test_client_leaving_a_non_streaming_request_closes_the_upstream_request(gateway: Env) -> None:
+    with raw_post(gateway.url, "/v1/chat/completions", chat("demo", hold=True), CLIENT_KEY):
         assert gateway.upstream.arrived.wait(DEADLINE_S), "the request never reached the upstream"
     # The client hung up while the upstream was still working on the answer: the upstream must see it.
     assert gateway.upstream.abandoned.wait(DEADLINE_S), "the upstream request was left running"

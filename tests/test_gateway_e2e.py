@@ -10,12 +10,10 @@ answer also proves the client's key was replaced.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +26,7 @@ import pytest
 from conftest import API_KEY, BASE, Live, engine_core, http
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
-from test_gateway import metric, serve
+from test_gateway import metric, raw_post, serve
 
 from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter
 from loraplane.platform.settings import Settings
@@ -289,14 +287,7 @@ def test_client_disconnect_makes_vllm_abort_the_generation(
                 assert reply.status_code == 200  # vLLM sends a stream's headers before its first token
                 _wait_for(lambda: _vllm_requests_in_flight(live) == 1, "vLLM's handler to take the request")
         else:  # a raw socket: hang up at a moment of the test's choosing, with the request in flight
-            payload = json.dumps(body).encode()
-            head = (
-                "POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n"
-            )
-            port = int(gw.url.rsplit(":", 1)[1])
-            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
-                sock.sendall(head.encode() + payload)
+            with raw_post(gw.url, "/v1/completions", body, CLIENT_KEY):
                 _wait_for(lambda: _vllm_requests_in_flight(live) == 1, "vLLM's handler to take the request")
         _wait_for(lambda: metric(gw.url, "loraplane_gateway_requests_total", answered) == 1, "the gateway")
         _wait_for(lambda: _vllm_requests_in_flight(live) == 0, "vLLM to see the disconnect")
