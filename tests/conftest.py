@@ -6,6 +6,7 @@ import functools
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,23 @@ def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     server.start()
     yield server
     server.stop()
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    *,
+    timeout: float = 600.0,
+    every: float = 0.5,
+    alive: Callable[[], None] | None = None,
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` at the deadline (``alive`` may fail sooner)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if alive is not None:
+            alive()
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
 
 
 @functools.cache

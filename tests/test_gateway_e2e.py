@@ -10,6 +10,7 @@ answer also proves the client's key was replaced.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core, http
+from conftest import API_KEY, BASE, Live, engine_core, http, wait_until
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway import metric, raw_post, serve
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.e2e
 
 CLIENT_KEY = "gateway-e2e-client-key"
 DEADLINE_S = 120.0
+soon = functools.partial(wait_until, timeout=DEADLINE_S, every=0.05)  # poll a condition, fail at the deadline
 SYSTEM = "Answer with one word."
 SENTIMENT_PROMPT = "Classify the sentiment: The movie was wonderful."
 CHAT = "/v1/chat/completions"
@@ -248,13 +250,6 @@ def _vllm_requests_in_flight(live: Live) -> int:
     return int(reply.json()["server_load"])
 
 
-def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_client_disconnect_makes_vllm_abort_the_generation(
     gw: Gw, live: Live, request: pytest.FixtureRequest, stream: bool
@@ -285,12 +280,12 @@ def test_client_disconnect_makes_vllm_abort_the_generation(
                 "POST", f"{gw.url}/v1/completions", json=body, headers=headers, timeout=DEADLINE_S
             ) as reply:
                 assert reply.status_code == 200  # vLLM sends a stream's headers before its first token
-                _wait_for(lambda: _vllm_requests_in_flight(live) == 1, "vLLM's handler to take the request")
+                soon(lambda: _vllm_requests_in_flight(live) == 1, "vLLM's handler to take the request")
         else:  # a raw socket: hang up at a moment of the test's choosing, with the request in flight
             with raw_post(gw.url, "/v1/completions", body, CLIENT_KEY):
-                _wait_for(lambda: _vllm_requests_in_flight(live) == 1, "vLLM's handler to take the request")
-        _wait_for(lambda: metric(gw.url, "loraplane_gateway_requests_total", answered) == 1, "the gateway")
-        _wait_for(lambda: _vllm_requests_in_flight(live) == 0, "vLLM to see the disconnect")
+                soon(lambda: _vllm_requests_in_flight(live) == 1, "vLLM's handler to take the request")
+        soon(lambda: metric(gw.url, "loraplane_gateway_requests_total", answered) == 1, "the gateway")
+        soon(lambda: _vllm_requests_in_flight(live) == 0, "vLLM to see the disconnect")
         http().get(f"{live.server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     finally:
         engine.send_signal(signal.SIGCONT)

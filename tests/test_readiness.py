@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def test_a_server_whose_metrics_do_not_answer_is_not_called_hung() -> None:
     tell a busy engine from a hung one, and says that (not 'hung'). A real vLLM cannot be made to stall
     /metrics while /health answers, so a small HTTP server plays one whose API server is starved."""
     app = FastAPI()
+    released = threading.Event()  # set once the probe has given its verdict: the server can then stop
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -112,11 +114,15 @@ def test_a_server_whose_metrics_do_not_answer_is_not_called_hung() -> None:
     @app.get("/metrics")
     @app.post("/v1/completions")
     async def stalled() -> dict[str, str]:
-        await asyncio.sleep(6)  # past the probe's 2 s; short, so that the server stops soon after
+        await asyncio.to_thread(released.wait, 60)
         return {}
 
-    with serve(app) as url, pytest.raises(NotReady) as caught:
-        asyncio.run(check(url, base_model=BASE, api_key=None, timeout=2, required=None))
+    with serve(app) as url:
+        try:
+            with pytest.raises(NotReady) as caught:
+                asyncio.run(check(url, base_model=BASE, api_key=None, timeout=2, required=None))
+        finally:
+            released.set()
     reason = str(caught.value)
     assert reason.startswith(f"a one-token completion on {BASE!r} did not finish within"), reason
     assert "/metrics did not answer often enough to tell a busy engine from a hung one" in reason

@@ -28,8 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import httpx
 import psutil
 import pytest
 from conftest import API_KEY, BASE, Live, engine_core, http
+from conftest import wait_until as shared_wait_until
 
 from loraplane.platform.adapters import register_adapter, unload_adapter
 from loraplane.platform.quickstart import free_port
@@ -137,18 +137,15 @@ def answers(url: str, model: str) -> bool:
 
 
 def wait_until(
-    condition: object,
+    condition: Callable[[], bool],
     what: str,
     timeout: float = DEADLINE_S,
     server: Server | None = None,
     every: float = 0.5,
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if server is not None:
-            server.alive()
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
+    shared_wait_until(
+        condition, what, timeout=timeout, every=every, alive=None if server is None else server.alive
+    )
 
 
 @pytest.fixture
