@@ -101,6 +101,16 @@ def http() -> httpx.Client:
     return httpx.Client(timeout=60)
 
 
+def vllm_generated_tokens(url: str) -> float:
+    """vLLM's ``vllm:generation_tokens_total`` at ``url``, summed over its label sets."""
+    text = http().get(f"{url}/metrics").text
+    return sum(
+        float(line.rsplit(None, 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total{")
+    )
+
+
 def engine_core(server: VLLMServer | int) -> psutil.Process:
     """vLLM V1's engine core: the child process titled ``VLLM::EngineCore`` of a server (or of a pid)."""
     if isinstance(server, int):

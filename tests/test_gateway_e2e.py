@@ -24,9 +24,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core, http, wait_until
+from conftest import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens, wait_until
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 from test_gateway import metric, raw_post, serve
 
 from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter
@@ -229,16 +228,6 @@ def test_alias_flip_under_load_fails_no_request_and_switches_within_a_second(
     assert metric(gw.url, "loraplane_gateway_upstream_errors_total", {}) == 0
 
 
-def _vllm_generated_tokens(live: Live) -> float:
-    text = http().get(f"{live.server.url}/metrics").text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "vllm:generation_tokens_total"
-    )
-
-
 def _vllm_requests_in_flight(live: Live) -> int:
     """vLLM's own count of generation requests its API server is handling (``--enable-server-load-tracking``).
 
@@ -270,7 +259,7 @@ def test_client_disconnect_makes_vllm_abort_the_generation(
     code = "200" if stream else "499"  # a stream was answered (its headers); the other never was
     answered = {"route": "/v1/completions", "code": code}
     assert _vllm_requests_in_flight(live) == 0
-    before = _vllm_generated_tokens(live)
+    before = vllm_generated_tokens(live.server.url)
     engine = engine_core(live.server)
     engine.send_signal(signal.SIGSTOP)
     try:
@@ -292,12 +281,12 @@ def test_client_disconnect_makes_vllm_abort_the_generation(
 
     probe = {"model": BASE, "prompt": "Hi", "max_tokens": 1}
     upstream_headers = {"Authorization": f"Bearer {API_KEY}"}
-    probes, previous = 0, _vllm_generated_tokens(live)
+    probes, previous = 0, vllm_generated_tokens(live.server.url)
     deadline = time.monotonic() + DEADLINE_S
     while True:
         http().post(f"{live.server.url}/v1/completions", json=probe, headers=upstream_headers)
         probes += 1
-        now = _vllm_generated_tokens(live)
+        now = vllm_generated_tokens(live.server.url)
         if now - previous == 1:  # only the probe's token: the abandoned request is not generating
             break
         assert time.monotonic() < deadline, "vLLM kept generating"

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core, http
+from conftest import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens
 from conftest import wait_until as shared_wait_until
 
 from loraplane.platform.adapters import register_adapter, unload_adapter
@@ -111,15 +111,6 @@ def readiness(url: str, settings: Settings, timeout: float = 10.0) -> tuple[int,
     """The chart's exec probe: (exit code, stderr)."""
     proc = probe(url, settings, timeout)
     return proc.returncode, proc.stderr.strip()
-
-
-def generated_tokens(url: str) -> float:
-    text = http().get(f"{url}/metrics").text
-    return sum(
-        float(line.rsplit(None, 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:generation_tokens_total{")
-    )
 
 
 def served(url: str) -> set[str]:
@@ -248,10 +239,10 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
             http().post(f"{url}/v1/completions", json=long_request, headers=HEADERS, timeout=DEADLINE_S)
 
     occupiers = [threading.Thread(target=occupy, daemon=True) for _ in range(24)]
-    start = generated_tokens(url)
+    start = vllm_generated_tokens(url)
     for thread in occupiers:
         thread.start()
-    wait_until(lambda: generated_tokens(url) > start, "the long requests to start generating", every=0.1)
+    wait_until(lambda: vllm_generated_tokens(url) > start, "the long requests to start generating", every=0.1)
     # The probe's own check, in this process: a probe process's imports took up to a minute on two cores
     # that vLLM's engine keeps busy, long enough for the queue to drain first (its deadline starts after
     # them, so they do not change its verdict).
