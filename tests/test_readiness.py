@@ -1,7 +1,6 @@
 """The readiness probe's own behaviour: light, one line, exit 1 without a server, no 'hung' verdict
-when /metrics stalls too; against the session's
-vLLM, which registered versions it requires given the server's limits (a hung engine, a restart and
-drift are in tests/test_rehydrate_e2e.py)."""
+when /metrics stalls too; against the session's vLLM, which registered versions it requires given
+the server's limits (a hung engine, a busy one, a restart and drift are in tests/test_rehydrate_e2e.py)."""
 
 from __future__ import annotations
 
