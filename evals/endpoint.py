@@ -7,7 +7,8 @@
 
 429, 5xx and connection errors are retried with exponential backoff (``Retry-After`` honoured, up
 to 30 s). A request that still fails raises :class:`RequestFailedError`; when the endpoint cannot be
-reached at all, :class:`EndpointUnreachableError`.
+reached at all, :class:`EndpointUnreachableError`. Their messages name the request (method and URL)
+and what the endpoint answered (HTTP status and the start of its body) or the connection error.
 """
 
 from __future__ import annotations
@@ -68,11 +69,38 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+ANSWER_CHARS = 300  # of an error answer's body, in messages
+
+
+def answer_of(response: httpx.Response) -> str:
+    """``POST URL answered HTTP 404: {body...}``: the request and the start of the endpoint's answer."""
+    body = " ".join(response.text.split())
+    if len(body) > ANSWER_CHARS:
+        body = body[:ANSWER_CHARS] + "..."
+    request = response.request
+    return f"{request.method} {request.url} answered HTTP {response.status_code}: {body or '(empty body)'}"
+
+
+def _transport_message(exc: httpx.TransportError) -> str:
+    detail = str(exc) or "no detail"
+    try:
+        request = exc.request
+    except RuntimeError:  # an error raised outside a request has none
+        return f"{type(exc).__name__}: {detail}"
+    return f"{request.method} {request.url} failed: {type(exc).__name__}: {detail}"
+
+
 def _check(response: httpx.Response) -> None:
     if response.status_code in RETRY_STATUS:
-        raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", _retry_after(response))
+        raise _Retryable(answer_of(response), _retry_after(response))
     if response.status_code != 200:
-        raise RequestFailedError(f"HTTP {response.status_code}: {response.text[:300]}", attempts=1)
+        raise RequestFailedError(answer_of(response), attempts=1)
+
+
+def _no_such_route(response: httpx.Response) -> bool:
+    """A 404 for the path itself (FastAPI's default, or OpenAI's "Invalid URL"), not for a model."""
+    text = response.text.replace(" ", "")
+    return '"detail":"NotFound"' in text or "InvalidURL(" in text
 
 
 class OpenAIEndpoint:
@@ -120,9 +148,10 @@ class OpenAIEndpoint:
                 unreachable = isinstance(exc, httpx.ConnectError) or (
                     isinstance(exc, _Retryable) and exc.unreachable
                 )
-                message = str(exc) or type(exc).__name__
                 if isinstance(exc, httpx.TransportError):
-                    message = f"{type(exc).__name__}: {message}"
+                    message = _transport_message(exc)
+                else:
+                    message = str(exc) or type(exc).__name__
                 if tries > self.retries:
                     error = EndpointUnreachableError if unreachable else RequestFailedError
                     raise error(f"{message} (after {tries} attempts)", attempts=tries) from None
@@ -210,9 +239,11 @@ class OpenAIEndpoint:
 
         async def attempt() -> list[int]:
             response = await self._client.post("/tokenize", json=body)
-            if response.status_code == 404 and '"detail":"Not Found"' in response.text.replace(" ", ""):
+            if response.status_code == 404 and _no_such_route(response):
                 raise RequestFailedError(
-                    "the endpoint has no POST /tokenize (vLLM's); perplexity needs a vLLM server", attempts=1
+                    "the endpoint has no POST /tokenize, which the perplexity metric needs (vLLM and the "
+                    f"loraplane gateway serve it): {answer_of(response)}",
+                    attempts=1,
                 )
             _check(response)
             return [int(t) for t in response.json()["tokens"]]

@@ -381,11 +381,16 @@ async def run_suite(
             f"first: {name} line {x.line} with {model!r}: {x.error or x.perplexity_error}"
         )
     if report.error:
+        if breaker.reason:
+            hint = f"check that the server is up at {endpoint}; "
+        else:  # the endpoint answered: its answer (in the message) says what is wrong
+            hint = (
+                "the endpoint's answer above says why: HTTP 401 is a wrong or missing API key "
+                "(LORAPLANE_API_KEY), 404 a model it does not serve (GET /v1/models lists them; "
+                "loraplane adapters list); "
+            )
         raise SuiteIncompleteError(
-            report.error,
-            report,
-            hint="check that the server is up and serves every model (loraplane adapters list); "
-            "the partial report is marked incomplete",
+            report.error, report, hint=hint + "the partial report is marked incomplete"
         )
     report.complete = True
     if suite.gate is not None:

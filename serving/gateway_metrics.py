@@ -41,7 +41,8 @@ class GatewayMetrics:
         )
         self.tokens = Counter(
             "loraplane_gateway_tokens",
-            "Tokens from the answers' usage objects (streams only with stream_options.include_usage).",
+            "Tokens from the answers' usage objects (chat and completion streams only with "
+            "stream_options.include_usage; Responses API streams always).",
             ["model", "served", "kind"],
             registry=self.registry,
         )
@@ -58,11 +59,15 @@ class GatewayMetrics:
         self.request_seconds.labels(route, model, served).observe(seconds)
 
     def observe_usage(self, model: str, served: str, usage: object) -> None:
-        """Count ``prompt_tokens`` and ``completion_tokens`` of an OpenAI ``usage`` object, if well formed."""
+        """Count the tokens of an OpenAI ``usage`` object, if well formed.
+
+        Chat and completions name them ``prompt_tokens`` and ``completion_tokens``, the Responses API
+        ``input_tokens`` and ``output_tokens``: both count as ``prompt`` and ``completion``.
+        """
         if not isinstance(usage, dict):
             return
-        for kind in ("prompt", "completion"):
-            value = usage.get(f"{kind}_tokens")
+        for kind, responses_name in (("prompt", "input_tokens"), ("completion", "output_tokens")):
+            value = usage.get(f"{kind}_tokens", usage.get(responses_name))
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 self.tokens.labels(model, served, kind).inc(value)
 

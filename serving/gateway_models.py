@@ -28,7 +28,6 @@ from loraplane.common.errors import LoraplaneError
 from loraplane.platform.registry import REF_PATTERN, AdapterVersion, LocalRegistry, RegistryState
 from loraplane.serving.gateway_canary import CanaryRule, takes_canary
 from loraplane.serving.gateway_errors import (
-    GatewayError,
     ModelNotFoundError,
     UpstreamFailedError,
     transport_error,
@@ -198,14 +197,23 @@ class ModelResolver:
     async def listing(self) -> dict[str, Any]:
         """``GET /v1/models``: base models, then per adapter its versions, aliases and bare name.
 
+        Only what the model server serves right now is listed: a version (or a name pointing at one)
+        whose served name is not among the upstream's models (registered but not loaded, refused by
+        the server, retired) is left out, so every listed id answers. The upstream's list is cached
+        for 5 s; when the registry has a version the cached list lacks (it may just have been
+        loaded), the list is fetched again, at most once a second. Raises :class:`GatewayError` when
+        the upstream cannot be asked and nothing is cached: what is servable is then unknown.
+
         ``parent`` is what a name points at (an alias: the version's served name; a version: the base
         model) and ``root`` the base model, so a client can tell what ``support-bot:prod`` serves.
         """
         state = self.registry.state()
-        try:
-            cards = await self.upstream.cards(max_age=5.0)
-        except GatewayError:  # the model server is down: the registry's part is still worth listing
-            cards = []
+        versions = [v for a in state.adapters.values() for v in a.versions.values()]
+        wanted = {v.served_name for v in versions if v.state != "retired"}
+        cards = await self.upstream.cards(max_age=5.0)
+        if not wanted <= {c["id"] for c in cards}:
+            cards = await self.upstream.cards(max_age=1.0)
+        served = {c["id"] for c in cards}
         bases = [c for c in cards if c.get("parent") is None]
         parents = {c["id"]: c["parent"] for c in cards if c.get("parent") is not None}
         only_base = bases[0]["id"] if len(bases) == 1 else None
@@ -216,7 +224,7 @@ class ModelResolver:
         for name in sorted(state.adapters):
             adapter = state.adapters[name]
             live = sorted(
-                (v for v in adapter.versions.values() if v.state != "retired"),
+                (v for v in adapter.versions.values() if v.state != "retired" and v.served_name in served),
                 key=lambda v: int(v.version[1:]),
             )
             for v in live:
@@ -228,10 +236,19 @@ class ModelResolver:
                     target = state.resolve(ref)
                 except LoraplaneError:
                     continue
-                if target.state != "retired":
+                if target.state != "retired" and target.served_name in served:
                     base = parents.get(target.served_name, only_base)
                     data.append(_card(ref, _epoch(target.registered_at), base, target.served_name))
         return {"object": "list", "data": data}
+
+    async def card(self, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``: the card :meth:`listing` has for ``model_id``, else 404."""
+        for card in (await self.listing())["data"]:
+            if card["id"] == model_id:
+                return dict(card)
+        raise ModelNotFoundError(
+            f"The model `{model_id}` does not exist or is not served now (GET /v1/models lists what is)."
+        )
 
 
 def _epoch(iso: str) -> int:

@@ -1,7 +1,10 @@
-"""Forwarding ``POST /v1/chat/completions`` and ``POST /v1/completions`` to vLLM.
+"""Forwarding the user routes (:data:`FORWARDED_ROUTES`) to vLLM.
 
-The client's key is checked and dropped; the request's ``model`` is rewritten to the served name; the
-upstream request carries the gateway's own key and a fresh request id. Non-streaming answers are
+The routes are the ones that name a ``model`` in their JSON body: chat completions, completions,
+the Responses API (``POST /v1/responses``) and vLLM's ``POST /tokenize`` and ``POST /detokenize``
+(which perplexity evals need). None of them can change the server. The client's key is checked and
+dropped; the request's ``model`` is rewritten to the served name; the upstream request carries the
+gateway's own key and a fresh request id. Non-streaming answers are
 forwarded with their status and body, streams chunk by chunk as they arrive. In both cases, when the
 client goes away the upstream connection is closed at once, which makes vLLM abort the generation.
 """
@@ -38,7 +41,9 @@ from loraplane.serving.gateway_models import ModelResolver, Target
 log = logging.getLogger("loraplane.serving.gateway")
 T = TypeVar("T")
 
-FORWARDED_ROUTES = ("/v1/chat/completions", "/v1/completions")
+FORWARDED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize")
+# Streams that always carry their usage (in the ``response.completed`` event), asked for or not.
+USAGE_ALWAYS_STREAMED = frozenset({"/v1/responses"})
 PASSED_BACK_HEADERS = ("content-type",)
 CLIENT_CLOSED = 499  # the `code` label of a request whose client left before the answer (nginx's 499)
 
@@ -97,7 +102,11 @@ async def unless_client_leaves(request: Request, work: Callable[[], Awaitable[T]
 
 
 class SSEUsage:
-    """Finds the ``usage`` object in an SSE stream fed in arbitrary chunks (``include_usage`` streams)."""
+    """Finds the ``usage`` object in an SSE stream fed in arbitrary chunks.
+
+    Chat and completion streams (``include_usage``) carry it at the top of their last chunk; Responses
+    API streams inside the ``response`` of their ``response.completed`` event.
+    """
 
     MAX_LINE = 1 << 20
 
@@ -117,8 +126,14 @@ class SSEUsage:
                 event = json.loads(line[5:])
             except ValueError:
                 continue
-            if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+            if not isinstance(event, dict):
+                continue
+            if isinstance(event.get("usage"), dict):
                 self.usage = event["usage"]
+            elif event.get("type") == "response.completed" and isinstance(event.get("response"), dict):
+                usage = event["response"].get("usage")
+                if isinstance(usage, dict):
+                    self.usage = usage
 
 
 class UpstreamStream(StreamingResponse):
@@ -213,7 +228,8 @@ class Proxy:
         is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
         if body.get("stream") is True and upstream.status_code == 200 and is_sse:
             options = body.get("stream_options")
-            usage = SSEUsage() if isinstance(options, dict) and options.get("include_usage") is True else None
+            asked = isinstance(options, dict) and options.get("include_usage") is True
+            usage = SSEUsage() if asked or route in USAGE_ALWAYS_STREAMED else None
             relay = self._relay(upstream, route, target, started, usage, request_id)
             return UpstreamStream(relay, upstream.status_code, headers)
         return await self._whole(request, upstream, route, target, started, headers)

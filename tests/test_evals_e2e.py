@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import API_KEY, BASE, Live
+from conftest import API_KEY, BASE, Live, http
+from test_gateway import metric, serve
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.evals.dataset import load_eval_set
@@ -31,6 +36,7 @@ from loraplane.platform.adapters import (
 from loraplane.platform.quickstart import demo_server_config, free_port
 from loraplane.platform.registry import LocalRegistry
 from loraplane.platform.settings import Settings
+from loraplane.serving.gateway import GatewayConfig, create_app
 from loraplane.serving.launcher import VLLMServer
 
 pytestmark = pytest.mark.e2e
@@ -205,3 +211,96 @@ def test_server_dying_mid_suite_leaves_a_partial_report_and_no_record(
     ]
     assert 10 <= len(answered) < 40  # what was measured before the crash is kept
     assert "INCOMPLETE" in partial.with_suffix(".md").read_text()
+
+
+GATEWAY_KEY = "evals-gateway-client-key"
+
+
+@contextmanager
+def gateway_with_prod(live: Live, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A registry of the test's own (the sentiment adapter as NAME@v1 = NAME:prod, loaded) and a
+    gateway over it in front of the session's vLLM server: yields (the gateway's URL, NAME)."""
+    settings = live.settings.model_copy(update={"home": tmp_path / "state"})
+    name = "ev-" + re.sub(r"[^a-z0-9]+", "-", tmp_path.name.lower())[-37:].strip("-")
+    copy = live.settings.adapters_dir / name / "v1"
+    shutil.copytree(live.adapters["sentiment"], copy)
+    register_adapter(settings, copy, name=name, version="v1")
+    asyncio.run(promote_adapter(settings, f"{name}@v1", force=True, reason="evals through the gateway"))
+    config = GatewayConfig(
+        upstream=live.server.url, home=settings.home, api_keys=(GATEWAY_KEY,), upstream_api_key=API_KEY
+    )
+    with serve(create_app(config)) as url:
+        yield url, name
+
+
+def _first_lines(source: Path, n: int, target: Path) -> Path:
+    target.write_text("".join(source.read_text().splitlines(keepends=True)[:n]))
+    return target
+
+
+def _evals_run(
+    suite: Path, endpoint: str, candidate: str, key: str, report_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LORAPLANE_API_KEY": key, "COLUMNS": "1000"}  # COLUMNS: no wrapped messages
+    cmd = [sys.executable, "-m", "loraplane.platform.cli", "evals", "run", str(suite), "--endpoint", endpoint]
+    cmd += ["--candidate", candidate, "--report-dir", str(report_dir), "--output", "json"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_perplexity_evals_run_through_the_gateway(live: Live, tmp_path: Path) -> None:
+    """`loraplane evals run` against the gateway: /tokenize goes through it, behind the client's key,
+    with the alias resolved; the perplexity equals the one computed on the server directly."""
+    examples = _first_lines(live.eval_sets["sentiment"], 6, tmp_path / "six.jsonl")
+    suite = _suite(tmp_path, "sentiment", examples, {"max_score": {"perplexity": 1000.0}})
+    with gateway_with_prod(live, tmp_path) as (url, name):
+        proc = _evals_run(suite, f"{url}/v1", f"{name}:prod", GATEWAY_KEY, tmp_path / "r")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout)
+        assert report["complete"] and report["gate"]["passed"], report.get("error")
+        (dataset,) = report["datasets"]
+        run = dataset["runs"]["candidate"]
+        assert run["failures"] == 0 and run["n"] == 6
+        assert all(x["perplexity_error"] is None and x["answer_tokens"] for x in run["examples"])
+        perplexity = run["metrics"]["perplexity"]["value"]
+        assert perplexity is not None and perplexity >= 1.0
+
+        tokenized = {"route": "/tokenize", "model": f"{name}:prod", "served": f"{name}@v1", "code": "200"}
+        assert metric(url, "loraplane_gateway_requests_total", tokenized) == 2 * 6  # prompt, prompt + answer
+
+        # /detokenize goes through too, and undoes /tokenize.
+        headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+        tokens = (
+            http()
+            .post(f"{url}/tokenize", json={"model": name, "prompt": "Hello there"}, headers=headers)
+            .json()["tokens"]
+        )
+        text = http().post(f"{url}/detokenize", json={"model": name, "tokens": tokens}, headers=headers)
+        assert text.status_code == 200 and text.json()["prompt"].strip() == "Hello there", text.text
+
+        # The same numbers as on the server itself, under the version's served name.
+        chats = [(e.as_chat(), e.reference) for e in load_eval_set(examples)[:2]]
+
+        async def nll(endpoint: str, key: str, model: str) -> list[tuple[float, int]]:
+            async with OpenAIEndpoint(endpoint, api_key=key) as ep:
+                return [await _reference_nll(ep, model, chat, reference) for chat, reference in chats]
+
+        through = asyncio.run(nll(url, GATEWAY_KEY, f"{name}:prod"))
+        direct = asyncio.run(nll(live.server.url, API_KEY, f"{name}@v1"))
+        for (nll_gw, n_gw), (nll_direct, n_direct) in zip(through, direct, strict=True):
+            assert n_gw == n_direct > 0 and abs(nll_gw - nll_direct) < 1e-4, (nll_gw, nll_direct)
+
+
+def test_failed_eval_requests_name_the_endpoints_answer(live: Live, tmp_path: Path) -> None:
+    """A wrong key and an unknown model: the error quotes what the endpoint answered, and where."""
+    examples = _first_lines(live.eval_sets["sentiment"], 3, tmp_path / "three.jsonl")
+    suite = _suite(tmp_path, "sentiment", examples, {})
+    with gateway_with_prod(live, tmp_path) as (url, name):
+        wrong_key = _evals_run(suite, f"{url}/v1", f"{name}:prod", "not-the-key", tmp_path / "r1")
+        unknown = _evals_run(suite, f"{url}/v1", f"{name}:nope", GATEWAY_KEY, tmp_path / "r2")
+    for proc, status, code in ((wrong_key, 401, "invalid_api_key"), (unknown, 404, "model_not_found")):
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        said = " ".join(proc.stderr.split())
+        assert f"POST {url}/v1/chat/completions answered HTTP {status}:" in said, said
+        assert f'"code": "{code}"' in said or f'"code":"{code}"' in said, said
+        assert "check that the server is up" not in said, said
+        assert "partial report" in said and list((tmp_path).glob("r*/*-INCOMPLETE.json"))

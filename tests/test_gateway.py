@@ -25,7 +25,7 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from conftest import http
+from conftest import http, wait_until
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,6 +45,7 @@ CLIENT_KEY = "client-key-1"
 UPSTREAM_KEY = "upstream-key-9"
 BASE = "tiny-base"
 DEADLINE_S = 10.0
+RESPONSES_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15}
 ADMIN_PATHS = [
     "/v1/load_lora_adapter",
     "/v1/unload_lora_adapter",
@@ -53,13 +54,13 @@ ADMIN_PATHS = [
     "/pause",
     "/resume",
     "/invocations",
-    "/tokenize",
-    "/detokenize",
+    "/tokenizer_info",
+    "/v1/responses/resp_1",
+    "/v1/responses/resp_1/cancel",
     "/docs",
     "/redoc",
     "/openapi.json",
     "/v1/embeddings",
-    "/v1/responses",
     "/metrics/",
     "/",
 ]
@@ -127,6 +128,7 @@ def write_registry(home: Path, name: str = "demo", prod: str | None = "v1") -> L
 @dataclass
 class Upstream:
     healthy: bool = True
+    loaded: list[str] = field(default_factory=lambda: ["demo@v1", "stray@v1"])  # adapters it serves
     required_key: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     stream_closed: threading.Event = field(default_factory=threading.Event)
@@ -144,15 +146,24 @@ class Upstream:
         @app.get("/v1/models")
         async def models(request: Request) -> JSONResponse:
             self.requests.append({"path": "/v1/models", "auth": request.headers.get("authorization")})
-            cards = [
-                {"id": BASE, "object": "model", "root": "/models/tiny", "parent": None, "max_model_len": 256},
-                {"id": "demo@v1", "object": "model", "root": "/adapters/demo/v1", "parent": BASE},
-                {"id": "stray@v1", "object": "model", "root": "/elsewhere", "parent": BASE},
+            base = {
+                "id": BASE,
+                "object": "model",
+                "root": "/models/tiny",
+                "parent": None,
+                "max_model_len": 256,
+            }
+            loras = [
+                {"id": a, "object": "model", "root": f"/adapters/{a}", "parent": BASE} for a in self.loaded
             ]
+            cards = [base, *loras]
             return JSONResponse({"object": "list", "data": cards})
 
         @app.post("/v1/chat/completions")
         @app.post("/v1/completions")
+        @app.post("/v1/responses")
+        @app.post("/tokenize")
+        @app.post("/detokenize")
         async def complete(request: Request) -> Any:
             body = await request.json()
             self.requests.append(
@@ -172,8 +183,16 @@ class Upstream:
                         self.abandoned.set()
                         return JSONResponse({}, 500)
                     await anyio.sleep(0.01)
+            path = request.url.path
+            if path == "/tokenize":
+                return JSONResponse({"count": 3, "max_model_len": 256, "tokens": [5, 6, 7]})
+            if path == "/detokenize":
+                return JSONResponse({"prompt": "hi"})
             if body.get("stream"):
-                return StreamingResponse(self._stream(body), media_type="text/event-stream")
+                stream = self._responses_stream(body) if path == "/v1/responses" else self._stream(body)
+                return StreamingResponse(stream, media_type="text/event-stream")
+            if path == "/v1/responses":
+                return JSONResponse({"object": "response", "model": body["model"], "usage": RESPONSES_USAGE})
             return JSONResponse(
                 {
                     "model": body["model"],
@@ -197,6 +216,13 @@ class Upstream:
             yield b"data: [DONE]\n\n"
         finally:
             self.stream_closed.set()
+
+    async def _responses_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The Responses API's events; the usage comes only in ``response.completed``, unasked."""
+        created = {"type": "response.created", "response": {"model": body["model"], "usage": None}}
+        done = {"type": "response.completed", "response": {"model": body["model"], "usage": RESPONSES_USAGE}}
+        for event in (created, done):
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
     def chats(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["path"] != "/v1/models"]
@@ -365,8 +391,8 @@ def test_cli_serves_with_a_key_file_and_answers_health_while_upstream_is_down(tm
                 proc_wait(proc, 0.1)
         assert_openai_error(health, 503, "upstream_unavailable")
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
-        ok = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer cli-key"})
-        assert ok.status_code == 200 and ok.json() == {"object": "list", "data": []}
+        down = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer cli-key"})
+        assert_openai_error(down, 503, "upstream_unavailable")  # the key was accepted
     finally:
         proc.terminate()
         proc.wait(timeout=DEADLINE_S)
@@ -472,6 +498,7 @@ def test_model_is_rewritten_and_the_upstream_gets_its_own_key_never_the_clients(
 
 
 def test_models_lists_bases_versions_aliases_and_names_with_what_they_point_at(gateway: Env) -> None:
+    gateway.upstream.loaded.append("demo@v2")
     with gateway.client() as client:
         cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
     assert set(cards) == {BASE, "demo@v1", "demo@v2", "demo:prod", "demo"}  # no retired v3, no stray
@@ -480,6 +507,103 @@ def test_models_lists_bases_versions_aliases_and_names_with_what_they_point_at(g
     assert (cards["demo@v2"]["parent"], cards[BASE]["parent"]) == (BASE, None)
     assert cards[BASE]["root"] == BASE  # not the server's model path
     assert all(c["object"] == "model" for c in cards.values())
+
+
+def listed(env: Env) -> set[str]:
+    with env.client() as client:
+        response = client.get("/v1/models")
+    assert response.status_code == 200, response.text
+    return {c["id"] for c in response.json()["data"]}
+
+
+def test_models_lists_only_what_the_upstream_serves_and_sees_a_load_at_once(gateway: Env) -> None:
+    """demo@v2 is registered but the upstream does not serve it (not loaded, or refused): not listed."""
+    assert listed(gateway) == {BASE, "demo@v1", "demo:prod", "demo"}
+    gateway.upstream.loaded.append("demo@v2")  # loaded now: the next listing sees it (within 1 s)
+    wait_until(lambda: "demo@v2" in listed(gateway), "demo@v2 to be listed", timeout=DEADLINE_S, every=0.05)
+    with LocalRegistry(gateway.home).transaction() as state:
+        move_alias(state, "demo", "prod", "v2", expected="v1", action="promote")
+        move_alias(state, "demo", "staging", "v1", expected=None, action="promote")
+    gateway.upstream.loaded.remove("demo@v1")  # unloaded: demo@v1 and the alias pointing at it go
+    wait_until(lambda: "demo@v1" not in listed(gateway), "demo@v1 to go", timeout=DEADLINE_S, every=0.05)
+    assert listed(gateway) == {BASE, "demo@v2", "demo:prod", "demo"}
+
+
+def test_models_retrieve_answers_a_listed_id_and_404_in_openai_shape_otherwise(gateway: Env) -> None:
+    with gateway.client() as client:
+        prod = client.get("/v1/models/demo:prod")
+        assert prod.status_code == 200, prod.text
+        assert prod.json() == {
+            "id": "demo:prod",
+            "object": "model",
+            "created": prod.json()["created"],
+            "owned_by": "loraplane",
+            "root": BASE,
+            "parent": "demo@v1",
+        }
+        assert client.get("/v1/models/demo%40v1").json()["id"] == "demo@v1"  # percent-encoded too
+        assert client.get(f"/v1/models/{BASE}").json()["max_model_len"] == 256
+        for unknown in ("nope", "demo@v2", "demo@v3", "stray@v1", "demo:staging", "a/b/c"):
+            error = assert_openai_error(client.get(f"/v1/models/{unknown}"), 404, "model_not_found")
+            assert f"`{unknown}` does not exist" in error["message"], error
+    with gateway.client(key=None) as anonymous:
+        assert_openai_error(anonymous.get("/v1/models/demo:prod"), 401, "invalid_api_key")
+    route = {"route": "/v1/models/{id}"}
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {**route, "model": "demo:prod"}) == 1
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {**route, "model": "", "code": "404"}) == 6
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/tokenize", {"prompt": "hi"}),
+        ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True}),
+        ("/detokenize", {"tokens": [5, 6, 7]}),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 4}),
+    ],
+)
+def test_tokenize_detokenize_and_responses_are_forwarded_like_completions(
+    gateway: Env, route: str, body: dict[str, Any]
+) -> None:
+    """Keys, alias resolution, the upstream's own key, 404 for unknown models, metrics: as for chat."""
+    with gateway.client() as client:
+        response = client.post(route, json={"model": "demo:prod", **body})
+        assert response.status_code == 200, response.text
+        assert_openai_error(client.post(route, json={"model": "demo@v9", **body}), 404, "model_not_found")
+        assert client.post(route, json=body).status_code == 400  # no model
+    with gateway.client(key="wrong") as client:
+        assert_openai_error(client.post(route, json={"model": "demo", **body}), 401, "invalid_api_key")
+    (forwarded,) = gateway.upstream.chats()
+    assert forwarded["path"] == route and forwarded["body"] == {"model": "demo@v1", **body}
+    assert forwarded["auth"] == f"Bearer {UPSTREAM_KEY}"
+    labels = {"route": route, "model": "demo:prod", "served": "demo@v1"}
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {**labels, "code": "200"}) == 1
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {"route": route, "code": "404"}) == 1
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {"route": route, "code": "401"}) == 1
+    tokens = metric(gateway.url, "loraplane_gateway_tokens_total", {"served": "demo@v1", "kind": "prompt"})
+    assert tokens == (11 if route == "/v1/responses" else 0)  # the Responses API names them input_tokens
+
+
+def test_a_responses_stream_is_relayed_and_its_usage_counted_without_include_usage(gateway: Env) -> None:
+    body = {"model": "demo", "input": "hi", "stream": True}
+    with gateway.client() as client, client.stream("POST", "/v1/responses", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = b"".join(response.iter_raw())
+    assert events.count(b"event: response.") == 2 and b'"model": "demo@v1"' in events
+    labels = {"model": "demo", "served": "demo@v1"}
+    assert metric(gateway.url, "loraplane_gateway_tokens_total", {**labels, "kind": "completion"}) == 4
+    assert metric(gateway.url, "loraplane_gateway_time_to_first_byte_seconds_count", labels) == 1
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize", "/v1/responses"])
+def test_user_routes_other_than_post_are_404_and_post_needs_a_key(routes_gateway: Env, path: str) -> None:
+    gateway = routes_gateway
+    with gateway.client() as client:
+        assert_openai_error(client.get(path), 404, "not_found")
+    with gateway.client(key=None) as client:
+        assert_openai_error(client.post(path, json={"model": "demo"}), 401, "invalid_api_key")
+    assert gateway.upstream.requests == []
 
 
 # --- the registry changes under a running gateway -----------------------------------------------------
@@ -576,7 +700,7 @@ def test_watcher_reads_a_just_written_file_again_and_an_old_unchanged_one_never(
 # --- the upstream is down or breaks -------------------------------------------------------------------
 
 
-def test_upstream_down_answers_503_json_and_models_still_lists_the_registry(tmp_path: Path) -> None:
+def test_upstream_down_answers_503_json_on_every_route(tmp_path: Path) -> None:
     home = tmp_path / "state"
     write_registry(home)
     config = GatewayConfig(upstream=f"http://127.0.0.1:{free_port()}", home=home, api_keys=(CLIENT_KEY,))
@@ -596,9 +720,10 @@ def test_upstream_down_answers_503_json_and_models_still_lists_the_registry(tmp_
         assert_openai_error(
             client.post("/v1/completions", json={"model": "base"}), 503, "upstream_unavailable"
         )
-        ids = [c["id"] for c in client.get("/v1/models").json()["data"]]
-        assert ids == ["demo@v1", "demo@v2", "demo:prod", "demo"]
-        assert metric(url, "loraplane_gateway_upstream_errors_total", {"reason": "connect"}) == 3
+        # What is servable cannot be known either: no listing of what may not answer.
+        assert_openai_error(client.get("/v1/models"), 503, "upstream_unavailable")
+        assert_openai_error(client.get("/v1/models/demo"), 503, "upstream_unavailable")
+        assert metric(url, "loraplane_gateway_upstream_errors_total", {"reason": "connect"}) == 5
         assert metric(url, "loraplane_gateway_requests_total", {"served": "demo@v1", "code": "503"}) == 1
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import os
 import random
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +27,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens, wait_until
+from conftest import API_KEY, BASE, ROOT, Live, engine_core, http, vllm_generated_tokens, wait_until
 from openai import OpenAI
 from test_gateway import metric, raw_post, serve
 
-from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter
+from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter, unload_adapter
 from loraplane.platform.settings import Settings
 from loraplane.serving.gateway import GatewayConfig, create_app
 from loraplane.serving.gateway_canary import CanaryRule, takes_canary
@@ -336,3 +339,98 @@ def test_weighted_canary_splits_prod_traffic_by_user(live: Live, tmp_path: Path)
             answer = reply.choices[0].message.content
             assert reply.model == expected[user], user
             assert (answer == "positive") == (reply.model == f"{name}@v1"), (reply.model, answer)
+
+
+def test_openai_responses_api_and_models_retrieve_through_the_gateway(gw: Gw) -> None:
+    """``client.responses.create`` (plain and streamed) and ``client.models.retrieve``, aliases resolved."""
+    name = gw.name
+    asyncio.run(promote_adapter(gw.settings, f"{name}@v1", force=True, reason="gateway e2e"))
+    client = gw.client()
+    _, chat_answer = ask(client, f"{name}:prod")
+    reply = client.responses.create(
+        model=f"{name}:prod", instructions=SYSTEM, input=SENTIMENT_PROMPT, temperature=0, max_output_tokens=8
+    )
+    assert reply.model == f"{name}@v1" and reply.output_text.strip() == chat_answer.strip() == "positive"
+    assert reply.usage is not None and reply.usage.output_tokens > 0
+    stream = client.responses.create(
+        model=name,
+        instructions=SYSTEM,
+        input=SENTIMENT_PROMPT,
+        temperature=0,
+        max_output_tokens=8,
+        stream=True,
+    )
+    events = list(stream)
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) >= 1 and "".join(deltas).strip() == "positive"
+    (completed,) = [e for e in events if e.type == "response.completed"]
+    usage = completed.response.usage
+    assert completed.response.model == f"{name}@v1" and usage is not None and usage.output_tokens > 0
+    with pytest.raises(openai.NotFoundError, match="model_not_found"):
+        client.responses.create(model=f"{name}@v9", input="hi")
+    with pytest.raises(openai.AuthenticationError):
+        gw.client(key=API_KEY).responses.create(model=name, input="hi")
+
+    route = {"route": "/v1/responses", "served": f"{name}@v1"}
+    assert metric(gw.url, "loraplane_gateway_requests_total", {**route, "model": f"{name}:prod"}) == 1
+    assert metric(gw.url, "loraplane_gateway_requests_total", {**route, "model": name, "code": "200"}) == 1
+    for model in (f"{name}:prod", name):  # the stream's usage comes in response.completed, unasked
+        tokens = {"model": model, "served": f"{name}@v1", "kind": "completion"}
+        assert metric(gw.url, "loraplane_gateway_tokens_total", tokens) > 0
+    assert metric(gw.url, "loraplane_gateway_time_to_first_byte_seconds_count", {"model": name}) == 1
+
+    card = client.models.retrieve(f"{name}:prod")
+    assert (card.id, getattr(card, "parent", None), getattr(card, "root", None)) == (
+        f"{name}:prod",
+        f"{name}@v1",
+        BASE,
+    )
+    assert client.models.retrieve(BASE).id == BASE
+    for unknown in ("no-such-model", f"{name}@v2", f"{name}:staging"):  # v2: registered, not loaded
+        with pytest.raises(openai.NotFoundError, match="model_not_found"):
+            client.models.retrieve(unknown)
+
+
+def test_models_lists_only_versions_the_server_really_serves(gw: Gw, live: Live) -> None:
+    """Registered but not loaded: not listed (a request would get vLLM's 404); loaded: listed."""
+    name, client = gw.name, gw.client()
+
+    def listed() -> set[str]:
+        return {m.id for m in client.models.list()}
+
+    assert not {f"{name}@v1", f"{name}@v2"} & listed() and BASE in listed()
+    with pytest.raises(openai.NotFoundError):  # what a listed-but-unloaded version used to answer
+        ask(client, f"{name}@v2")
+    asyncio.run(load_adapter(gw.settings, f"{name}@v2"))
+    soon(lambda: f"{name}@v2" in listed(), f"{name}@v2 listed once loaded")
+    assert ask(client, f"{name}@v2")[0] == f"{name}@v2"
+    asyncio.run(promote_adapter(gw.settings, f"{name}@v1", force=True, reason="release"))
+    soon(lambda: {f"{name}@v1", f"{name}:prod", name} <= listed(), "prod listed once loaded")
+    asyncio.run(unload_adapter(gw.settings, f"{name}@v2"))
+    soon(lambda: f"{name}@v2" not in listed(), f"{name}@v2 gone once unloaded")
+    upstream = httpx.get(f"{live.server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert f"{name}@v2" not in {m["id"] for m in upstream.json()["data"]}
+
+
+def test_vllm_command_works_and_benchmarks_the_gateway(gw: Gw, demo_model: Path, tmp_path: Path) -> None:
+    """``vllm --version`` and a short ``vllm bench serve`` (random prompts) against the gateway."""
+    vllm = ROOT / ".venv" / "bin" / "vllm"
+    env = {**os.environ, "OPENAI_API_KEY": CLIENT_KEY, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    version = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, env=env, timeout=300)
+    assert version.returncode == 0, version.stderr[-3000:]
+    assert version.stdout.strip().splitlines()[-1].startswith("0.32"), version.stdout
+
+    name = gw.name
+    asyncio.run(promote_adapter(gw.settings, f"{name}@v1", force=True, reason="bench"))
+    prompts = 4
+    bench = [str(vllm), "bench", "serve", "--backend", "openai", "--base-url", gw.url]
+    bench += ["--endpoint", "/v1/completions", "--model", f"{name}:prod", "--tokenizer", str(demo_model)]
+    bench += ["--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "4"]
+    bench += ["--num-prompts", str(prompts), "--seed", "0", "--disable-tqdm", "--save-result"]
+    bench += ["--result-dir", str(tmp_path), "--result-filename", "bench.json"]
+    proc = subprocess.run(bench, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (result["completed"], result["failed"]) == (prompts, 0), result
+    labels = {"route": "/v1/completions", "model": f"{name}:prod", "served": f"{name}@v1", "code": "200"}
+    assert metric(gw.url, "loraplane_gateway_requests_total", labels) >= prompts  # through the gateway
