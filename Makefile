@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup k8s-tools quickstart test test-fast lint typecheck lock clean
+.PHONY: setup k8s-tools node-tools node-up node-down quickstart test test-fast lint typecheck lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,18 @@ setup:
 # machine from the Go module proxy into the cache (~16 min cold on 2 cores, instant after).
 k8s-tools:
 	@bash scripts/k8s-tools.sh >/dev/null
+
+# The real test node's tools (root: apt-get install of containerd, runc, CNI plugins...; kubelet,
+# kube-proxy, CoreDNS and kube-router built into the cache, ~7 min after k8s-tools), and the node
+# for a look by hand: `make node-up`, then `export KUBECONFIG=$$(bash scripts/real-node.sh kubeconfig)`.
+node-tools:
+	@bash scripts/node-tools.sh >/dev/null
+
+node-up:
+	@bash scripts/real-node.sh up >/dev/null
+
+node-down:
+	@bash scripts/real-node.sh down
 
 quickstart: setup
 	$(VENV)/bin/loraplane quickstart

@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# Everything the test command needs, set up at once: the Python environment and helm (setup.sh)
-# and the Kubernetes test control plane (k8s-tools.sh). On a fresh machine the two run side by
-# side: setup is mostly downloads and unpacking, the control plane build is CPU-bound Go
-# compilation (~16 min on 2 cores), so running them together saves most of setup's time.
-# On a machine that ran them once, both return within seconds.
+# Everything the test command needs, set up at once: the Python environment and helm (setup.sh),
+# the Kubernetes test control plane (k8s-tools.sh) and, as root, the real test node's tools
+# (node-tools.sh: Debian packages with apt-get, kubelet, kube-proxy, CoreDNS, kube-router, two tiny
+# images). On a fresh machine setup runs side by side with the two Go builds: setup is mostly
+# downloads and unpacking, the builds are CPU-bound Go compilation (~16 min on 2 cores for the control
+# plane, then ~7 min for the node: kubelet and kube-proxy reuse the control plane's Go build cache, so
+# they follow it rather than compete with it). On a machine that ran them once, all return in seconds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-bash "$ROOT/scripts/k8s-tools.sh" >/dev/null &
-k8s_pid=$!
+log() { printf '[prepare] %s\n' "$*" >&2; }
+build_tools() {
+  bash "$ROOT/scripts/k8s-tools.sh" >/dev/null \
+    || { log "the Kubernetes tools build failed; see [k8s-tools] above"; return 1; }
+  if [ "$(id -u)" -ne 0 ]; then
+    log "not root: the real node's tools are not set up (tests marked node need root; they skip)"
+    return 0
+  fi
+  bash "$ROOT/scripts/node-tools.sh" >/dev/null \
+    || { log "the real node's tools failed; see [node-tools] above"; return 1; }
+}
+
+build_tools &
+tools_pid=$!
 setup_rc=0
 bash "$ROOT/scripts/setup.sh" || setup_rc=$?
-k8s_rc=0
-wait "$k8s_pid" || k8s_rc=$?
-if [ "$setup_rc" -ne 0 ] || [ "$k8s_rc" -ne 0 ]; then
-  [ "$setup_rc" -eq 0 ] || echo "[prepare] setup failed (exit $setup_rc); see [setup] above" >&2
-  [ "$k8s_rc" -eq 0 ] || echo "[prepare] the Kubernetes tools build failed (exit $k8s_rc); see [k8s-tools] above" >&2
+tools_rc=0
+wait "$tools_pid" || tools_rc=$?
+if [ "$setup_rc" -ne 0 ] || [ "$tools_rc" -ne 0 ]; then
+  [ "$setup_rc" -eq 0 ] || log "setup failed (exit $setup_rc); see [setup] above"
   exit 1
 fi
