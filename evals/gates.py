@@ -38,10 +38,23 @@ def _judge(
             f"must exceed {threshold:+.4g}); candidate {_fmt(observed)} vs base {_fmt(base)}"
         )
         return low > threshold, message, low, base
-    # max_regression / max_latency_increase: versus the current prod
+    # not_worse_than_prod / max_regression / max_latency_increase: versus the current prod
     prod = report.figure(d.name, "prod", metric)
     if "prod" not in report.models:
         return None, f"{where}: skipped (no prod version to compare with)", observed, None
+    if rule == "not_worse_than_prod":
+        comp = next((c for c in d.comparisons if c.metric == metric and c.baseline == "prod"), None)
+        if comp is None or comp.delta.ci_low is None or comp.delta.ci_high is None:
+            return False, f"{where}: no comparison with prod (the candidate or prod run failed)", None, prod
+        # the upper end of the improvement's interval: below zero, the candidate is worse beyond noise
+        higher = info.higher_is_better
+        high = comp.delta.ci_high if higher else -comp.delta.ci_low
+        gain = (comp.delta.value or 0.0) * (1 if higher else -1)
+        message = (
+            f"{where}: improvement over prod {gain:+.4g} ({report.confidence:.0%} CI upper end {high:+.4g}, "
+            f"must not be below {-threshold:+.4g}); candidate {_fmt(observed)} vs prod {_fmt(prod)}"
+        )
+        return high >= -threshold, message, high, prod
     if observed is None or prod is None:
         return False, f"{where}: no value to compare (the candidate or prod run failed)", observed, prod
     worse = (prod - observed) if info.higher_is_better else (observed - prod)

@@ -18,6 +18,7 @@ Example (paths are relative to the suite file)::
     gate:
       min_score: {exact_match: 0.6}              # every dataset that computes it
       beat_base: {faq/exact_match: 0.0}         # lower end of the CI of (candidate - base) above this
+      not_worse_than_prod: {exact_match: 0.0}   # upper end of the CI of (candidate - prod) above -this
       max_regression: {token_f1: 0.02}          # at most this far below the current prod
       max_score: {perplexity: 20}               # for lower-is-better figures
       max_latency_increase: {e2e_p95_s: 0.25}   # relative to prod: 0.25 = 25 % slower
@@ -31,7 +32,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -151,7 +152,9 @@ class BootstrapOptions(_Strict):
     seed: int = 0
 
 
-GateRule = Literal["min_score", "max_score", "beat_base", "max_regression", "max_latency_increase"]
+GateRule = Literal[
+    "min_score", "max_score", "beat_base", "not_worse_than_prod", "max_regression", "max_latency_increase"
+]
 
 
 class GatePolicy(_Strict):
@@ -164,6 +167,11 @@ class GatePolicy(_Strict):
     beat_base: dict[str, float] = Field(
         default_factory=dict, description="Lower CI bound of (candidate - base) must exceed this."
     )
+    not_worse_than_prod: dict[str, float] = Field(
+        default_factory=dict,
+        description="Upper CI bound of (candidate - prod) must not be below minus this: refuses a "
+        "candidate worse than the current prod beyond noise (and this margin).",
+    )
     max_regression: dict[str, float] = Field(
         default_factory=dict, description="Largest allowed move in the bad direction versus prod (absolute)."
     )
@@ -173,7 +181,7 @@ class GatePolicy(_Strict):
 
     def rules(self) -> list[tuple[GateRule, str, float]]:
         out: list[tuple[GateRule, str, float]] = []
-        for rule in ("min_score", "max_score", "beat_base", "max_regression", "max_latency_increase"):
+        for rule in get_args(GateRule):
             out.extend((rule, key, threshold) for key, threshold in getattr(self, rule).items())
         return out
 
@@ -189,13 +197,13 @@ class GatePolicy(_Strict):
                 raise ValueError(f"{rule}.{key}: lower is better for {metric}; use max_score for a ceiling")
             if rule == "max_score" and info.higher_is_better:
                 raise ValueError(f"{rule}.{key}: higher is better for {metric}; use min_score for a floor")
-            if rule == "beat_base" and info.kind == "latency":
+            if rule in ("beat_base", "not_worse_than_prod") and info.kind == "latency":
                 raise ValueError(
                     f"{rule}.{key}: latency has no confidence interval; use max_latency_increase"
                 )
             if rule == "max_latency_increase" and metric not in LATENCY_FIGURES:
                 raise ValueError(f"{rule}.{key}: only latency figures ({', '.join(LATENCY_FIGURES)}) apply")
-            if rule in ("max_regression", "max_latency_increase") and threshold < 0:
+            if rule in ("not_worse_than_prod", "max_regression", "max_latency_increase") and threshold < 0:
                 raise ValueError(f"{rule}.{key}: got {threshold}; an allowed regression cannot be negative")
         return self
 
@@ -265,7 +273,8 @@ def load_suite(path: Path) -> LoadedSuite:
 
 
 def suite_for_dataset(dataset: Path, *, max_tokens: int = 16) -> LoadedSuite:
-    """The suite ``--dataset FILE`` means: the common metrics, gated on beating the base model."""
+    """The suite ``--dataset FILE`` means: the common metrics, gated on beating the base model and on
+    not being worse than the current prod (both beyond noise: bootstrap CIs of paired differences)."""
     suite = EvalSuite(
         name=dataset.stem,
         datasets=[
@@ -279,7 +288,7 @@ def suite_for_dataset(dataset: Path, *, max_tokens: int = 16) -> LoadedSuite:
                 ],
             )
         ],
-        gate=GatePolicy(beat_base={"exact_match": 0.0}),
+        gate=GatePolicy(beat_base={"exact_match": 0.0}, not_worse_than_prod={"exact_match": 0.0}),
     )
     return _load_datasets(suite, None)
 

@@ -10,10 +10,8 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.common.files import sha256_file
 from loraplane.evals.render import write_report
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
 from loraplane.evals.suite import LoadedSuite, load_suite, suite_for_dataset
@@ -25,15 +23,20 @@ from loraplane.platform.registry import (
     HistoryEvent,
     RegistryError,
     RegistryState,
-    VersionState,
     mark_serving,
     move_alias,
     open_registry,
+    record_eval,
+    record_stop,
+    rehearse,
     rollback_target,
     verify_weights,
 )
 from loraplane.platform.settings import Settings
+from loraplane.platform.version_states import transition
+from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.client import VLLMAdminClient
+from loraplane.serving.limits import max_lora_rank
 from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
 from loraplane.serving.reconcile import (
     SyncReport,
@@ -63,7 +66,8 @@ def register_adapter(
 
     Name and version default to those in the adapter's ``manifest.json`` (written by the trainer).
     """
-    info = preflight_adapter(path, adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank)
+    info = preflight_adapter(path, adapters_root=settings.adapters_dir, max_lora_rank=max_lora_rank(settings))
+    weights = verify_adapter_weights(info.path / WEIGHTS_FILE, info.config)  # every byte, once
     manifest: dict[str, object] = {}
     manifest_file = info.path / "manifest.json"
     if manifest_file.is_file():
@@ -88,7 +92,7 @@ def register_adapter(
         version=version,
         served_name=f"{name}@{version}",
         path=str(info.path),
-        weights_sha256=sha256_file(info.path / WEIGHTS_FILE),
+        weights_sha256=weights.sha256,
         base_model=str(base["path"]) if isinstance(base, dict) and "path" in base else None,
         manifest=manifest,
     )
@@ -146,27 +150,29 @@ async def load_adapter(
     loaded the version in this call unload it again and the registry is unchanged.
     """
     registry = open_registry(settings)
-    entry = registry.read().resolve(ref)
-    if entry.state == "retired":
-        raise RegistryError(f"{entry.ref} is retired and cannot be loaded")
+
+    def record(state: RegistryState, ref: str) -> AdapterVersion:
+        entry = state.resolve(ref)
+        mark_serving(state, entry, "load")
+        return entry
+
+    entry = rehearse(registry.read(), lambda state: record(state, ref))  # refusals, before any server
     await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with registry.transaction() as state:
-        current = state.resolve(entry.ref)
-        mark_serving(state, current)
-        return current
+        return record(state, entry.ref)
 
 
 async def _load_everywhere(settings: Settings, entry: AdapterVersion, urls: list[str]) -> None:
     """Check and load ``entry`` on every server in ``urls``, or on none: all or nothing."""
     verify_weights(entry)
     preflight_adapter(  # the checks that need no server, once, before any server is asked
-        Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank
+        Path(entry.path), adapters_root=settings.adapters_dir
     )
     newly: list[str] = []
     try:
         for url in urls:
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:
-                check_servable(settings, entry, served_base(await client.list_models()))
+                check_servable(settings, entry, served_base(await client.list_models()), url=url)
                 if await client.load_adapter(entry.served_name, entry.path):
                     newly.append(url)
     except BaseException:
@@ -208,6 +214,8 @@ async def evaluate_adapter(
     common metrics, gated on beating the base model beyond noise). A run that cannot finish writes
     a partial report marked incomplete and records nothing in the registry.
     """
+    target = open_registry(settings).read().resolve(ref)
+    transition("eval", target.state, ref=target.ref, path=target.path)  # a retired one: refused first
     if isinstance(suite, Path):
         loaded = suite_for_dataset(suite) if suite.suffix in (".jsonl", ".json") else load_suite(suite)
     else:
@@ -248,8 +256,7 @@ async def evaluate_adapter(
         report_path=str(files.json),
     )
     with open_registry(settings).transaction() as state:
-        state.resolve(entry.ref).evals.append(record)
-        state.history.append(HistoryEvent(action="eval", adapter=entry.name, version=entry.version))
+        record_eval(state, entry.ref, record)  # refused if it was retired meanwhile: nothing recorded
     return record
 
 
@@ -274,8 +281,23 @@ async def promote_adapter(
     seen = open_registry(settings).read()
     entry = seen.resolve(ref)
     expected = seen.adapter(entry.name).aliases.get(alias)  # what this promotion replaces
-    if entry.state == "retired":
-        raise RegistryError(f"{entry.ref} is retired and cannot be promoted")
+
+    def record(state: RegistryState) -> tuple[AdapterVersion, str | None]:
+        current = state.resolve(entry.ref)
+        mark_serving(state, current, "promote")
+        previous = move_alias(
+            state,
+            entry.name,
+            alias,
+            entry.version,
+            expected=expected,
+            action="promote",
+            reason=reason,
+            forced=force,
+        )
+        return current, previous
+
+    rehearse(seen, record)  # retired, or already the alias's version: refused before anything else
     verify_weights(entry)
     latest = entry.latest_eval()
     if not force:
@@ -299,18 +321,7 @@ async def promote_adapter(
     # every replica must serve it before the alias points at it; on any failure nothing changes
     await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
-        mark_serving(state, state.resolve(entry.ref))
-        previous = move_alias(
-            state,
-            entry.name,
-            alias,
-            entry.version,
-            expected=expected,
-            action="promote",
-            reason=reason,
-            forced=force,
-        )
-        return state.resolve(entry.ref), previous
+        return record(state)
 
 
 async def rollback_alias(
@@ -334,51 +345,59 @@ async def rollback_alias(
         raise RegistryError(f"{name}:{alias} is not set: there is nothing to roll back")
     version = to or rollback_target(seen, name, alias)
     entry = seen.resolve(f"{name}@{version}")
-    if entry.version == current:
-        raise InvalidInputError(f"{name}:{alias} already points at {current}")
-    if entry.state == "retired":
-        raise RegistryError(
-            f"cannot roll {name}:{alias} back to {entry.ref}: that version is retired",
-            hint=f"name another version: loraplane adapters rollback {name} --to vN",
-        )
+
+    def record(state: RegistryState) -> AdapterVersion:
+        target = state.resolve(entry.ref)
+        mark_serving(state, target, "rollback")
+        move_alias(state, name, alias, entry.version, expected=current, action="rollback", reason=reason)
+        return target
+
+    rehearse(seen, record)  # retired, or already the alias's version: refused before any server
     await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
-        mark_serving(state, state.resolve(entry.ref))
-        move_alias(state, name, alias, entry.version, expected=current, action="rollback", reason=reason)
-        return state.resolve(entry.ref), current
+        return record(state), current
 
 
-def _aliases_of(state: RegistryState, entry: AdapterVersion) -> list[str]:
-    return sorted(a for a, v in state.adapter(entry.name).aliases.items() if v == entry.version)
-
-
-def _refuse_if_aliased(state: RegistryState, entry: AdapterVersion, what: str) -> None:
-    aliases = _aliases_of(state, entry)
-    if aliases:
-        shown = ", ".join(f"{entry.name}:{a}" for a in aliases)
-        raise RegistryError(
-            f"cannot {what} {entry.ref}: {shown} point{'s' if len(aliases) == 1 else ''} at it",
-            hint=f"promote another version to {shown} first (or roll it back)",
-        )
+def _servable(state: RegistryState, entry: AdapterVersion) -> bool:
+    return entry.served_name in {v.served_name for v in servable_versions(state)}
 
 
 async def unload_adapter(
     settings: Settings, ref: str, *, server_urls: list[str] | None = None, retire: bool = False
 ) -> AdapterVersion:
     """Stop serving ``ref`` (and with ``retire``, mark it retired for good). Refused while an alias
-    points at it. The servers are asked first: when one cannot be reached, the registry is unchanged.
+    points at it, and for a retired version (retired is terminal). The servers are asked first: when
+    one cannot be reached, the registry is unchanged.
 
     A ``serving`` version is unloaded from every server first (when one cannot be reached, the
     registry is unchanged); a ``registered`` one (which a restart or ``sync`` may have loaded) is
     unloaded where a server answers. Either is recorded as unloaded: neither a restart nor ``sync``
     loads it again until ``adapters load`` does.
     """
+    entry, _ = await _stop(settings, ref, retire=retire, server_urls=server_urls)
+    return entry
+
+
+async def retire_adapter(
+    settings: Settings, ref: str, *, server_urls: list[str] | None = None
+) -> tuple[AdapterVersion, bool]:
+    """Unload ``ref`` everywhere and mark it retired for good (see :func:`unload_adapter`).
+
+    Returns the version and whether it was retired now: False when it already was (nothing changed).
+    """
+    return await _stop(settings, ref, retire=True, server_urls=server_urls)
+
+
+async def _stop(
+    settings: Settings, ref: str, *, retire: bool, server_urls: list[str] | None
+) -> tuple[AdapterVersion, bool]:
     registry = open_registry(settings)
     seen = registry.read()
     entry = seen.resolve(ref)
-    what = "retire" if retire else "unload"
-    _refuse_if_aliased(seen, entry, what)
-    servable = entry.served_name in {v.served_name for v in servable_versions(seen)}
+    servable = _servable(seen, entry)
+    _, changes = rehearse(seen, lambda s: record_stop(s, entry.ref, retire=retire, servable=servable))
+    if not changes:  # already stopped, or already retired: no server to ask, nothing to record
+        return entry, False
     for url in server_urls or replica_urls(settings) if servable else []:
         if entry.state == "serving":  # it is served: every server must drop it, else nothing changes
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:
@@ -391,15 +410,9 @@ async def unload_adapter(
             log.info(
                 "could not unload; sync will", extra={"adapter": entry.ref, "server": url, "why": exc.message}
             )
-    with registry.transaction() as state:
+    with registry.transaction() as state:  # refused if an alias moved onto it meanwhile
         current = state.resolve(entry.ref)
-        _refuse_if_aliased(state, current, what)  # an alias may have moved onto it meanwhile
-        new_state: VersionState = "retired" if retire else "registered"
-        if current.state != new_state or servable:
-            current.state = new_state
-            action: Literal["retire", "unload"] = "retire" if retire else "unload"
-            state.history.append(HistoryEvent(action=action, adapter=entry.name, version=entry.version))
-        return current
+        return record_stop(state, entry.ref, retire=retire, servable=servable or _servable(state, current))
 
 
 async def sync_adapters(

@@ -13,16 +13,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
+import typer.core
+from rich.console import Console, ConsoleDimensions
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 
 T = TypeVar("T")
+
+
+def _flag_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag (``--force``, ``-v``) takes no value: show no value type for it in ``--help``.
+
+    Typer 0.29's rich help labels every option with its Python type, flags included (``<bool>``),
+    which reads as if ``--force`` wanted a value; its plain help already leaves flags bare.
+    """
+    if self.is_flag or self.count:
+        return None
+    return _typed_display(self, ctx)
+
+
+_typed_display = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     help="Fine-tune LLMs with LoRA and serve the adapters with vLLM.",
@@ -49,8 +66,27 @@ train_app = typer.Typer(
 )
 app.add_typer(train_app, name="train")
 
-out = Console()
-err = Console(stderr=True)
+
+class _Console(Console):
+    """Rich's console, except that output that is not a terminal (a pipe, a file, a test's capture)
+    is not cut or wrapped at 80 columns: tables and lines keep their full width. ``COLUMNS``, when
+    set, still sets the width."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and "COLUMNS" not in os.environ:
+            return ConsoleDimensions(_UNCUT, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+_UNCUT = 1_000_000  # a table is as wide as its content; nothing pads a line to this
+out = _Console()
+err = _Console(stderr=True)
 
 
 class _State:
@@ -368,12 +404,19 @@ def adapters_eval(
 
 @adapters_app.command("promote")
 def adapters_promote(
-    ref: str = typer.Argument(..., help="NAME@VERSION"),
+    ref: str = typer.Argument(
+        ..., help="NAME@VERSION: the version to point the alias at (e.g. support-bot@v3)."
+    ),
     alias: str = typer.Option("prod", help="Alias to point at this version."),
-    force: bool = typer.Option(False, help="Override a failed or missing evaluation (needs --reason)."),
+    force: bool = typer.Option(
+        False, "--force", help="Override a failed or missing evaluation (needs --reason)."
+    ),
     reason: str | None = typer.Option(None, help="Why; recorded in the history."),
 ) -> None:
-    """Point NAME:ALIAS at a version that passed its evaluation and is loaded on the server.
+    """Point NAME:ALIAS at a version (NAME@vN) that passed its evaluation and is loaded on the server.
+
+    Refused (exit 2) when the alias already points at that version: a bare NAME means NAME:prod's own
+    version, so 'promote NAME' would change nothing.
 
     \b
     Example:
@@ -458,7 +501,8 @@ def adapters_rollback(
 
 @adapters_app.command("unload")
 def adapters_unload(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None:
-    """Stop serving a version (refused while an alias points at it); it stays registered.
+    """Stop serving a version (refused while an alias points at it, and for a retired version); it
+    stays registered, and neither a restart nor sync serves it again until 'adapters load'.
 
     Example: loraplane adapters unload support-bot@v2
     """
@@ -475,17 +519,20 @@ def adapters_unload(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None
 
 @adapters_app.command("retire")
 def adapters_retire(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None:
-    """Unload a version and mark it retired: it can no longer be loaded or promoted.
+    """Unload a version and mark it retired for good: retired is terminal, it can no longer be loaded,
+    unloaded, evaluated, promoted or rolled back to (register the weights as a new version instead).
 
     Refused while an alias points at it. Example: loraplane adapters retire support-bot@v1
     """
 
     def body() -> None:
-        from loraplane.platform.adapters import unload_adapter
+        from loraplane.platform.adapters import retire_adapter
 
         with _served_settings() as settings:
-            entry = asyncio.run(unload_adapter(settings, ref, retire=True))
-        out.print(f"{entry.ref} is retired")
+            entry, changed = asyncio.run(retire_adapter(settings, ref))
+        out.print(
+            f"{entry.ref} is retired" if changed else f"{entry.ref} was already retired: nothing changed"
+        )
 
     _run(body)
 
@@ -496,8 +543,10 @@ def adapters_sync(
         None, "--server-url", help="A vLLM replica; repeat for each (default: see below)."
     ),
     release: str = typer.Option("platform", help="Helm release whose vLLM pods to sync (Kubernetes)."),
-    keep_unknown: bool = typer.Option(False, help="Leave adapters the registry does not know loaded."),
-    dry_run: bool = typer.Option(False, help="Report what would change; change nothing."),
+    keep_unknown: bool = typer.Option(
+        False, "--keep-unknown", help="Leave adapters the registry does not know loaded."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would change; change nothing."),
     output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Make each vLLM replica serve exactly the registry's servable versions; report the changes.
@@ -561,7 +610,9 @@ def adapters_merge(
         None, help="Base model directory or hub id (default: from the adapter's manifest.json)."
     ),
     dtype: str = typer.Option("auto", help="auto (the base checkpoint's), float32, bfloat16 or float16."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the base model's own code to run."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow the base model's own code to run."
+    ),
 ) -> None:
     """Merge an adapter into its base model and write a full safetensors model directory
     (config, weights, tokenizer, loraplane-merge.json) to serve without LoRA or export.
@@ -1278,12 +1329,20 @@ def quickstart(
     ),
     port: int | None = typer.Option(None, help="vLLM port (default: a free one)."),
     output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    keep_serving: bool = typer.Option(
+        False, "--keep-serving", help="At the end, serve the adapters (vLLM + gateway) until Ctrl-C."
+    ),
+    gateway_port: int = typer.Option(8080, help="The gateway's port with --keep-serving."),
 ) -> None:
     """Train two adapters, serve them with vLLM, evaluate, promote the winner, and query it.
+
+    With --keep-serving it then runs what `loraplane serve` runs on the quickstart's registry, and
+    prints the gateway's URL and key for any OpenAI client.
 
     \b
     Example:
       loraplane quickstart --workdir /tmp/lp-quickstart
+      loraplane quickstart --keep-serving   # then query NAME:prod through the printed URL
     """
 
     def body() -> None:
@@ -1304,10 +1363,101 @@ def quickstart(
                     }
                 )
             )
-            return
-        out.print(summary_table(result))
-        out.print(f"[bold]{result.winner}:prod[/] -> {result.promoted}")
-        out.print(f"Q: {result.question}\nA: {result.answer}")
+        else:
+            out.print(summary_table(result))
+            out.print(f"[bold]{result.winner}:prod[/] -> {result.promoted}")
+            out.print(f"Q: {result.question}\nA: {result.answer}")
+        if keep_serving:
+            from loraplane.platform.quickstart import keep_serving_options
+            from loraplane.platform.serve_local import serve_forever
+
+            settings, opts = keep_serving_options(result.workdir, gateway_port=gateway_port)
+            serve_forever(settings, opts, on_phase=_serve_phase, on_ready=_serve_ready)
+
+    _run(body)
+
+
+# --- serve (local mode) ---------------------------------------------------------------------------
+
+
+def _serve_phase(phase: str) -> None:
+    err.print(
+        {
+            "starting": "starting vLLM (a minute or two on CPU) ...",
+            "loading": "vLLM is up; loading the registry's adapters ...",
+            "ready": "adapters loaded",
+        }.get(phase, phase)
+    )
+
+
+def _serve_ready(ep: Any) -> None:
+    """What users need once ``loraplane serve`` is up: the URL, the key, how to try it."""
+    failed = "".join(f"\n  [yellow]not serving[/] {n}: {_escape(w)}" for n, w in ep.state.failed.items())
+    out.print(
+        f"[bold green]serving[/] {len(ep.state.loaded)} adapter version(s) on {ep.base_model}{failed}\n"
+        f"  URL:     {ep.url}/v1\n  API key: {ep.api_key}\n"
+        f"  try:     curl {ep.url}/v1/models -H 'Authorization: Bearer {ep.api_key}'\n"
+        f"  admin:   LORAPLANE_HOME={ep.home} LORAPLANE_SERVER_URL={ep.vllm_url} loraplane adapters ...\n"
+        "Ctrl-C stops both.",
+        highlight=False,
+    )
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Base model: a directory, or a hub id in the HF cache."
+    ),
+    served_model_name: str = typer.Option("base", help="Name clients use for the base model."),
+    host: str = typer.Option("127.0.0.1", help="Where the gateway listens (vLLM stays on 127.0.0.1)."),
+    port: int = typer.Option(8080, help="The gateway's port: the URL users call."),
+    vllm_port: int | None = typer.Option(None, help="vLLM's port (default: the port of --server-url, 8000)."),
+    max_loras: int = typer.Option(4, help="Adapters in one batch (vLLM --max-loras)."),
+    max_lora_rank: int = typer.Option(16, help="Largest adapter rank served (vLLM --max-lora-rank)."),
+    max_model_len: int | None = typer.Option(
+        None, help="Context length (default: the model's, at most 2048)."
+    ),
+    max_num_seqs: int = typer.Option(16, help="Sequences the engine runs at once (vLLM --max-num-seqs)."),
+    kv_cache_gib: int = typer.Option(
+        1, help="KV cache in whole GiB (CPU backend); 1 fits beside other work."
+    ),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    startup_timeout: float = typer.Option(900.0, help="Seconds vLLM may take to become ready."),
+) -> None:
+    """Serve the local registry: vLLM and the OpenAI-compatible gateway, until Ctrl-C.
+
+    vLLM loads every servable registered adapter once it is up (a damaged one is skipped with its
+    reason, never stopping the server); the gateway resolves aliases (NAME:prod) and checks client keys.
+    Prints the URL and the key to give any OpenAI client. Logs: HOME/logs/{vllm,gateway}.log.
+
+    \b
+    Example:
+      loraplane serve --model ./base-model --port 8080
+      # then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=KEY).chat.completions.create(
+      #           model="NAME:prod", messages=[...])
+    """
+
+    def body() -> None:
+        from urllib.parse import urlparse
+
+        from pydantic import ValidationError
+
+        from loraplane.common.errors import format_validation_error
+        from loraplane.platform.serve_local import ServeOptions, serve_forever
+
+        settings = _settings()
+        try:
+            opts = ServeOptions(
+                model=model, served_model_name=served_model_name, host=host, port=port,
+                vllm_port=vllm_port or urlparse(settings.server_url).port or 8000,
+                max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, dtype=dtype,
+                startup_timeout=startup_timeout,
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise format_validation_error(exc, source="loraplane serve") from None
+
+        serve_forever(settings, opts, on_phase=_serve_phase, on_ready=_serve_ready)
 
     _run(body)
 

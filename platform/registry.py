@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import getpass
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from filelock import FileLock
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -22,11 +22,12 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import atomic_write_text, sha256_file
 from loraplane.evals.report import GateCheck
+from loraplane.platform.version_states import Command, VersionState, transition
 
 if TYPE_CHECKING:
     from loraplane.platform.settings import Settings
 
-VersionState = Literal["registered", "serving", "retired"]
+T = TypeVar("T")
 REF_PATTERN = re.compile(
     r"^(?P<name>[a-z0-9][a-z0-9-]*)(?:@(?P<version>v[0-9]+)|:(?P<alias>[a-z0-9][a-z0-9-]*))?$"
 )
@@ -120,6 +121,18 @@ class EvalRecord(BaseModel):
         return f"FAIL: {failed[0].message}{more}"
 
 
+class LoadFailure(BaseModel):
+    """Why a server could not load a version (set when a server fails it; a later load clears it).
+
+    It does not change what replicas should serve: one server's failure (a file it cannot read, a
+    transient error) must not unload the version from servers that serve it fine.
+    """
+
+    reason: str
+    at: str = Field(default_factory=now)
+    server: str | None = Field(default=None, description="The server (URL or pod) that failed it.")
+
+
 class AdapterVersion(BaseModel):
     name: str
     version: str
@@ -131,6 +144,7 @@ class AdapterVersion(BaseModel):
     state: VersionState = "registered"
     registered_at: str = Field(default_factory=now)
     evals: list[EvalRecord] = Field(default_factory=list)
+    failure: LoadFailure | None = None
 
     @property
     def ref(self) -> str:
@@ -149,7 +163,7 @@ class Adapter(BaseModel):
 class HistoryEvent(BaseModel):
     at: str = Field(default_factory=now)
     who: str = Field(default_factory=lambda: getpass.getuser())
-    action: Literal["register", "load", "unload", "eval", "promote", "rollback", "retire"]
+    action: Literal["register", "load", "load-failed", "unload", "eval", "promote", "rollback", "retire"]
     adapter: str
     version: str | None = None
     alias: str | None = None
@@ -227,17 +241,85 @@ def verify_weights(entry: AdapterVersion) -> None:
         )
 
 
-def mark_serving(state: RegistryState, entry: AdapterVersion) -> None:
-    """Record that every server now serves ``entry`` (state ``serving``, one ``load`` event)."""
-    if entry.state != "serving":
-        entry.state = "serving"
+def aliases_of(state: RegistryState, entry: AdapterVersion) -> list[str]:
+    """The ``NAME:ALIAS`` names that point at ``entry``."""
+    adapter = state.adapter(entry.name)
+    return sorted(f"{entry.name}:{a}" for a, v in adapter.aliases.items() if v == entry.version)
+
+
+def mark_serving(state: RegistryState, entry: AdapterVersion, command: Command = "load") -> None:
+    """Record that every server now serves ``entry`` (state ``serving``, one ``load`` event).
+
+    ``command`` is what loaded it (``load``, ``sync``, ``promote``, ``rollback``); a retired version
+    is refused (:class:`~loraplane.platform.version_states.RetiredError`).
+    """
+    step = transition(command, entry.state, ref=entry.ref, path=entry.path)
+    entry.failure = None
+    if step.after != entry.state:
+        entry.state = step.after
         state.history.append(HistoryEvent(action="load", adapter=entry.name, version=entry.version))
+
+
+def record_stop(
+    state: RegistryState, ref: str, *, retire: bool, servable: bool
+) -> tuple[AdapterVersion, bool]:
+    """Record ``unload`` (stopped: not served again until a load) or ``retire`` of ``ref``.
+
+    ``servable``: whether replicas should serve it before this command. Returns the version and
+    whether anything was recorded (False: it was already stopped, or already retired). Refused while
+    an alias points at it, and for an ``unload`` of a retired version.
+    """
+    entry = state.resolve(ref)
+    command: Command = "retire" if retire else "unload"
+    step = transition(
+        command,
+        entry.state,
+        ref=entry.ref,
+        aliases=aliases_of(state, entry),
+        servable=servable,
+        path=entry.path,
+    )
+    if step.noop:
+        return entry, False
+    entry.state = step.after
+    state.history.append(HistoryEvent(action=command, adapter=entry.name, version=entry.version))
+    return entry, True
+
+
+def record_eval(state: RegistryState, ref: str, record: EvalRecord) -> AdapterVersion:
+    """Keep ``record`` with the version (refused for a retired one: nothing is recorded)."""
+    entry = state.resolve(ref)
+    transition("eval", entry.state, ref=entry.ref, path=entry.path)
+    entry.evals.append(record)
+    state.history.append(HistoryEvent(action="eval", adapter=entry.name, version=entry.version))
+    return entry
+
+
+def rehearse(state: RegistryState, change: Callable[[RegistryState], T]) -> T:
+    """Run ``change`` on a copy of ``state``: every refusal it would raise, before a server is asked.
+
+    Commands rehearse the very change they later make in the registry transaction, so that the
+    checks before the servers are asked and the checks at commit time are the same code.
+    """
+    return change(state.model_copy(deep=True))
+
+
+def mark_load_failed(state: RegistryState, entry: AdapterVersion, reason: str, server: str | None) -> None:
+    """Record that ``server`` could not load ``entry`` and why (one ``load-failed`` event)."""
+    entry.failure = LoadFailure(reason=reason, server=server)
+    state.history.append(
+        HistoryEvent(action="load-failed", adapter=entry.name, version=entry.version, reason=reason)
+    )
 
 
 class ConflictError(RegistryError):
     """Another command changed what this one decided on (an alias moved meanwhile): nothing changed."""
 
     exit_code = 4
+
+
+class AliasUnchangedError(RegistryError):
+    """A promotion or rollback that would point an alias at the version it already points at."""
 
 
 def move_alias(
@@ -265,9 +347,15 @@ def move_alias(
             f"command while this {action} of {name}@{version} was running; nothing was changed",
             hint=f"check 'loraplane adapters show {name}', then re-run the {action} if it is still wanted",
         )
+    if current == version:
+        raise AliasUnchangedError(
+            f"{name}:{alias} already points at {version}: nothing to {action}",
+            hint=f"{action} names the version to point at: loraplane adapters promote {name}@vN"
+            if action == "promote"
+            else f"name another version: loraplane adapters rollback {name} --to vN",
+        )
     target = adapter.versions.get(version)
-    if target is None or target.state == "retired":
-        raise RegistryError(f"{name}@{version} is {'retired' if target else 'not registered'}")
+    transition(action, target.state if target else None, ref=f"{name}@{version}")
     adapter.aliases[alias] = version
     state.history.append(
         HistoryEvent(

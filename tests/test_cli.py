@@ -235,3 +235,95 @@ def test_evals_run_without_an_endpoint_on_the_local_registry_says_what_to_pass(
     suite.write_text("name: s\ndatasets:\n  - {name: math, path: e.jsonl, metrics: [exact_match]}\n")
     result = _cli(settings, "evals", "run", str(suite), "-m", "x")
     assert result.returncode == 2 and "--endpoint URL is required" in result.stderr
+
+
+def _register(settings: Settings, version: str) -> None:
+    from conftest import write_fake_adapter
+
+    path = write_fake_adapter(settings.adapters_dir / "demo" / version)
+    result = _cli(settings, "adapters", "register", str(path), "--name", "demo", "--version", version)
+    assert result.returncode == 0, result.stderr
+
+
+def test_retired_is_terminal_from_the_cli_and_refusals_change_nothing(settings: Settings) -> None:
+    """The issue's defect: retire, then unload (was rc 0, back to registered), then load (served it)."""
+    _register(settings, "v1")
+    retired = _cli(settings, "adapters", "retire", "demo@v1")  # never loaded: no server is asked
+    assert retired.returncode == 0, retired.stderr
+    assert retired.stdout.strip() == "demo@v1 is retired"
+    registry = settings.home / "registry.json"
+    before = registry.read_bytes()
+    for command in ("unload", "load", "promote"):
+        refused = _cli(settings, "adapters", command, "demo@v1")
+        assert refused.returncode == 2, (command, refused.stderr)
+        message = " ".join(refused.stderr.split())
+        assert "demo@v1 is retired, and retired is terminal" in message, message
+        assert "register them as a new version: loraplane adapters register" in message
+        assert registry.read_bytes() == before, f"a refused {command} changed the registry"
+    again = _cli(settings, "adapters", "retire", "demo@v1")
+    assert again.returncode == 0 and "demo@v1 was already retired: nothing changed" in again.stdout
+    assert registry.read_bytes() == before
+    shown = json.loads(_cli(settings, "adapters", "show", "demo", "-o", "json").stdout)
+    assert shown["adapter"]["versions"]["v1"]["state"] == "retired"
+
+
+def test_promoting_a_bare_name_that_resolves_to_its_own_prod_is_refused(settings: Settings) -> None:
+    from loraplane.platform.registry import LocalRegistry, move_alias
+
+    _register(settings, "v1")
+    with LocalRegistry(settings.home).transaction() as state:
+        move_alias(state, "demo", "prod", "v1", expected=None, action="promote")
+    before = (settings.home / "registry.json").read_bytes()
+    result = _cli(settings, "adapters", "promote", "demo", "--force", "--reason", "again")
+    assert result.returncode == 2, result.stderr
+    assert "demo:prod already points at v1" in result.stderr and "promote demo@vN" in result.stderr
+    assert (settings.home / "registry.json").read_bytes() == before
+    shown = _cli(settings, "adapters", "promote", "--help").stdout
+    assert "NAME@VERSION: the version to point the alias at" in shown
+
+
+def _option_line(help_text: str, option: str) -> str:
+    return next(line for line in help_text.splitlines() if line.lstrip("│ ").startswith(option))
+
+
+def test_flags_show_as_flags_in_help() -> None:
+    from typer.testing import CliRunner
+
+    from loraplane.platform.cli import app
+
+    runner = CliRunner()
+    promote = runner.invoke(app, ["adapters", "promote", "--help"], env={"COLUMNS": "200"}).output
+    force = _option_line(promote, "--force")
+    assert "<bool>" not in force and "--no-force" not in force, force
+    assert "<str>" in _option_line(promote, "--reason"), "an option that takes a value keeps its type"
+    for path, _ in _commands():
+        shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
+        assert "<bool>" not in shown, f"loraplane {' '.join(path)} --help: {shown}"
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "<bool>" not in top and "<int>" not in _option_line(top, "--verbose")
+
+
+def test_tables_are_not_cut_when_output_is_not_a_terminal(tmp_path: Path) -> None:
+    """Piped output (not a TTY) with no COLUMNS: a long row comes out whole, on one line."""
+    from conftest import write_fake_adapter
+
+    deep = tmp_path / ("a-rather-long-directory-name-" * 4).rstrip("-")
+    settings = Settings(
+        home=tmp_path / "state", adapters_root=deep / "adapters", server_url="http://127.0.0.1:9"
+    )
+    name = "a-long-adapter-name-for-a-wide-table"
+    path = write_fake_adapter(settings.adapters_dir / name / "v1")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(LORAPLANE_HOME=str(settings.home), LORAPLANE_ADAPTERS_ROOT=str(settings.adapters_dir))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "loraplane.platform.cli", *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+
+    registered = cli("adapters", "register", str(path), "--name", name, "--version", "v1")
+    assert registered.returncode == 0, registered.stderr
+    shown = cli("adapters", "show", name)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line for line in shown.stdout.splitlines() if f"{name}@v1" in line]
+    assert len(rows) == 1 and str(path) in rows[0], shown.stdout
+    assert len(rows[0]) > 200, "the row is longer than any terminal default, and whole"

@@ -23,13 +23,16 @@ from conftest import API_KEY, Live, ask_one_word
 from filelock import FileLock
 
 from loraplane.platform.adapters import (
+    load_adapter,
     promote_adapter,
     register_adapter,
     rollback_alias,
+    sync_adapters,
     unload_adapter,
 )
-from loraplane.platform.registry import LocalRegistry, RegistryError
+from loraplane.platform.registry import LocalRegistry
 from loraplane.platform.settings import Settings
+from loraplane.platform.version_states import RetiredError
 
 pytestmark = pytest.mark.e2e
 
@@ -156,10 +159,9 @@ def test_retire_is_refused_for_the_prod_version_and_unloads_the_other(race: Race
     assert retired.state == "retired"
     served = _served(settings)
     assert f"{name}@v1" not in served and f"{name}@v2" in served
-    with pytest.raises(
-        RegistryError, match=f"cannot roll {name}:prod back to {name}@v1: that version is retired"
-    ):
+    with pytest.raises(RetiredError, match=f"{name}@v1 is retired, and retired is terminal") as caught:
         asyncio.run(rollback_alias(settings, name))
+    assert f"loraplane adapters rollback {name} --to vN" in str(caught.value)
 
     proc = _cli(settings, "adapters", "show", name, "-o", "json")
     shown, _ = proc.communicate(timeout=DEADLINE_S)
@@ -167,3 +169,42 @@ def test_retire_is_refused_for_the_prod_version_and_unloads_the_other(race: Race
     data = json.loads(shown)
     assert data["adapter"]["versions"]["v1"]["state"] == "retired"
     assert [e["action"] for e in data["history"]][-1] == "retire"
+
+
+def test_a_retired_version_is_never_loaded_or_served_again(race: Race) -> None:
+    """Issue 17's defect: ``retire X@v1`` then ``unload X@v1`` (rc 0) put it back to ``registered``,
+    and ``load X@v1`` served it again."""
+    settings, name = race.settings, race.name
+    retired = f"{name}@v1"
+    asyncio.run(load_adapter(settings, retired))
+    assert ask_one_word(settings.server_url, retired) == "positive", "served before it is retired"
+
+    proc = _cli(settings, "adapters", "retire", retired)
+    out, err = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 0 and out.strip() == f"{retired} is retired", err
+    assert retired not in _served(settings)
+
+    registry = settings.home / "registry.json"
+    before = registry.read_bytes()
+    for command in ("unload", "load"):
+        proc = _cli(settings, "adapters", command, retired)
+        _, err = proc.communicate(timeout=DEADLINE_S)
+        assert proc.returncode == 2, (command, err)
+        assert f"{retired} is retired, and retired is terminal" in " ".join(err.split()), err
+        assert registry.read_bytes() == before, f"the refused {command} changed the registry"
+    with pytest.raises(RetiredError):
+        asyncio.run(load_adapter(settings, retired))
+    assert registry.read_bytes() == before
+
+    # Neither does a sync (what a restart does) bring it back; it stays retired.
+    report = asyncio.run(sync_adapters(settings, [settings.server_url], prune_unknown=False))
+    assert report.ok and all(retired not in r.loaded for r in report.replicas), report.to_json()
+    assert LocalRegistry(settings.home).read().resolve(retired).state == "retired"
+    assert retired not in _served(settings)
+    answer = httpx.post(
+        f"{settings.server_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": retired, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+        timeout=DEADLINE_S,
+    )
+    assert answer.status_code == 404, answer.text

@@ -248,16 +248,66 @@ def test_rollback_without_an_earlier_version_is_refused(settings: Settings) -> N
 
 def test_retiring_a_version_an_alias_points_at_is_refused(settings: Settings) -> None:
     from loraplane.platform.adapters import unload_adapter
+    from loraplane.platform.version_states import AliasedVersionError
 
     _aliased_state(settings, versions=2)
     before = _snapshot(settings)
-    with pytest.raises(RegistryError, match=r"cannot retire demo@v2: demo:prod points at it"):
+    with pytest.raises(AliasedVersionError, match=r"cannot retire demo@v2: demo:prod points at it") as caught:
         asyncio.run(unload_adapter(settings, "demo@v2", retire=True))
+    assert caught.value.exit_code == 2
     assert _snapshot(settings) == before
     # v1 is registered but not served: retiring it needs no server (settings point at a closed port).
     retired = asyncio.run(unload_adapter(settings, "demo@v1", retire=True))
     assert retired.state == "retired"
     state = LocalRegistry(settings.home).read()
     assert state.history[-1].action == "retire" and state.history[-1].version == "v1"
-    with pytest.raises(RegistryError, match=r"demo@v1 is retired"):
-        asyncio.run(promote_adapter(settings, "demo@v1", force=True, reason="test"))
+
+
+def test_retired_is_terminal_and_every_refusal_changes_nothing(settings: Settings) -> None:
+    """After retire, unload/load/promote/rollback/eval of the version are refused (exit 2) without a
+    server being asked (the settings point at a closed port) and the registry file keeps its bytes."""
+    from loraplane.platform.adapters import (
+        evaluate_adapter,
+        load_adapter,
+        retire_adapter,
+        rollback_alias,
+        unload_adapter,
+    )
+    from loraplane.platform.version_states import RetiredError
+
+    _aliased_state(settings, versions=2)
+    entry, changed = asyncio.run(retire_adapter(settings, "demo@v1"))
+    assert (entry.state, changed) == ("retired", True)
+    before = _snapshot(settings)
+    attempts = {
+        "unloaded": lambda: unload_adapter(settings, "demo@v1"),
+        "loaded": lambda: load_adapter(settings, "demo@v1"),
+        "promoted": lambda: promote_adapter(settings, "demo@v1", force=True, reason="undo the retire"),
+        "rolled back to": lambda: rollback_alias(settings, "demo"),  # prod's previous version is v1
+        "evaluated": lambda: evaluate_adapter(settings, "demo@v1", settings.home / "never-read.jsonl"),
+    }
+    for verb, attempt in attempts.items():
+        with pytest.raises(RetiredError) as caught:
+            asyncio.run(attempt())
+        message = str(caught.value)
+        assert f"demo@v1 is retired, and retired is terminal: it cannot be {verb}" in message, message
+        assert "register them as a new version: loraplane adapters register" in message
+        assert "--name demo --version vN" in message
+        assert caught.value.exit_code == 2
+        assert _snapshot(settings) == before, f"refusing to be {verb} changed the registry"
+    again, changed = asyncio.run(retire_adapter(settings, "demo@v1"))
+    assert (again.state, changed) == ("retired", False), "retiring a retired version is a no-op"
+    assert _snapshot(settings) == before
+
+
+def test_promoting_the_version_an_alias_already_points_at_is_refused(settings: Settings) -> None:
+    """``promote NAME`` resolves to NAME:prod's own version: a promotion that would change nothing."""
+    from loraplane.platform.registry import AliasUnchangedError
+
+    _aliased_state(settings, versions=2)
+    before = _snapshot(settings)
+    for ref in ("demo", "demo@v2", "demo:prod"):
+        with pytest.raises(AliasUnchangedError, match=r"demo:prod already points at v2") as caught:
+            asyncio.run(promote_adapter(settings, ref, force=True, reason="again"))
+        assert caught.value.exit_code == 2 and "promote demo@vN" in str(caught.value)
+    assert _snapshot(settings) == before
