@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from rich.console import Console
@@ -41,6 +42,9 @@ from loraplane.platform.adapters import evaluate_adapter, promote_adapter, regis
 from loraplane.platform.registry import EvalRecord, open_registry
 from loraplane.platform.settings import Settings
 from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
+
+if TYPE_CHECKING:
+    from loraplane.platform.serve_local import ServeOptions
 
 MARKER = ".loraplane-quickstart"
 BASE_NAME = "demo-base"
@@ -167,6 +171,28 @@ def demo_server_config(model_dir: Path, port: int, api_key: str) -> VLLMServerCo
         kv_cache_gib=1,
         api_key=api_key,
     )
+
+
+def keep_serving_options(workdir: Path, *, gateway_port: int = 8080) -> tuple[Settings, ServeOptions]:
+    """What ``quickstart --keep-serving`` serves at the end: the quickstart's registry, on the server
+    settings the demo was trained and evaluated with (``demo_server_config``)."""
+    from loraplane.platform.serve_local import ServeOptions
+
+    work = workdir.resolve()
+    demo = demo_server_config(work / "base-model", free_port(), api_key="")
+    settings = Settings(home=work / "state", adapters_root=work / "adapters")
+    opts = ServeOptions(
+        model=demo.model,
+        served_model_name=demo.served_model_name,
+        port=gateway_port,
+        vllm_port=demo.port,
+        max_loras=demo.max_loras,
+        max_lora_rank=demo.max_lora_rank,
+        max_model_len=demo.max_model_len,
+        dtype=demo.dtype,
+        kv_cache_gib=demo.kv_cache_gib or 1,
+    )
+    return settings, opts
 
 
 def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> QuickstartResult:

@@ -22,6 +22,7 @@ from loraplane.platform.registry import (
     ConflictError,
     EvalRecord,
     HistoryEvent,
+    LoadFailure,
     RegistryState,
 )
 from loraplane.platform.settings import Settings
@@ -49,6 +50,8 @@ def _version_to_k8s(v: AdapterVersion) -> dict[str, Any]:
     }
     if v.base_model is not None:
         out["baseModel"] = v.base_model
+    if v.failure is not None:
+        out["failure"] = v.failure.model_dump(mode="json", exclude_none=True)
     return out
 
 
@@ -64,6 +67,7 @@ def _version_from_k8s(name: str, version: str, data: dict[str, Any]) -> AdapterV
         state=data["state"],
         registered_at=data["registeredAt"],
         evals=[EvalRecord.model_validate(e) for e in data.get("evals") or []],
+        failure=LoadFailure.model_validate(data["failure"]) if data.get("failure") else None,
     )
 
 

@@ -5,11 +5,12 @@ Every value can come from an environment variable (``LORAPLANE_*``) or a CLI opt
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraplane.common.errors import ConfigError
 
@@ -23,6 +24,11 @@ def _registry_from_env() -> Literal["local", "kubernetes"]:
     if value not in ("local", "kubernetes"):
         raise ConfigError(f"LORAPLANE_REGISTRY: got {value!r}; use 'local' or 'kubernetes'")
     return "kubernetes" if value == "kubernetes" else "local"
+
+
+def vllm_key_path(home: Path) -> Path:
+    """vLLM's API key as ``loraplane serve`` keeps it (made once, mode 0600)."""
+    return home / "serving" / "vllm-api-key"
 
 
 class Settings(BaseModel):
@@ -47,6 +53,17 @@ class Settings(BaseModel):
     namespace: str = Field(default_factory=lambda: os.environ.get("LORAPLANE_NAMESPACE", "default"))
     kubeconfig: Path | None = Field(default=None, description="Default: KUBECONFIG, else ~/.kube/config.")
     kube_context: str | None = None
+
+    @model_validator(mode="after")
+    def _key_of_the_local_server(self) -> Settings:
+        """Without LORAPLANE_API_KEY, the key of the server ``loraplane serve`` runs from this home."""
+        if self.api_key is None:
+            path = vllm_key_path(self.home)
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                key = path.read_text(encoding="utf-8").strip()
+                if key:
+                    self.__dict__["api_key"] = key  # frozen model: set once, while it is built
+        return self
 
     @property
     def adapters_dir(self) -> Path:

@@ -12,8 +12,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraplane.common.errors import ConfigError, format_validation_error
+
+if TYPE_CHECKING:
+    from loraplane.platform.settings import Settings
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +32,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, help="GPUs one replica shards the model over")
+    p.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use")
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV cache of shared prompt prefixes (default: vLLM's)",
+    )
+    p.add_argument(
+        "vllm_args",
+        nargs="*",
+        metavar="-- VLLM_ARG",
+        help="after --: further vLLM flags, passed as they are (not the ones set above: refused)",
+    )
     p.add_argument("--kv-cache-gib", type=int)
     p.add_argument(
         "--shutdown-timeout",
@@ -55,6 +73,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
     p.add_argument("--adapters-root", type=Path, help="adapters root (default: REGISTRY_HOME/adapters)")
+    p.add_argument(
+        "--state-file",
+        type=Path,
+        help="where the supervisor keeps its state (phase, limits, loaded and failed adapters) for the "
+        "readiness probe and the CLI (default: REGISTRY_HOME/servers/HOST-PORT.json with a local "
+        "registry, else $TMPDIR/loraplane-serving-PORT.json)",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds vLLM may take to answer /health before the supervisor gives up",
+    )
     p.add_argument("--print-argv", action="store_true", help="print the vLLM command line and exit")
     return p.parse_args(argv)
 
@@ -73,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --api-key-file: {exc}", file=sys.stderr)  # noqa: T201
             return 2
     modules: tuple[LoraModule, ...] = ()
+    settings = None
+    base = None
+    supervised = False
     if args.registry_home is not None or args.registry is not None:
         from loraplane.common.errors import LoraplaneError
         from loraplane.platform.settings import Settings
-        from loraplane.serving.rehydrate import registered_modules
+        from loraplane.serving.base_model import load_base_model
 
         try:
             settings = Settings(
@@ -84,17 +118,29 @@ def main(argv: list[str] | None = None) -> int:
                 adapters_root=args.adapters_root,
                 registry=args.registry or "local",
                 namespace=args.namespace,
+                api_key=api_key,
+                max_lora_rank=args.max_lora_rank,
             )
-            from loraplane.serving.base_model import load_base_model
-
             base = load_base_model(args.model, served_names=(args.served_model_name,))
-            found = registered_modules(settings, max_lora_rank=args.max_lora_rank, base=base)
+            from loraplane.platform.registry import open_registry
+
+            open_registry(settings).read()  # unreadable: say so now, before vLLM takes a minute to start
+            # With runtime loading the supervisor loads every adapter once vLLM is up, one at a time,
+            # so that one bad adapter fails alone; without it they can only be handed over at start.
+            supervised = args.runtime_lora_updating
+            if not supervised:
+                from loraplane.serving.rehydrate import registered_modules
+
+                found = registered_modules(settings, max_lora_rank=args.max_lora_rank, base=base)
+                modules = tuple(found.modules)
+                skipped = "".join(f"\n  not serving {name}: {why}" for name, why in found.skipped.items())
+                print(  # noqa: T201
+                    f"serving {len(modules)} registered adapter version(s) from startup{skipped}",
+                    file=sys.stderr,
+                )
         except LoraplaneError as exc:
             print(f"error: cannot read the registry to serve its adapters: {exc}", file=sys.stderr)  # noqa: T201
             return 1
-        modules = tuple(found.modules)
-        skipped = "".join(f"\n  skipped {name}: {why}" for name, why in found.skipped.items())
-        print(f"serving {len(modules)} registered adapter version(s) from startup{skipped}", file=sys.stderr)  # noqa: T201
     try:
         config = VLLMServerConfig(
             model=args.model,
@@ -111,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             api_key=api_key,
             allow_runtime_lora_updating=args.runtime_lora_updating,
             lora_modules=modules,
-            extra_args=()
-            if args.shutdown_timeout is None
-            else ("--shutdown-timeout", str(args.shutdown_timeout)),
+            tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching,
+            shutdown_timeout=args.shutdown_timeout,
+            extra_args=tuple(args.vllm_args),
         )
     except ValidationError as exc:
         error: ConfigError = format_validation_error(exc, source="python -m loraplane.serving")
@@ -121,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     argv_out = config.argv()
     env = config.env()
+    if supervised and settings is not None and not args.print_argv:
+        from loraplane.serving.supervisor import supervise
+
+        return supervise(
+            config,
+            settings,
+            state_path=_state_path(args, settings),
+            base=base,
+            startup_timeout=args.startup_timeout,
+            stop_grace=float(args.shutdown_timeout or 0) + 10.0,
+        )
     if (
         args.print_argv
     ):  # the environment vLLM gets from us (never the API key), then the command, shell-quoted
@@ -128,6 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join([*(f"{k}={v}" for k, v in sorted(shown.items())), *argv_out]))  # noqa: T201
         return 0
     os.execve(argv_out[0], argv_out, env)
+
+
+def _state_path(args: argparse.Namespace, settings: Settings) -> Path:
+    if args.state_file is not None:
+        return Path(args.state_file)
+    if settings.registry == "local":
+        from loraplane.serving.server_state import state_path_for
+
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        return state_path_for(settings.home, f"http://{host}:{args.port}")
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"loraplane-serving-{args.port}.json"
 
 
 if __name__ == "__main__":

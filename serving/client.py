@@ -233,7 +233,12 @@ class VLLMAdminClient:
                 return ServerUnavailableError(
                     f"vLLM failed while loading {name!r} and is no longer healthy: {message}"
                 )
-            return AdapterRejectedError(f"vLLM rejected adapter {name!r}: {message}")
+            return AdapterRejectedError(
+                f"vLLM rejected adapter {name!r}: {message}",
+                hint="the server's log has vLLM's reason; common ones: a LoRA rank above its "
+                "--max-lora-rank, or weights for another base model (loraplane checks both when it "
+                "knows the server's limits: start it with loraplane serve or python -m loraplane.serving)",
+            )
         if status in (401, 403):
             return ServerError(
                 f"the vLLM server at {self.base_url} refused the API key (HTTP {status})",

@@ -40,6 +40,27 @@ class LoraModule(BaseModel):
     path: Path
 
 
+# Flags this config always sets from its own fields (or the environment): extra_args may not set them
+# again (vLLM takes the last value, so an extra one would silently override the typed field).
+OWNED_FLAGS = (
+    "--model", "--served-model-name", "--host", "--port", "--api-key", "--enable-lora", "--lora-modules",
+    "--max-loras", "--max-lora-rank", "--max-cpu-loras", "--max-model-len", "--max-num-seqs", "--dtype",
+    "--shutdown-timeout", "--disable-uvicorn-access-log",
+)  # fmt: skip
+# Flags owned only when their field is set (else extra_args may pass them).
+OPTIONAL_FLAGS = {
+    "tensor_parallel_size": ("--tensor-parallel-size", "-tp"),
+    "gpu_memory_utilization": ("--gpu-memory-utilization",),
+    "enable_prefix_caching": ("--enable-prefix-caching", "--no-enable-prefix-caching"),
+}
+
+
+def flag_name(arg: str) -> str:
+    """``--max-loras=4`` -> ``--max-loras``; vLLM also accepts underscores (``--max_loras``)."""
+    name = arg.split("=", 1)[0]
+    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+
+
 class VLLMServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,6 +74,18 @@ class VLLMServerConfig(BaseModel):
     max_model_len: Annotated[int, Field(ge=16)] = 512
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tensor_parallel_size: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="GPUs one replica shards the model over (--tensor-parallel-size)."
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="Share of each GPU's memory vLLM may use (--gpu-memory-utilization)."
+    )
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="Reuse the KV cache of shared prompt prefixes (None: vLLM's default)."
+    )
+    shutdown_timeout: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Seconds vLLM lets in-flight requests finish after SIGTERM."
+    )
     kv_cache_gib: Annotated[int, Field(ge=1)] | None = Field(
         default=None,
         description="CPU backend: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE, an integer).",
@@ -62,6 +95,20 @@ class VLLMServerConfig(BaseModel):
     allow_runtime_lora_updating: bool = True
     lora_modules: tuple[LoraModule, ...] = ()
     extra_args: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _extra_args_own_nothing(self) -> VLLMServerConfig:
+        owned = set(OWNED_FLAGS)
+        for field, flags in OPTIONAL_FLAGS.items():
+            if getattr(self, field) is not None:
+                owned.update(flags)
+        clashes = sorted({flag_name(a) for a in self.extra_args if flag_name(a) in owned})
+        if clashes:
+            raise ValueError(
+                f"extra_args: {', '.join(clashes)} {'is' if len(clashes) == 1 else 'are'} set by loraplane "
+                "from its own settings; set the matching value instead of passing the flag"
+            )
+        return self
 
     @model_validator(mode="after")
     def _adapters_need_lora(self) -> VLLMServerConfig:
@@ -103,6 +150,16 @@ class VLLMServerConfig(BaseModel):
                 "--max-cpu-loras",
                 str(self.max_cpu_loras or self.max_loras),
             ]
+        if self.tensor_parallel_size is not None:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
+        if self.enable_prefix_caching is not None:
+            args.append(
+                "--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching"
+            )
+        if self.shutdown_timeout is not None:
+            args += ["--shutdown-timeout", str(self.shutdown_timeout)]
         if self.lora_modules:
             args.append("--lora-modules")
             args += [

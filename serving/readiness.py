@@ -10,10 +10,14 @@ Ready means, all within ``--timeout`` seconds:
    its share of the deadline but ``vllm:generation_tokens_total`` (``/metrics``) grew meanwhile, the
    engine is making progress and the server stays ready (taking the only replica out of rotation
    for being loaded would turn load into an outage);
-3. every servable adapter version of the registry (``--registry-home DIR`` or ``--registry
-   kubernetes --namespace NS``; the same versions ``python -m loraplane.serving`` serves from
-   startup) is listed in ``/v1/models``. A missing version whose files fail their checks here (gone,
-   changed since registration, not a valid adapter) is not required: the server skipped it at start.
+3. with ``--state-file`` (what the chart passes): the supervisor (``python -m loraplane.serving``)
+   has tried every servable adapter version, and every version the registry says is *served*
+   (state ``serving``: loaded or promoted; a new registration never changes readiness) that did not
+   fail to load on this server is listed in ``/v1/models``. A version that failed here (recorded
+   with its reason in the state file and the registry) is never required: one bad adapter must not
+   take the replica out of rotation. Without ``--state-file``, every servable version of the
+   registry (``--registry-home DIR`` or ``--registry kubernetes --namespace NS``) whose files pass
+   their checks here is required.
 
 Exit 0 when ready (stdout says "ready", or "ready (busy: ...)"); exit 1 with a one-line reason on
 stderr. The chart runs it as the vLLM
@@ -36,6 +40,7 @@ import httpx
 
 if TYPE_CHECKING:
     from loraplane.platform.registry import AdapterVersion
+    from loraplane.serving.server_state import ServerState
 
 DEFAULT_TIMEOUT_S = 10.0
 FINISH_S = 0.25  # of the deadline, kept to give the verdict after the completion's budget ran out
@@ -61,6 +66,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "for being outside it, above its rank limit or for another base is not required",
     )
     p.add_argument("--max-lora-rank", type=int, help="the server's --max-lora-rank (with --adapters-root)")
+    p.add_argument(
+        "--state-file",
+        type=Path,
+        help="the supervisor's state file (python -m loraplane.serving --state-file): not ready until it "
+        "has tried every servable adapter; then only versions in the 'serving' state that did not fail "
+        "on this server are required (a new registration never changes readiness)",
+    )
     args = p.parse_args(argv)
     if (args.adapters_root is None) != (args.max_lora_rank is None):
         p.error("--adapters-root and --max-lora-rank go together: pass the server's values of both")
@@ -75,8 +87,29 @@ class ServerLimits:
     max_lora_rank: int
 
 
-def required_adapters(args: argparse.Namespace) -> dict[str, AdapterVersion] | None:
-    """Served name -> version, for every servable version; None when no registry was named."""
+def supervisor_state(path: Path) -> ServerState:
+    """The supervisor's state when it has tried every servable adapter; else NotReady saying where it is."""
+    from loraplane.serving.server_state import read_state
+
+    state = read_state(path)
+    if state is None:
+        raise NotReady(f"no server state at {path} yet: the server is starting")
+    if state.phase == "starting":
+        raise NotReady("vLLM is starting")
+    if state.phase == "loading":
+        raise NotReady("loading the registry's adapters into vLLM")
+    if state.phase == "stopped":
+        raise NotReady("the server has stopped")
+    return state
+
+
+def required_adapters(
+    args: argparse.Namespace, state: ServerState | None = None
+) -> dict[str, AdapterVersion] | None:
+    """Served name -> version, for every servable version; None when no registry was named.
+
+    With the supervisor's ``state``: only versions the registry says are served (state ``serving``:
+    loaded or promoted, not merely registered) and that did not fail to load on this server."""
     if args.registry_home is None and args.registry is None:
         return None
     from loraplane.platform.registry import open_registry
@@ -88,7 +121,10 @@ def required_adapters(args: argparse.Namespace) -> dict[str, AdapterVersion] | N
         registry=args.registry or "local",
         namespace=args.namespace,
     )
-    return {v.served_name: v for v in servable_versions(open_registry(settings).read())}
+    servable = servable_versions(open_registry(settings).read())
+    if state is None:
+        return {v.served_name: v for v in servable}
+    return {v.served_name: v for v in servable if v.state == "serving" and v.served_name not in state.failed}
 
 
 async def generated_tokens(client: httpx.AsyncClient, budget: float) -> float | None:
@@ -270,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.api_key_file is not None:
             api_key = args.api_key_file.read_text().strip()
-        required = required_adapters(args)
+        state = supervisor_state(args.state_file) if args.state_file is not None else None
+        required = required_adapters(args, state)
         limits = (
             ServerLimits(args.adapters_root, args.max_lora_rank) if args.max_lora_rank is not None else None
         )

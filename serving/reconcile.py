@@ -24,9 +24,11 @@ from loraplane.platform.registry import (
     verify_weights,
 )
 from loraplane.platform.settings import Settings
+from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.base_model import BaseModelFacts, load_base_model
 from loraplane.serving.client import ModelCard, VLLMAdminClient
-from loraplane.serving.preflight import preflight_adapter
+from loraplane.serving.limits import max_lora_rank
+from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
 
 log = logging.getLogger("loraplane.serving")
 
@@ -66,12 +68,20 @@ def served_base(cards: list[ModelCard]) -> BaseModelFacts | None:
     return _base_cache[root]
 
 
-def check_servable(settings: Settings, entry: AdapterVersion, base: BaseModelFacts | None) -> None:
-    """Everything a version must pass before a server is asked to load it."""
+def check_servable(
+    settings: Settings, entry: AdapterVersion, base: BaseModelFacts | None, *, url: str | None = None
+) -> None:
+    """Everything a version must pass before a server (``url``, default ``settings.server_url``) is
+    asked to load it: its weights unchanged since registration and sound to the last byte (a file
+    vLLM cannot read must never reach it), the preflight against that server's rank limit and base."""
     verify_weights(entry)
-    preflight_adapter(
-        Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=settings.max_lora_rank, base=base
+    info = preflight_adapter(
+        Path(entry.path),
+        adapters_root=settings.adapters_dir,
+        max_lora_rank=max_lora_rank(settings, url),
+        base=base,
     )
+    verify_adapter_weights(info.path / WEIGHTS_FILE, info.config)
 
 
 @dataclass
@@ -131,7 +141,7 @@ async def sync_replica(
                     report.unchanged.append(name)
                     continue
                 try:
-                    check_servable(settings, entry, base)
+                    check_servable(settings, entry, base, url=url)
                 except LoraplaneError as exc:
                     report.skipped[name] = exc.message
                     continue

@@ -66,12 +66,8 @@ def _url(ip: str, port: int) -> str:
     return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
 
 
-def list_vllm_pods(settings: Settings, *, release: str = "platform") -> list[str]:
-    """``http://POD_IP:PORT`` of every Ready vLLM pod of ``release`` in ``settings.namespace``.
-
-    Pod IPs are reachable from inside the cluster (a Job, the gateway's pod); from outside, pass the
-    URLs of port-forwards instead.
-    """
+def _vllm_pods(settings: Settings, release: str) -> list[Any]:
+    """Every pod of ``release``'s vLLM Deployment in ``settings.namespace``, Ready or not."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
@@ -89,5 +85,30 @@ def list_vllm_pods(settings: Settings, *, release: str = "platform") -> list[str
         ) from None
     except HTTPError as exc:
         raise KubernetesError(f"cannot reach the Kubernetes API server: {exc}") from None
-    ready = sorted((p for p in pods if _is_ready(p)), key=lambda p: p.metadata.name)
+    return pods
+
+
+def list_vllm_pods(settings: Settings, *, release: str = "platform") -> list[str]:
+    """``http://POD_IP:PORT`` of every Ready vLLM pod of ``release`` in ``settings.namespace``.
+
+    Pod IPs are reachable from inside the cluster (a Job, the gateway's pod); from outside, pass the
+    URLs of port-forwards instead.
+    """
+    ready = sorted((p for p in _vllm_pods(settings, release) if _is_ready(p)), key=lambda p: p.metadata.name)
     return [_url(p.status.pod_ip, _port(p)) for p in ready]
+
+
+def vllm_container_args(settings: Settings, *, release: str = "platform") -> list[str]:
+    """The vLLM container's arguments in the release's vLLM pods (the newest pod's; every pod of a
+    Deployment revision has the same); empty when the release has no vLLM pod."""
+    pods = _vllm_pods(settings, release)
+
+    def created(pod: Any) -> float:
+        stamp = pod.metadata.creation_timestamp
+        return float(stamp.timestamp()) if stamp is not None else 0.0
+
+    for pod in sorted(pods, key=created, reverse=True):
+        for container in pod.spec.containers or []:
+            if container.name == CONTAINER:
+                return [*(container.command or []), *(container.args or [])]
+    return []

@@ -101,14 +101,15 @@ def http() -> httpx.Client:
     return httpx.Client(timeout=60)
 
 
+def vllm_metric(url: str, name: str) -> float:
+    """vLLM's metric ``name`` (e.g. ``vllm:num_requests_waiting``) at ``url``, summed over its label sets."""
+    text = http().get(f"{url}/metrics").text
+    return sum(float(line.rsplit(None, 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def vllm_generated_tokens(url: str) -> float:
     """vLLM's ``vllm:generation_tokens_total`` at ``url``, summed over its label sets."""
-    text = http().get(f"{url}/metrics").text
-    return sum(
-        float(line.rsplit(None, 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:generation_tokens_total{")
-    )
+    return vllm_metric(url, "vllm:generation_tokens_total")
 
 
 def engine_core(server: VLLMServer | int) -> psutil.Process:
@@ -185,7 +186,12 @@ def write_fake_adapter(
         **(extra_config or {}),
     }
     (directory / "adapter_config.json").write_text(json.dumps(config))
-    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(r, 128)}
+    generator = torch.Generator().manual_seed(r)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{prefix}.lora_A.weight": torch.randn(r, 128, generator=generator),
+        f"{prefix}.lora_B.weight": torch.randn(128, r, generator=generator),
+    }
     if weights.endswith(".safetensors"):
         save_file(tensors, str(directory / weights))
     else:
@@ -334,3 +340,20 @@ def k8s_settings(k8s_cluster: Cluster, tmp_path: Path) -> Settings:
         namespace=namespace,
         kubeconfig=k8s_cluster.kubeconfig,
     )
+
+
+# --- the real single-node cluster (scripts/real-node.sh; tests/real_node.py) ---------------------------
+from real_node import RealNode, report_failure, session  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
+    """A real node (kubelet, containerd, kube-proxy, CoreDNS) per session; the host checked clean after."""
+    yield from session(tmp_path_factory.mktemp("real-node"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failed real-node test's report gets the cluster's pods, events and container logs."""
+    outcome = yield
+    report_failure(item, outcome.get_result())

@@ -324,7 +324,7 @@ def test_vllm_arguments_match_the_values() -> None:
         "serving.servedModelName=qwen", "serving.port=8123", "serving.drain.shutdownTimeoutSeconds=30",
     )  # fmt: skip
     _, _, container = _vllm(objs)
-    assert container["args"][:11] == [
+    assert container["args"][:15] == [
         "--model=/data/models/base",
         "--served-model-name=qwen",
         "--host=0.0.0.0",
@@ -332,7 +332,11 @@ def test_vllm_arguments_match_the_values() -> None:
         "--max-loras=6",
         "--max-lora-rank=64",
         "--max-model-len=8192",
+        "--max-num-seqs=256",
         "--dtype=bfloat16",
+        "--tensor-parallel-size=1",
+        "--gpu-memory-utilization=0.9",
+        "--enable-prefix-caching",
         "--runtime-lora-updating",
         "--shutdown-timeout=30",
         "--api-key-file=/etc/loraplane/api-key/api-key",
@@ -384,8 +388,11 @@ def test_probes_are_sized_for_long_loads_and_readiness_runs_the_readiness_module
         "--namespace=ml",
         "--adapters-root=/data/adapters",
         f"--max-lora-rank={_arg(container['args'], '--max-lora-rank')}",
+        f"--state-file={_arg(container['args'], '--state-file')}",
         "--timeout=20",
     ]  # fmt: skip
+    # the probe reads the state the supervisor keeps on the pod's own /tmp, not a shared volume
+    assert _arg(container["args"], "--state-file").startswith("/tmp/")
     assert readiness["timeoutSeconds"] > 20, "the probe outlives the module's own deadline"
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
 
@@ -519,7 +526,7 @@ def test_model_source_hf_token_and_cache() -> None:
     # The token is a mounted file, never an env value or a chart value.
     assert env["HF_TOKEN_PATH"]["value"] == "/etc/loraplane/hf-token/token"
     assert {"name": "hf-token", "secret": {"secretName": "hf-token"}} in pod["volumes"]
-    assert not any("valueFrom" in e for e in container["env"])
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in container["env"])
     values = yaml.safe_load((CHART / "charts" / "serving" / "values.yaml").read_text())
     assert set(values["hfToken"]) == {"secretName", "key"}, "no field for the token itself"
 
@@ -651,6 +658,29 @@ def test_the_initial_run_is_a_job_with_its_config_that_an_upgrade_does_not_retra
     )
 
 
+def test_the_initial_run_prints_the_result_line_train_register_reads() -> None:
+    """Like `train submit`, the chart's initial run goes through run_report (else its adapter could not
+    be registered: "has no 'loraplane-result:' line"); the template `train submit` copies keeps the
+    trainer itself, which the CLI wraps the same way."""
+    from loraplane.platform.training_k8s import REPORT_MODULE, TRAINER_MODULE
+
+    one_gpu = ("trainer.nodes=1", "trainer.gpusPerNode=1", "trainer.resources.limits.nvidia\\.com/gpu=1")
+    objs = _render(*one_gpu, files=(_profile("multi-node-training"),))
+    (run_key,) = [k for k in objs if k.startswith("Job/platform-loraplane-run-")]
+    (container,) = objs[run_key]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == [
+        "python",
+        "-m",
+        REPORT_MODULE,
+        "--config",
+        "/etc/loraplane/run/train.yaml",
+    ]
+    assert _template_job(objs)["spec"]["template"]["spec"]["containers"][0]["command"][1:3] == [
+        "-m",
+        TRAINER_MODULE,
+    ]
+
+
 # --- gpu -------------------------------------------------------------------------------------------
 
 
@@ -733,3 +763,75 @@ def test_every_value_is_documented(tmp_path: Path) -> None:
     for chart in (CHART, *(CHART / "charts" / n for n in SUBCHARTS)):
         undocumented = readme.undocumented(chart / "values.yaml")
         assert not undocumented, f"{chart.name}: values without a '# --' comment: {undocumented}"
+
+
+# --- vLLM's engine values --------------------------------------------------------------------------
+
+
+def test_every_engine_value_reaches_vllms_command_line(tmp_path: Path) -> None:
+    """Each serving value is one flag of the container's command, and the entry point parses them all."""
+    from loraplane.serving.__main__ import _parse
+
+    _, _, default = _vllm(_render())
+    args = default["args"]
+    gpu_share = tmp_path / "gpu-share.yaml"  # --set would pass 0.85 as a string
+    gpu_share.write_text("serving: {gpuMemoryUtilization: 0.85}\n")
+    assert _arg(args, "--max-num-seqs") == "256" and _arg(args, "--tensor-parallel-size") == "1"
+    assert _arg(args, "--gpu-memory-utilization") == "0.9" and "--enable-prefix-caching" in args
+    assert not any(a.startswith(("--kv-cache-gib", "--max-cpu-loras")) for a in args), "unset: vLLM's own"
+    assert "--" not in args, "no extraArgs, no separator"
+    _, _, tuned = _vllm(
+        _render(
+            "serving.maxNumSeqs=8", "serving.maxCpuLoras=12", "serving.tensorParallelSize=4",
+            "serving.enablePrefixCaching=false", "serving.kvCacheGiB=2",
+            "serving.maxModelLen=512", "serving.dtype=bfloat16",
+            "serving.extraArgs={--enable-chunked-prefill,--max-num-batched-tokens=8192}",
+            "serving.env[0].name=VLLM_CPU_OMP_THREADS_BIND", "serving.env[0].value=nobind",
+            files=(gpu_share,),
+        )
+    )  # fmt: skip
+    args = tuned["args"]
+    expected = {
+        "--max-num-seqs": "8", "--max-cpu-loras": "12", "--tensor-parallel-size": "4",
+        "--gpu-memory-utilization": "0.85", "--kv-cache-gib": "2", "--max-model-len": "512",
+        "--dtype": "bfloat16",
+    }  # fmt: skip
+    assert {flag: _arg(args, flag) for flag in expected} == expected
+    assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
+    assert args[args.index("--") + 1 :] == ["--enable-chunked-prefill", "--max-num-batched-tokens=8192"]
+    assert {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "nobind"} in tuned["env"]
+    parsed = _parse(args)  # the container's entry point accepts exactly what the chart renders
+    assert (parsed.max_num_seqs, parsed.max_cpu_loras, parsed.tensor_parallel_size) == (8, 12, 4)
+    assert parsed.gpu_memory_utilization == 0.85 and parsed.enable_prefix_caching is False
+    assert parsed.kv_cache_gib == 2
+    assert parsed.vllm_args == ["--enable-chunked-prefill", "--max-num-batched-tokens=8192"]
+
+
+@pytest.mark.parametrize(
+    "arg",
+    ["--api-key=x", "--host=0.0.0.0", "--port=9000", "--enable-lora", "--max_loras=9", "--max-lora-rank=64",
+     "--lora-modules=a=/x", "-tp=2", "--model=/other"],
+)  # fmt: skip
+def test_extra_args_cannot_override_a_flag_the_chart_owns(arg: str) -> None:
+    from loraplane.serving.launcher import OPTIONAL_FLAGS, OWNED_FLAGS
+
+    stderr = _fails(f"serving.extraArgs[0]={arg}")
+    assert "serving.extraArgs" in stderr and "which the chart sets from its own values" in stderr
+    # the chart's list and the entry point's are the same list
+    owned = {*OWNED_FLAGS, *(f for flags in OPTIONAL_FLAGS.values() for f in flags)}
+    flag = arg.split("=", 1)[0].replace("_", "-")
+    assert flag in owned
+
+
+def test_the_entry_point_refuses_the_same_flags_the_chart_does() -> None:
+    from loraplane.serving.__main__ import main
+    from loraplane.serving.launcher import OPTIONAL_FLAGS, OWNED_FLAGS
+
+    for flag in [*OWNED_FLAGS, *(f for flags in OPTIONAL_FLAGS.values() for f in flags)]:
+        stderr = _fails(f"serving.extraArgs[0]={flag}=1")
+        assert f"sets {flag}," in stderr, (flag, stderr)
+    # OPTIONAL flags are owned by the entry point only when their value is set (the chart always sets them)
+    assert main(["--model", "/m", "--served-model-name", "b", "--print-argv", "--", "--max-loras=3"]) == 2
+    assert main(["--model", "/m", "--served-model-name", "b", "--print-argv", "--", "-tp=2"]) == 0
+    assert main(["--model", "/m", "--served-model-name", "b", "--tensor-parallel-size", "2", "--print-argv",
+                 "--", "-tp=2"]) == 2  # fmt: skip

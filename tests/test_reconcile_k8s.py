@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,10 +24,11 @@ pytestmark = pytest.mark.k8s
 CHART = ROOT / "charts" / "loraplane"
 
 
-def _chart_vllm_deployment(release: str) -> dict[str, Any]:
+def _chart_vllm_deployment(release: str, *sets: str) -> dict[str, Any]:
     helm = str(ROOT / ".venv" / "bin" / "helm")
+    extra = [arg for s in sets for arg in ("--set", s)]
     rendered = subprocess.run(
-        [helm, "template", release, str(CHART), "--set", "serving.port=8123"],
+        [helm, "template", release, str(CHART), "--set", "serving.port=8123", *extra],
         capture_output=True,
         text=True,
         check=True,
@@ -58,6 +60,8 @@ def _deployment(chart: dict[str, Any], name: str, replicas: int, cpu: str = "10m
                         {
                             "name": "vllm",
                             "image": "vllm:test",
+                            "command": vllm["command"],
+                            "args": vllm["args"],
                             "ports": vllm["ports"],
                             "resources": {"requests": {"cpu": cpu}},
                         }
@@ -102,4 +106,30 @@ def test_ready_vllm_pods_of_the_release_become_pod_ip_urls(k8s_cluster: Cluster)
     assert list_vllm_pods(settings, release="missing") == []
     k8s_cluster.kubectl("-n", ns, "scale", "deployment/vllm", "--replicas=1")
     k8s_cluster.wait_for(lambda: len(list_vllm_pods(settings, release="platform")) == 1, what="scale down")
+    k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_the_servers_rank_limit_is_read_from_the_release_pods(k8s_cluster: Cluster, tmp_path: Path) -> None:
+    """register/load/sync check an adapter against the --max-lora-rank the release's vLLM pods run with
+    (the chart's serving.maxLoraRank), not against a default."""
+    from conftest import write_fake_adapter
+
+    from loraplane.platform.adapters import register_adapter
+    from loraplane.serving.limits import server_limits
+    from loraplane.serving.preflight import AdapterPreflightError
+
+    ns = f"limits-{uuid.uuid4().hex[:6]}"
+    k8s_cluster.kubectl("create", "namespace", ns)
+    settings = Settings(
+        registry="kubernetes", namespace=ns, kubeconfig=k8s_cluster.kubeconfig, adapters_root=tmp_path
+    )
+    assert server_limits(settings) is None, "no pod yet: nothing to read, the settings' default applies"
+    chart = _chart_vllm_deployment("platform", "serving.maxLoraRank=8", "serving.maxLoras=3")
+    k8s_cluster.kubectl("-n", ns, "apply", "-f", "-", stdin=json.dumps(_deployment(chart, "vllm", 1)))
+    k8s_cluster.wait_for(lambda: server_limits(settings) is not None, what="the vLLM pod")
+    limits = server_limits(settings)
+    assert limits is not None and (limits.max_lora_rank, limits.max_loras) == (8, 3)
+    wide = write_fake_adapter(tmp_path / "wide" / "v1", r=16)
+    with pytest.raises(AdapterPreflightError, match="exceeds the server's max_lora_rank 8"):
+        register_adapter(settings, wide, name="wide", version="v1")
     k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false")

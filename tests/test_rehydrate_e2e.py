@@ -5,16 +5,19 @@ The server is started the way the chart starts it, through ``python -m loraplane
 chart's exec probe runs, ``python -m loraplane.serving.readiness``. The steps share one server (a
 start costs about a minute here), so they are one test, in order:
 
-1. a fresh server answers with every registered adapter as soon as it is healthy, and readiness
-   says ready;
+1. a fresh server loads every registered adapter once vLLM is up (the supervisor loads them one by
+   one at runtime) and only then does readiness say ready;
 2. an adapter unloaded behind the registry's back and a stray one loaded by hand: readiness names
    the missing one; ``loraplane adapters sync`` loads it and unloads the stray; ``adapters unload``
    is durable (``sync`` does not bring it back);
 3. the engine core process stopped (SIGSTOP: a hung engine; ``/health`` still answers 200):
    readiness fails saying so; SIGCONT: it recovers. Then a busy engine (long requests queued for the
    server's only sequence slot): readiness says ready, busy;
-4. the whole server killed (SIGKILL) and started again: when readiness first says ready, every
-   servable adapter answers, and the unloaded one is still not served.
+4. the whole server killed (SIGKILL): no vLLM process outlives it; five versions are then damaged
+   in the ways files break (truncated by one byte, header only, zero-filled data, a NaN, deleted
+   after registration; the first four written into the registry as an older loraplane that read
+   only headers did), and the server is started again: it comes up, every good adapter answers,
+   each damaged one is skipped with its reason (log, state file, registry), and readiness says ready.
 """
 
 from __future__ import annotations
@@ -35,16 +38,17 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens
+from conftest import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens, vllm_metric
 from conftest import wait_until as shared_wait_until
 
 from loraplane.platform.adapters import register_adapter, unload_adapter
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.registry import open_registry
+from loraplane.platform.registry import mark_serving, open_registry
 from loraplane.platform.settings import Settings
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.readiness import check
 from loraplane.serving.reconcile import sync_replicas
+from loraplane.serving.server_state import read_state
 
 pytestmark = pytest.mark.e2e
 
@@ -79,12 +83,21 @@ class Server:
         assert self.proc is not None
         return engine_core(self.proc.pid)
 
-    def kill(self) -> None:
+    def tree(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        return []
+
+    def kill(self) -> list[psutil.Process]:
+        """SIGKILL the supervisor's group only; return the processes it had started (vLLM, its engine)."""
         if self.proc is None:
-            return
+            return []
+        started = self.tree()[1:]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=60)
+        return started
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -96,12 +109,17 @@ class Server:
             self.kill()
 
 
+def state_file(settings: Settings) -> Path:
+    return settings.home / "server-state.json"
+
+
 def probe(url: str, settings: Settings, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
     """The chart's exec probe, as a process."""
     return subprocess.run(
         [
             sys.executable, "-m", "loraplane.serving.readiness", "--url", url, "--base-model", BASE,
             "--registry-home", str(settings.home), "--timeout", str(timeout),
+            "--state-file", str(state_file(settings)),
         ],
         capture_output=True, text=True, env={**os.environ, "VLLM_API_KEY": API_KEY}, timeout=timeout + 30,
     )  # fmt: skip
@@ -148,7 +166,9 @@ def server(live: Live, demo_model: Path, tmp_path: Path) -> Iterator[tuple[Serve
         copy = settings.adapters_dir / name / version
         if not copy.exists():
             shutil.copytree(live.adapters[task], copy)
-        register_adapter(settings, copy, name=name, version=version)
+        entry = register_adapter(settings, copy, name=name, version=version)
+        with open_registry(settings).transaction() as state:  # served before this start (a restarted pod)
+            mark_serving(state, state.resolve(entry.ref))
     port = free_port()
     argv = [
         sys.executable, "-m", "loraplane.serving",
@@ -156,6 +176,7 @@ def server(live: Live, demo_model: Path, tmp_path: Path) -> Iterator[tuple[Serve
         "--max-loras", "2", "--max-lora-rank", "8", "--max-model-len", "256", "--dtype", "float32",
         "--kv-cache-gib", "1", "--max-num-seqs", "1",
         "--registry-home", str(settings.home), "--adapters-root", str(settings.adapters_dir),
+        "--state-file", str(state_file(settings)),
     ]  # fmt: skip
     srv = Server(argv, tmp_path / "vllm.log", f"http://127.0.0.1:{port}")
     srv.start()
@@ -171,18 +192,20 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     srv, settings = server
     url = srv.url
 
-    # 1. Healthy: every registered version answers at once, with no load call in between.
+    # 1. Ready only after the supervisor loaded every registered version; nobody calls `adapters load`.
     def healthy() -> bool:
         try:
             return httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_until(healthy, "vLLM to become healthy", server=srv)
+    wait_until(lambda: readiness(url, settings)[0] == 0, "the server to become ready", server=srv, every=2.0)
     assert set(NAMES) <= served(url)
     assert all(answers(url, name) for name in NAMES)
-    assert "registered adapter version(s) from startup" in srv.log_path.read_text()
-    assert readiness(url, settings) == (0, "")
+    assert "serving 3 registered adapter version(s) (loaded at runtime)" in srv.log_path.read_text()
+    server_state = read_state(state_file(settings))
+    assert server_state is not None and server_state.phase == "ready" and not server_state.failed
+    assert sorted(server_state.loaded) == sorted(NAMES) and server_state.limits.max_lora_rank == 8
 
     # 2. Drift behind the registry's back, then sync.
     async def drift() -> None:
@@ -243,6 +266,9 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     for thread in occupiers:
         thread.start()
     wait_until(lambda: vllm_generated_tokens(url) > start, "the long requests to start generating", every=0.1)
+    # all of them queued behind the one running (threads under load send theirs late): else the probe's
+    # request might be next in line and finish in time, which would test nothing about a busy engine
+    wait_until(lambda: vllm_metric(url, "vllm:num_requests_waiting") >= 20, "the queue to fill", every=0.1)
     # The probe's own check, in this process: a probe process's imports took up to a minute on two cores
     # that vLLM's engine keeps busy, long enough for the queue to drain first (its deadline starts after
     # them, so they do not change its verdict).
@@ -252,10 +278,14 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
         "the long requests ended before the probe: no queue was tested"
     )
 
-    # 4. Killed and started again: ready only once every servable version answers.
-    srv.kill()
+    # 4. Killed: the watchdog takes vLLM and its engine down too (no orphan holds the port or memory).
+    orphans = srv.kill()
+    assert orphans, "the supervisor had started no process"
+    wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans),
+               "vLLM's processes to end after the supervisor was killed", timeout=60)  # fmt: skip
     for thread in occupiers:
         thread.join(timeout=60)
+    damaged = damage_adapters(settings, live_adapter=settings.adapters_dir / "rh-sentiment" / "v1")
     srv.start()
     results: list[tuple[int, str]] = []
 
@@ -270,3 +300,74 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     assert all(answers(url, name) for name in wanted), "ready, but a registered adapter does not answer"
     assert "rh-extra@v1" not in served(url), "an unloaded version came back after a restart"
     assert any(code == 1 for code, _ in results), "readiness never said 'not ready' while vLLM started"
+
+    # Every damaged version was skipped with its reason, named in the log, the state file and the registry.
+    assert not set(damaged) & served(url)
+    server_state = read_state(state_file(settings))
+    assert server_state is not None and server_state.phase == "ready"
+    log = srv.log_path.read_text()
+    registry = open_registry(settings).read()
+    for name, why in damaged.items():
+        assert why in server_state.failed[name], (name, server_state.failed[name])
+        assert f"not serving {name}: " in log
+        failure = registry.resolve(name).failure
+        assert failure is not None and why in failure.reason, (name, failure)
+    assert sum(e.action == "load-failed" for e in registry.history) == len(damaged)
+    assert all(answers(url, name) for name in wanted), "the good adapters stopped answering"
+
+
+def damage_adapters(settings: Settings, *, live_adapter: Path) -> dict[str, str]:
+    """Five damaged versions of a good adapter, each registered as "serving"; served name -> the words
+    the reason for skipping it must contain."""
+    import safetensors.numpy
+
+    from loraplane.common.files import sha256_file
+    from loraplane.platform.adapters import register_adapter
+    from loraplane.platform.registry import Adapter, AdapterVersion, HistoryEvent
+
+    def copy(name: str) -> Path:
+        target = settings.adapters_dir / name / "v1"
+        shutil.copytree(live_adapter, target)
+        return target / "adapter_model.safetensors"
+
+    def header_length(raw: bytes) -> int:
+        return 8 + int.from_bytes(raw[:8], "little")
+
+    def as_legacy_entry(name: str, weights: Path) -> None:
+        """What a registry written by loraplane <= 0.2 (header-only checks) holds for such a file."""
+        entry = AdapterVersion(
+            name=name, version="v1", served_name=f"{name}@v1", path=str(weights.parent),
+            weights_sha256=sha256_file(weights), state="serving",
+        )  # fmt: skip
+        with open_registry(settings).transaction() as state:
+            state.adapters[name] = Adapter(name=name, versions={"v1": entry})
+            state.history.append(HistoryEvent(action="register", adapter=name, version="v1"))
+
+    truncated = copy("bad-trunc")
+    truncated.write_bytes(truncated.read_bytes()[:-1])
+    header_only = copy("bad-header")
+    header_only.write_bytes(header_only.read_bytes()[: header_length(header_only.read_bytes())])
+    zeroed = copy("bad-zero")
+    raw = zeroed.read_bytes()
+    zeroed.write_bytes(raw[: header_length(raw)] + bytes(len(raw) - header_length(raw)))
+    nan = copy("bad-nan")
+    tensors = safetensors.numpy.load_file(str(nan))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].copy()
+    tensors[first].flat[0] = float("nan")
+    safetensors.numpy.save_file(tensors, str(nan))
+    for name, weights in (("bad-trunc", truncated), ("bad-header", header_only), ("bad-zero", zeroed),
+                          ("bad-nan", nan)):  # fmt: skip
+        as_legacy_entry(name, weights)
+    gone = copy("bad-gone")
+    entry = register_adapter(settings, gone.parent, name="bad-gone", version="v1")
+    with open_registry(settings).transaction() as state:
+        mark_serving(state, state.resolve(entry.ref))
+    shutil.rmtree(gone.parent)
+    return {
+        "bad-trunc@v1": "shorter than its header says",
+        "bad-header@v1": "shorter than its header says",
+        "bad-zero@v1": "is all zeros",
+        "bad-nan@v1": "non-finite",
+        "bad-gone@v1": "is gone",
+    }

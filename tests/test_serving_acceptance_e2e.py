@@ -171,10 +171,16 @@ def _wrong_base_dir(tmp_path: Path) -> Path:
 
 
 def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """Replace the weights with these lora_A tensors (random, each with its lora_B of the same rank and
+    the demo base's width): sound files, so only the checks against the base can refuse them."""
     import torch
     from safetensors.torch import save_file
 
-    save_file({k: torch.zeros(v) for k, v in shapes.items()}, str(path / "adapter_model.safetensors"))
+    tensors = {}
+    for key, (rank, _) in shapes.items():
+        tensors[key] = torch.randn(shapes[key])
+        tensors[key.replace("lora_A", "lora_B")] = torch.randn(128, rank)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
     return path
 
 

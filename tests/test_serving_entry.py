@@ -70,7 +70,9 @@ def test_api_key_file_is_used_and_never_printed(tmp_path: Path) -> None:
 
 
 def test_a_starting_server_serves_every_servable_registered_version(tmp_path: Path) -> None:
-    """Rehydration: what a restarted pod passes to vLLM as --lora-modules, read from the registry."""
+    """Rehydration without runtime loading: what a restarted pod passes to vLLM as --lora-modules, read
+    from the registry (with runtime loading, the default, nothing: the supervisor loads them one by one
+    once vLLM is up, see test_rehydrate_e2e.py)."""
     import json
 
     from conftest import write_fake_adapter
@@ -88,18 +90,24 @@ def test_a_starting_server_serves_every_servable_registered_version(tmp_path: Pa
     asyncio.run(unload_adapter(settings, "bot@v2", retire=True))  # retired: never served again
     (paths["bot@v3"] / "adapter_model.safetensors").write_bytes(b"tampered")  # changed since registration
 
+    registry = ("--registry-home", str(settings.home), "--adapters-root", str(settings.adapters_dir))
     out = _entry(
-        "--model", "/m", "--served-model-name", "base", "--max-lora-rank", "8",
-        "--registry-home", str(settings.home), "--adapters-root", str(settings.adapters_dir), "--print-argv",
+        "--model", "/m", "--served-model-name", "base", "--max-lora-rank", "8", *registry,
+        "--no-runtime-lora-updating", "--print-argv",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     argv = shlex.split(out.stdout)
     modules = [json.loads(a) for a in argv[argv.index("--lora-modules") + 1 :] if a.startswith("{")]
     assert [(m["name"], m["path"]) for m in modules] == [("bot@v1", str(paths["bot@v1"]))]
     assert "serving 1 registered adapter version(s) from startup" in out.stderr
-    assert "skipped bot@v3: bot@v3:" in out.stderr and "sha256 mismatch" in out.stderr
-    assert "skipped wide@v1:" in out.stderr and "exceeds the server's max_lora_rank 8" in out.stderr
+    assert "not serving bot@v3: bot@v3:" in out.stderr and "sha256 mismatch" in out.stderr
+    assert "not serving wide@v1:" in out.stderr and "exceeds the server's max_lora_rank 8" in out.stderr
     assert "bot@v2" not in out.stderr + out.stdout
+
+    # With runtime loading (the default) vLLM starts with no adapter at all: none can stop it starting.
+    runtime = _entry("--model", "/m", "--served-model-name", "base", *registry, "--print-argv")
+    assert runtime.returncode == 0, runtime.stderr
+    assert "--lora-modules" not in shlex.split(runtime.stdout) and "--enable-lora" in runtime.stdout
 
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -46,3 +46,18 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/*
+One entry of serving.extraArgs, refused when it sets a flag the chart sets from its own values
+(serving/launcher.py OWNED_FLAGS and OPTIONAL_FLAGS): vLLM would take the last value and silently
+override the typed value.
+*/}}
+{{- define "loraplane-serving.extraArg" -}}
+{{- $owned := list "--model" "--served-model-name" "--host" "--port" "--api-key" "--enable-lora" "--lora-modules" "--max-loras" "--max-lora-rank" "--max-cpu-loras" "--max-model-len" "--max-num-seqs" "--dtype" "--shutdown-timeout" "--disable-uvicorn-access-log" "--tensor-parallel-size" "-tp" "--gpu-memory-utilization" "--enable-prefix-caching" "--no-enable-prefix-caching" -}}
+{{- $flag := regexReplaceAll "^--([^=]*).*$" (toString .) "${1}" | replace "_" "-" -}}
+{{- $flag = ternary (printf "--%s" $flag) (toString . | splitList "=" | first) (hasPrefix "--" (toString .)) -}}
+{{- if has $flag $owned -}}
+{{- fail (printf "serving.extraArgs: %q sets %s, which the chart sets from its own values; set the matching serving value instead (see the chart README)" (toString .) $flag) -}}
+{{- end -}}
+{{- . -}}
+{{- end -}}
