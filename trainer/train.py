@@ -15,7 +15,6 @@ checkpoint markers, deletes old checkpoints, publishes and reports progress.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -203,31 +202,29 @@ def _barrier() -> None:
 
 
 def require_writable(*directories: Path) -> None:
-    """Create each directory and a file in it, or raise InvalidInputError (exit 2: do not retry).
+    """Raise InvalidInputError (exit 2: do not retry) unless this user can create or write each
+    directory; creates nothing.
 
     A permission error is not transient: a Job that retries it fails the same way each time (a
     hostPath volume ignores the pod's fsGroup; a volume written by another user)."""
-    import tempfile
-
     for directory in directories:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=directory, prefix=".loraplane-write-check-"):
-                pass
-        except PermissionError as exc:
-            raise InvalidInputError(
-                f"cannot write to {directory} (as uid {os.getuid()}, gid {os.getgid()}): {exc.strerror}",
-                hint="make the directory writable for this user: on Kubernetes the pod's fsGroup (volumes "
-                "that honour it) or a chown of the volume's directory; or set output.adapters_root / "
-                "output.run_dir to a writable place",
-            ) from None
-        except OSError as exc:
-            if exc.errno == errno.EROFS:
-                raise InvalidInputError(
-                    f"cannot write to {directory}: the file system is read-only",
-                    hint="mount the shared volume read-write for the trainer",
-                ) from None
-            raise LoraplaneError(f"cannot write to {directory}: {exc.strerror or exc}") from None
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing == directory and not directory.is_dir():
+            raise InvalidInputError(f"output directory {directory} exists and is not a directory")
+        if os.access(existing, os.W_OK | os.X_OK):
+            continue
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise InvalidInputError(
+            f"cannot write to {directory} (as uid {os.getuid()}, gid {os.getgid()}): "
+            + (f"{existing} is on a read-only file system" if read_only else f"{existing} is not writable"),
+            hint="mount the shared volume read-write for the trainer"
+            if read_only
+            else "make the directory writable for this user: on Kubernetes the pod's fsGroup (volumes that "
+            "honour it) or a chown of the volume's directory; or set output.adapters_root / output.run_dir "
+            "to a writable place",
+        )
 
 
 def train_and_publish(
@@ -241,12 +238,12 @@ def train_and_publish(
     """
     rank, world_size = _world()
     is_main = rank == 0
-    if is_main:  # before any model or data is read: a volume this user cannot write never will be
-        require_writable(config.output.adapters_root, config.output.resolved_run_dir)
     # The heavy imports come after the cheap config checks of the caller, not at module import.
     from loraplane.trainer.sft import check_hardware
 
     check_hardware(config, world_size=world_size)
+    if is_main:  # before any model or data is read: a volume this user cannot write never will be
+        require_writable(config.output.adapters_root, config.output.resolved_run_dir)
     tokenizer = load_tokenizer(config.base_model)
     t = config.training
     data = prepare_datasets(
