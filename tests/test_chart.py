@@ -302,7 +302,9 @@ def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None
 
     hook = objs["Job/platform-loraplane-test-models"]
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    assert "/v1/models" in hook["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    script = hook["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert "/v1/models" in script and "/v1/chat/completions" in script and '"max_tokens": 1' in script
+    # what it runs is tested against the real gateway in tests/test_gateway_e2e.py
 
     own = _render(
         "serving.apiKeySecret.name=mine", "serving.apiKeySecret.key=token", "gateway.apiKeysSecret.name=users"

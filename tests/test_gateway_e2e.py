@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -434,3 +435,49 @@ def test_vllm_command_works_and_benchmarks_the_gateway(gw: Gw, demo_model: Path,
     assert (result["completed"], result["failed"]) == (prompts, 0), result
     labels = {"route": "/v1/completions", "model": f"{name}:prod", "served": f"{name}@v1", "code": "200"}
     assert metric(gw.url, "loraplane_gateway_requests_total", labels) >= prompts  # through the gateway
+
+
+def _helm_test_job() -> tuple[list[str], dict[str, str]]:
+    """The chart's `helm test` Job: its command and environment, as rendered."""
+    import yaml
+
+    rendered = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "helm"), "template", "platform", str(ROOT / "charts" / "loraplane")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    (job,) = [
+        d for d in yaml.safe_load_all(rendered)
+        if d and d["kind"] == "Job" and d["metadata"]["name"].endswith("-test-models")
+    ]  # fmt: skip
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return container["command"], {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_the_charts_helm_test_sends_a_completion_through_the_gateway_and_fails_with_the_body(
+    gw: Gw, tmp_path: Path
+) -> None:
+    """What the chart's `helm test` pod runs, run here against the real gateway and vLLM: a one-token
+    completion to NAME:prod when an alias is promoted (else the base model); any other answer fails
+    the test and prints the gateway's body."""
+    command, env = _helm_test_job()
+    assert command[:2] == ["python", "-c"]
+    keys = tmp_path / "keys"
+
+    def helm_test(key: str) -> subprocess.CompletedProcess[str]:
+        keys.write_text(key + "\n")
+        job_env = {**env, "GATEWAY_URL": gw.url, "KEY_FILE": str(keys)}
+        return subprocess.run(
+            [sys.executable, "-c", command[2]], capture_output=True, text=True, timeout=120,
+            env={**os.environ, **job_env},
+        )  # fmt: skip
+
+    base = helm_test(CLIENT_KEY)
+    assert base.returncode == 0 and base.stdout.startswith(f"{BASE} answered through the gateway"), base
+    asyncio.run(promote_adapter(gw.settings, f"{gw.name}@v1", force=True, reason="helm test"))
+    listed = lambda: f"{gw.name}:prod" in {m.id for m in gw.client().models.list().data}  # noqa: E731
+    soon(listed, "the gateway to see the new alias")  # it re-reads the registry on its own schedule
+    prod = helm_test(CLIENT_KEY)
+    assert prod.returncode == 0 and prod.stdout.startswith(f"{gw.name}:prod answered"), prod
+    refused = helm_test("not-a-client-key")
+    assert refused.returncode == 1
+    assert f"GET {gw.url}/v1/models answered HTTP 401:" in refused.stderr, refused.stderr
