@@ -15,6 +15,7 @@ import httpx
 import psutil
 import pytest
 import yaml
+from kube_client import KubeClient
 
 from loraplane.platform.adapters import register_adapter
 from loraplane.platform.quickstart import BASE_NAME, demo_server_config, demo_trainer_config, free_port
@@ -208,41 +209,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class Cluster:
+class Cluster(KubeClient):
     """A live Kubernetes API server (kwok's binary runtime) with fake GPU and CPU nodes."""
-
-    kubeconfig: Path
-    bin_dir: Path
-
-    def env(self) -> dict[str, str]:
-        import os
-
-        return {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "PATH": f"{self.bin_dir}:{os.environ['PATH']}",
-        }
-
-    def kubectl(
-        self, *args: str, stdin: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(self.bin_dir / "kubectl"), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=self.env(),
-        )
-        if check:
-            assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
-        return proc
-
-    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        helm = ROOT / ".venv" / "bin" / "helm"
-        proc = subprocess.run([str(helm), *args], capture_output=True, text=True, env=self.env())
-        if check:
-            assert proc.returncode == 0, f"helm {' '.join(args)}: {proc.stderr}"
-        return proc
 
     def restricted_namespace(self, name: str) -> str:
         """A namespace that enforces Pod Security ``restricted``, ready for pods (default SA exists)."""

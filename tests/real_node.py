@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kube_client import KubeClient
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "real-node.sh"
@@ -110,42 +111,15 @@ def leftovers(before: dict[str, set[str]], after: dict[str, set[str]]) -> list[s
 
 
 @dataclass
-class RealNode:
+class RealNode(KubeClient):
     """The live cluster: its admin kubeconfig, the kubectl next to the control plane, its work dir."""
 
-    kubeconfig: Path
-    bin_dir: Path
     work: Path
 
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "PATH": f"{self.bin_dir}:{os.environ['PATH']}",
-        }
-
     def kubectl(
-        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float | None = 120
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(self.bin_dir / "kubectl"), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            timeout=timeout,
-        )
-        if check:
-            assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
-        return proc
-
-    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "helm"), *args], capture_output=True, text=True, env=self.env()
-        )
-        if check:
-            assert proc.returncode == 0, f"helm {' '.join(args)}: {proc.stderr}"
-        return proc
+        return super().kubectl(*args, stdin=stdin, check=check, timeout=timeout)
 
     def get(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
