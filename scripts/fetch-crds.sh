@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
 # Fetches third-party CRDs the chart's optional objects need, for tests against the kwok cluster:
-# prometheus-operator's ServiceMonitor CRD (monitoring.coreos.com/v1), taken from the operator's Go
-# module source zip on the Go module proxy (example/prometheus-operator-crd/), verified by go.sum's
-# checksum database like any module. Cached outside the clone (LORAPLANE_CACHE, default
-# ~/.cache/loraplane); nothing large is committed. Prints the CRD file's path on stdout.
+# - prometheus-operator's ServiceMonitor CRD (monitoring.coreos.com/v1), from the operator's Go module
+#   source zip (example/prometheus-operator-crd/);
+# - the Gateway API's HTTPRoute CRD (gateway.networking.k8s.io/v1, standard channel), from the
+#   sigs.k8s.io/gateway-api module source zip (config/crd/standard/).
+# Both come from the Go module proxy, verified by go.sum's checksum database like any module. Cached
+# outside the clone (LORAPLANE_CACHE, default ~/.cache/loraplane); nothing large is committed.
+# Prints each CRD file's path on stdout, one per line.
 set -euo pipefail
 
 PROMETHEUS_OPERATOR_VERSION="v0.85.0"
-MODULE="github.com/prometheus-operator/prometheus-operator"
+GATEWAY_API_VERSION="v1.4.1"
 CACHE="${LORAPLANE_CACHE:-$HOME/.cache/loraplane}"
-OUT="$CACHE/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
-CRD="monitoring.coreos.com_servicemonitors.yaml"
-
-if [ -s "$OUT/$CRD" ]; then
-  echo "$OUT/$CRD"
-  exit 0
-fi
-command -v go >/dev/null 2>&1 || { echo "[fetch-crds] Go is required to fetch $MODULE" >&2; exit 1; }
-export GOMODCACHE="$CACHE/go/mod" GOFLAGS=-mod=mod
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-# Outside any module: `go mod download` of an explicit version needs no go.mod.
-dir="$(cd "$work" && go mod download -json "$MODULE@$PROMETHEUS_OPERATOR_VERSION" \
-  | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-[ -s "$dir/example/prometheus-operator-crd/$CRD" ] || {
-  echo "[fetch-crds] $MODULE@$PROMETHEUS_OPERATOR_VERSION has no example/prometheus-operator-crd/$CRD" >&2
-  exit 1
+
+# fetch MODULE VERSION DIR_IN_MODULE FILE OUT_NAME: copies DIR_IN_MODULE/FILE of the module into
+# $CACHE/crds/OUT_NAME-VERSION/ (once) and prints its path.
+fetch() {
+  local module="$1" version="$2" dir_in="$3" file="$4" out="$CACHE/crds/$5-$2"
+  if [ -s "$out/$file" ]; then
+    echo "$out/$file"
+    return 0
+  fi
+  command -v go >/dev/null 2>&1 || { echo "[fetch-crds] Go is required to fetch $module" >&2; exit 1; }
+  local dir
+  # Outside any module: `go mod download` of an explicit version needs no go.mod.
+  dir="$(cd "$work" && GOMODCACHE="$CACHE/go/mod" GOFLAGS=-mod=mod go mod download -json "$module@$version" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  [ -s "$dir/$dir_in/$file" ] || {
+    echo "[fetch-crds] $module@$version has no $dir_in/$file" >&2
+    exit 1
+  }
+  mkdir -p "$out"
+  cp "$dir/$dir_in/$file" "$out/$file.tmp"
+  chmod u+w "$out/$file.tmp"
+  mv "$out/$file.tmp" "$out/$file"
+  echo "$out/$file"
 }
-mkdir -p "$OUT"
-cp "$dir/example/prometheus-operator-crd/$CRD" "$OUT/$CRD.tmp"
-chmod u+w "$OUT/$CRD.tmp"
-mv "$OUT/$CRD.tmp" "$OUT/$CRD"
-echo "$OUT/$CRD"
+
+fetch github.com/prometheus-operator/prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" \
+  example/prometheus-operator-crd monitoring.coreos.com_servicemonitors.yaml prometheus-operator
+fetch sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION" \
+  config/crd/standard gateway.networking.k8s.io_httproutes.yaml gateway-api

@@ -240,7 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME:ALIAS=PERCENT",
-        help="send PERCENT of NAME and NAME:prod requests to NAME:ALIAS (repeatable)",
+        help="send PERCENT of NAME and NAME:prod requests to NAME:ALIAS (repeatable); merged with "
+        "LORAPLANE_GATEWAY_CANARIES, this flag winning for the same NAME",
     )
     p.add_argument("--upstream-timeout", type=float, default=600.0, help="seconds to wait for upstream bytes")
     p.add_argument("-v", "--verbose", action="count", default=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,9 +20,10 @@ from pydantic import (
 )
 
 from loraplane.common.errors import ConfigError, format_validation_error
-from loraplane.platform.registry import REF_PATTERN
 from loraplane.serving.gateway_auth import load_client_keys, load_upstream_key
-from loraplane.serving.gateway_canary import CanaryRule, parse_canary
+from loraplane.serving.gateway_canary import CANARIES_ENV, CanaryRules, canaries_from_env, parse_canary
+
+log = logging.getLogger("loraplane.serving.gateway")
 
 
 class GatewayConfig(BaseModel):
@@ -53,7 +55,7 @@ class GatewayConfig(BaseModel):
         default=600.0, description="Longest wait for the next bytes of an answer (a whole non-stream answer)."
     )
     max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
-    canaries: dict[str, CanaryRule] = Field(
+    canaries: CanaryRules = Field(
         default_factory=dict,
         description="Adapter name -> rule: that share of NAME and NAME:prod requests goes to NAME:ALIAS.",
     )
@@ -73,14 +75,6 @@ class GatewayConfig(BaseModel):
             secret = key.get_secret_value()
             if not secret or not secret.isprintable() or any(ch.isspace() for ch in secret):
                 raise ValueError("API keys must be non-empty, without whitespace or control characters")
-        return value
-
-    @field_validator("canaries")
-    @classmethod
-    def _adapter_names(cls, value: dict[str, CanaryRule]) -> dict[str, CanaryRule]:
-        for name in value:
-            if not REF_PATTERN.match(name) or "@" in name or ":" in name:
-                raise ValueError(f"{name!r} is not an adapter name")
         return value
 
     @model_validator(mode="after")
@@ -104,9 +98,22 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Ga
             hint="give --api-keys-file FILE or LORAPLANE_GATEWAY_API_KEYS, or pass --allow-unauthenticated",
         )
     try:
-        canaries = dict(parse_canary(spec) for spec in args.canary)
+        flags = dict(parse_canary(spec) for spec in args.canary)
     except (ValueError, ValidationError) as exc:
         raise ConfigError(f"--canary: {exc}") from None
+    # One rule per adapter name: the environment's (the chart's gateway.canary), then --canary on top.
+    canaries = canaries_from_env(environ)
+    for name in sorted(set(canaries) & set(flags)):
+        log.warning(
+            "--canary overrides the rule of %s for this adapter",
+            CANARIES_ENV,
+            extra={
+                "adapter": name,
+                "flag": f"{flags[name].alias}={flags[name].percent:g}",
+                "env": f"{canaries[name].alias}={canaries[name].percent:g}",
+            },
+        )
+    canaries.update(flags)
     fields: dict[str, Any] = {
         "upstream": args.upstream,
         "home": args.home,

@@ -7,7 +7,10 @@ read the rendered objects and assert the fields that matter; profiles live in ch
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -317,6 +320,149 @@ def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None
     assert "--api-key-file=/etc/loraplane/api-key/token" in own_container["readinessProbe"]["exec"]["command"]
 
 
+GATEWAY = "Deployment/platform-loraplane-gateway"
+VLLM_KEY = "Secret/platform-loraplane-vllm-key"
+CLIENT_KEYS = "Secret/platform-loraplane-gateway-keys"
+# The only labels a pod template may carry: none changes with a chart release (train submit and the
+# initial run add the adapter's name).
+STABLE_POD_LABELS = {
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/component",
+}
+
+
+def _pod_templates(objs: dict[str, dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Every pod template of a render with the object holding it: workloads' spec.template, bare Pods,
+    CronJobs' job template, and the training Job template inside its ConfigMap (what `train submit`
+    creates)."""
+    found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for key, obj in objs.items():
+        spec = obj.get("spec")
+        if obj["kind"] == "Pod":
+            found[key] = (obj, obj)
+        elif obj["kind"] == "CronJob":
+            found[key] = (obj, obj["spec"]["jobTemplate"]["spec"]["template"])
+        elif isinstance(spec, dict) and isinstance(spec.get("template"), dict) and "spec" in spec["template"]:
+            found[key] = (obj, spec["template"])
+        elif obj["kind"] == "ConfigMap" and "job.yaml" in obj.get("data", {}):
+            job = yaml.safe_load(obj["data"]["job.yaml"])
+            found[f"{key}/job.yaml"] = (job, job["spec"]["template"])
+    return found
+
+
+def _sha256(data: str) -> str:
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def _checksums(template: dict[str, Any]) -> dict[str, str]:
+    annotations = template["metadata"].get("annotations") or {}
+    return {k: v for k, v in annotations.items() if k.startswith("checksum/")}
+
+
+@pytest.mark.parametrize("profile", [None, *PROFILES], ids=lambda p: p.name if p else "defaults")
+def test_pod_templates_carry_only_stable_labels(profile: Path | None) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    objs = _render(files=(profile,) if profile else ())
+    pods = _pod_templates(objs)
+    assert any(k.endswith("/job.yaml") for k in pods) or any(k.startswith("Deployment/") for k in pods), (
+        "the walk found the chart's pod templates"
+    )
+    for key, (owner, template) in pods.items():
+        labels = template["metadata"]["labels"]
+        assert set(labels) >= STABLE_POD_LABELS, key
+        assert set(labels) - STABLE_POD_LABELS <= {"loraplane.dev/adapter"}, f"{key}: {labels}"
+        assert labels["app.kubernetes.io/instance"] == "platform"
+        for value in labels.values():
+            assert chart["version"] not in value and chart["appVersion"] not in value, f"{key}: {labels}"
+        selector = (owner.get("spec") or {}).get("selector") or {}
+        assert selector.get("matchLabels", {}).items() <= labels.items(), f"{key}: the selector matches"
+        # The object itself keeps the full set.
+        assert owner["metadata"]["labels"]["helm.sh/chart"].endswith(f"-{chart['version']}"), key
+        assert owner["metadata"]["labels"]["app.kubernetes.io/version"] == chart["appVersion"], key
+
+
+def test_generated_keys_roll_the_pods_that_use_them() -> None:
+    first, second = _render(), _render()
+    for objs in (first, second):
+        vllm_key = objs[VLLM_KEY]["data"]["api-key"]
+        client_keys = objs[CLIENT_KEYS]["data"]["keys"]
+        assert len(base64.b64decode(vllm_key)) == 40 and vllm_key != client_keys
+        pods = _pod_templates(objs)
+        # Each pod that reads a generated key at start carries the checksum of that key, the very
+        # Secret of the same render (vLLM's template lives in the serving subchart).
+        assert _checksums(pods[VLLM][1]) == {"checksum/vllm-key": _sha256(vllm_key)}
+        assert _checksums(pods[GATEWAY][1]) == {
+            "checksum/vllm-key": _sha256(vllm_key),
+            "checksum/gateway-keys": _sha256(client_keys),
+        }
+        for key, (_, template) in pods.items():
+            if key not in (VLLM, GATEWAY):
+                assert not _checksums(template), f"{key} reads no key at start, nothing to roll"
+    # helm template has no cluster to read kept keys back from: each render makes new keys, and the
+    # checksums follow them (the kept path, where they stay, is tests/test_k8s_e2e.py's upgrade).
+    assert first[VLLM_KEY]["data"] != second[VLLM_KEY]["data"]
+    assert _checksums(first[VLLM]["spec"]["template"]) != _checksums(second[VLLM]["spec"]["template"])
+
+    # The user's pod annotations stay next to the checksum; a renamed key names the generated data.
+    objs = _render("serving.podAnnotations.team=ml", "gateway.apiKeysSecret.key=clients")
+    clients = objs[CLIENT_KEYS]["data"]
+    assert set(clients) == {"clients"}
+    gateway = objs[GATEWAY]["spec"]["template"]
+    assert "--api-keys-file=/etc/loraplane/gateway-keys/clients" in gateway["spec"]["containers"][0]["args"]
+    assert _checksums(gateway)["checksum/gateway-keys"] == _sha256(clients["clients"])
+    assert objs[VLLM]["spec"]["template"]["metadata"]["annotations"] == {
+        "team": "ml",
+        "checksum/vllm-key": _sha256(objs[VLLM_KEY]["data"]["api-key"]),
+    }
+
+
+def test_a_secret_the_user_names_is_not_generated_and_has_no_checksum() -> None:
+    own = _render(files=(_profile("external-secrets"),))
+    assert not any(k.startswith("Secret/") for k in own)
+    for key, (_, template) in _pod_templates(own).items():
+        assert not _checksums(template), f"{key}: the chart cannot see the user's Secret"
+    assert "annotations" not in own[VLLM]["spec"]["template"]["metadata"]
+    # One of each: only the generated key is checksummed, on the pods that use it.
+    mixed = _render("serving.apiKeySecret.name=mine")
+    assert VLLM_KEY not in mixed and CLIENT_KEYS in mixed
+    assert not _checksums(mixed[VLLM]["spec"]["template"])
+    assert _checksums(mixed[GATEWAY]["spec"]["template"]) == {
+        "checksum/gateway-keys": _sha256(mixed[CLIENT_KEYS]["data"]["keys"])
+    }
+    other = _render("gateway.apiKeysSecret.name=users")
+    assert CLIENT_KEYS not in other
+    assert _checksums(other[GATEWAY]["spec"]["template"]) == {
+        "checksum/vllm-key": _sha256(other[VLLM_KEY]["data"]["api-key"])
+    }
+
+
+def test_the_readmes_gitops_recipe_pre_creates_the_secrets_the_chart_then_uses(tmp_path: Path) -> None:
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Keys", 1)[1].split("\n## ", 1)[0]
+    create = r"^kubectl -n ml create secret generic (\S+) --from-literal=([\w-]+)="
+    commands = re.findall(create, section, re.M)
+    (values_block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    values = yaml.safe_load(values_block)
+    named = {
+        values["serving"]["apiKeySecret"]["name"]: values["serving"]["apiKeySecret"]["key"],
+        values["gateway"]["apiKeysSecret"]["name"]: values["gateway"]["apiKeysSecret"]["key"],
+    }
+    assert dict(commands) == named, "the kubectl commands create the Secrets and keys the values name"
+    path = tmp_path / "values.yaml"
+    path.write_text(values_block)
+    objs = _render(files=(path,))
+    assert not any(k.startswith("Secret/") for k in objs), "nothing generated: nothing changes per render"
+    vllm = objs[VLLM]["spec"]["template"]["spec"]
+    gateway = objs[GATEWAY]["spec"]["template"]["spec"]
+    vllm_secret = values["serving"]["apiKeySecret"]["name"]
+    assert {"name": "api-key", "secret": {"secretName": vllm_secret}} in vllm["volumes"]
+    assert {"name": "api-key", "secret": {"secretName": vllm_secret}} in gateway["volumes"]
+    client_secret = values["gateway"]["apiKeysSecret"]["name"]
+    assert {"name": "gateway-keys", "secret": {"secretName": client_secret}} in gateway["volumes"]
+
+
 # --- serving ---------------------------------------------------------------------------------------
 
 
@@ -508,6 +654,244 @@ def test_disruption_budget_autoscaler_and_service_monitors() -> None:
         {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
     ]
     assert scrape["ports"] == [{"port": 8000, "protocol": "TCP"}]
+
+
+# --- the gateway tier ------------------------------------------------------------------------------
+
+GATEWAY_NAME = "platform-loraplane-gateway"
+GATEWAY_PODS = {"app.kubernetes.io/instance": "platform", "app.kubernetes.io/component": "gateway"}
+
+
+def _gateway_deploy(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    deploy: dict[str, Any] = objs[f"Deployment/{GATEWAY_NAME}"]
+    return deploy
+
+
+def test_the_gateway_runs_two_replicas_under_a_budget_that_selects_only_its_pods() -> None:
+    objs = _render()
+    deploy = _gateway_deploy(objs)
+    assert deploy["spec"]["replicas"] == 2
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    pdb = objs[f"PodDisruptionBudget/{GATEWAY_NAME}"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["spec"]["selector"] == {"matchLabels": GATEWAY_PODS}
+    assert GATEWAY_PODS.items() <= pod_labels.items()
+    # The budget's selector matches no other pod of the release (vLLM has a budget of its own).
+    for key, obj in objs.items():
+        template = (obj.get("spec") or {}).get("template")
+        if key != f"Deployment/{GATEWAY_NAME}" and isinstance(template, dict) and "metadata" in template:
+            assert not GATEWAY_PODS.items() <= template["metadata"].get("labels", {}).items(), key
+    # Soft anti-affinity by default: replicas prefer different nodes, and still schedule on one.
+    (term,) = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"] == {
+        "topologyKey": "kubernetes.io/hostname",
+        "labelSelector": {"matchLabels": GATEWAY_PODS},
+    }
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in str(deploy["spec"]["template"])
+    assert not any(k.startswith(("HorizontalPodAutoscaler/", "Ingress/", "HTTPRoute/")) for k in objs)
+
+    assert f"PodDisruptionBudget/{GATEWAY_NAME}" not in _render("gateway.replicas=1"), (
+        "one replica: a budget could only block drains"
+    )
+    assert f"PodDisruptionBudget/{GATEWAY_NAME}" not in _render("gateway.podDisruptionBudget.enabled=false")
+    by_min = _render("gateway.replicas=3", "gateway.podDisruptionBudget.minAvailable=50%")
+    assert by_min[f"PodDisruptionBudget/{GATEWAY_NAME}"]["spec"] == {
+        "minAvailable": "50%",
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": {"matchLabels": GATEWAY_PODS},
+    }
+    own = _gateway_deploy(
+        _render("gateway.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool",
+                "gateway.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists")
+    )  # fmt: skip
+    assert set(own["spec"]["template"]["spec"]["affinity"]) == {"nodeAffinity"}, "yours replaces the default"
+
+
+def test_the_gateway_autoscaler_owns_the_replica_count() -> None:
+    objs = _render("gateway.autoscaling.enabled=true", "gateway.autoscaling.maxReplicas=8")
+    deploy = _gateway_deploy(objs)
+    assert "replicas" not in deploy["spec"], "the HPA owns the replica count"
+    hpa = objs[f"HorizontalPodAutoscaler/{GATEWAY_NAME}"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": GATEWAY_NAME,
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    assert hpa["spec"]["metrics"] == [
+        {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+        }
+    ]
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "100m"
+    assert f"PodDisruptionBudget/{GATEWAY_NAME}" in objs, "minReplicas 2: the budget stays"
+    single = _render("gateway.autoscaling.enabled=true", "gateway.autoscaling.minReplicas=1")
+    assert f"PodDisruptionBudget/{GATEWAY_NAME}" not in single
+    assert "HorizontalPodAutoscaler/platform-loraplane-vllm" not in objs, "each tier scales on its own"
+
+
+def test_ingress_and_httproute_send_every_path_to_the_gateway_service_and_nothing_else() -> None:
+    objs = _render(files=(_profile("autoscaling-monitoring"),))
+    service = objs[f"Service/{GATEWAY_NAME}"]
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http" and port["port"] == 80
+    container = _gateway_deploy(objs)["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080}]
+    backend = {"service": {"name": GATEWAY_NAME, "port": {"number": 80}}}
+
+    ingress = objs[f"Ingress/{GATEWAY_NAME}"]
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == "letsencrypt"
+    assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
+    assert ingress["spec"]["rules"] == [
+        {
+            "host": "llm.example.com",
+            "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]},
+        }
+    ]
+    assert "defaultBackend" not in ingress["spec"]
+
+    route = objs[f"HTTPRoute/{GATEWAY_NAME}"]
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [
+        {"name": "public", "namespace": "gateway-system", "sectionName": "https"}
+    ]
+    assert route["spec"]["hostnames"] == ["llm.example.com"]
+    assert route["spec"]["rules"] == [
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+            "backendRefs": [{"name": GATEWAY_NAME, "port": 80}],
+            "timeouts": {"request": "600s"},
+        }
+    ]
+    # The backends follow the Service's port, and a host-less Ingress has one rule for any host.
+    moved = _render(
+        "gateway.service.port=8081", "gateway.ingress.enabled=true", "gateway.httpRoute.enabled=true",
+        "gateway.httpRoute.parentRefs[0].name=public",
+    )  # fmt: skip
+    assert moved[f"Ingress/{GATEWAY_NAME}"]["spec"] == {
+        "rules": [
+            {
+                "http": {
+                    "paths": [
+                        {
+                            "path": "/",
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": GATEWAY_NAME, "port": {"number": 8081}}},
+                        }
+                    ]
+                }
+            }
+        ]
+    }
+    moved_route = moved[f"HTTPRoute/{GATEWAY_NAME}"]["spec"]
+    assert moved_route["rules"][0]["backendRefs"] == [{"name": GATEWAY_NAME, "port": 8081}]
+    assert "hostnames" not in moved_route and "timeouts" not in moved_route["rules"][0]
+    # vLLM's Service (its admin routes) is never a backend.
+    assert "loraplane-vllm" not in json.dumps([objs[f"Ingress/{GATEWAY_NAME}"], route])
+
+
+def _gateway_config(objs: dict[str, dict[str, Any]], tmp_path: Path) -> Any:
+    """The config the gateway's entry point makes of the rendered args and environment (key files
+    replaced by local ones)."""
+    from loraplane.serving.gateway import parse_args
+    from loraplane.serving.gateway_config import config_from_args
+
+    container = _gateway_deploy(objs)["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "loraplane.serving.gateway"]
+    keys = tmp_path / "keys"
+    keys.write_text("client-key\n")
+    args = [
+        re.sub(r"^(--api-keys-file|--upstream-api-key-file)=.*$", rf"\1={keys}", a)
+        for a in container["args"]
+        if not a.startswith("--home=")
+    ]
+    environ = {e["name"]: e["value"] for e in container["env"]}
+    return config_from_args(parse_args([*args, f"--home={tmp_path}"]), environ)
+
+
+def test_canary_values_reach_the_gateways_config(tmp_path: Path) -> None:
+    from loraplane.serving.gateway_canary import CanaryRule
+
+    env = _gateway_deploy(_render())["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "LORAPLANE_GATEWAY_CANARIES" not in {e["name"] for e in env}
+    assert _gateway_config(_render(), tmp_path).canaries == {}
+
+    values = tmp_path / "canary.yaml"  # a file: --set would make 12.5 a string
+    values.write_text(
+        "gateway:\n  canary:\n    support-bot: {percent: 12.5}\n    faq: {alias: beta, percent: 1}\n"
+    )
+    objs = _render(files=(values,))
+    env = _gateway_deploy(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    (canaries,) = [e for e in env if e["name"] == "LORAPLANE_GATEWAY_CANARIES"]
+    assert json.loads(canaries["value"]) == {
+        "support-bot": {"percent": 12.5},
+        "faq": {"alias": "beta", "percent": 1},
+    }
+    assert _gateway_config(objs, tmp_path).canaries == {
+        "support-bot": CanaryRule(alias="canary", percent=12.5),
+        "faq": CanaryRule(alias="beta", percent=1),
+    }
+    profile = _gateway_config(_render(files=(_profile("autoscaling-monitoring"),)), tmp_path)
+    assert profile.canaries == {"support-bot": CanaryRule(alias="canary", percent=10)}
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            "gateway.canary.support-bot.percent=0",
+            "at '/gateway/canary/support-bot/percent': exclusiveMinimum",
+        ),
+        ("gateway.canary.support-bot.percent=101", "at '/gateway/canary/support-bot/percent': maximum"),
+        (
+            "gateway.canary.Support.percent=5",
+            "at '/gateway/canary': additional properties 'Support' not allowed",
+        ),
+        ("gateway.canary.faq.weight=5", "at '/gateway/canary/faq': missing property 'percent'"),
+        (
+            "gateway.podDisruptionBudget.maxUnavailable=half",
+            "at '/gateway/podDisruptionBudget/maxUnavailable'",
+        ),
+        (
+            "gateway.autoscaling.minReplicas=0",
+            "at '/gateway/autoscaling/minReplicas': minimum: got 0, want 1",
+        ),
+        ("gateway.ingress.hosts[0]=https://llm.example.com", "at '/gateway/ingress/hosts/0'"),
+        ("gateway.ingress.tls[0].secret=x", "additional properties 'secret' not allowed"),
+        (
+            "gateway.httpRoute.parentRefs[0].namespace=x",
+            "at '/gateway/httpRoute/parentRefs/0': missing property 'name'",
+        ),
+        ("gateway.httpRoute.timeouts.request=10min", "at '/gateway/httpRoute/timeouts/request'"),
+    ],
+)
+def test_the_gateway_tier_schema_rejects_bad_values(bad: str, message: str) -> None:
+    stderr = _fails(bad)
+    assert "values don't meet the specifications of the schema" in stderr
+    assert message in stderr
+
+
+def test_the_gateway_tier_template_checks_say_what_to_change() -> None:
+    hpa = _fails("gateway.autoscaling.enabled=true", "gateway.autoscaling.minReplicas=7")
+    assert "gateway.autoscaling.minReplicas (7) is above gateway.autoscaling.maxReplicas (6)" in hpa
+    cpu = _fails("gateway.autoscaling.enabled=true", "gateway.resources.requests=null")
+    assert "gateway.autoscaling.enabled needs gateway.resources.requests.cpu" in cpu
+    budget = _fails("gateway.podDisruptionBudget.minAvailable=2")
+    assert "gateway.podDisruptionBudget.minAvailable (2) must be below the gateway's replicas (2)" in budget
+    scaled = _fails("gateway.autoscaling.enabled=true", "gateway.podDisruptionBudget.minAvailable=3")
+    assert "minAvailable (3) must be below the gateway's autoscaling.minReplicas (2)" in scaled
+    route = _fails("gateway.httpRoute.enabled=true")
+    assert "gateway.httpRoute.enabled needs gateway.httpRoute.parentRefs" in route
+    prod = _fails("gateway.canary.faq.alias=prod", "gateway.canary.faq.percent=5")
+    assert "gateway.canary.faq.alias is prod" in prod and "--alias canary" in prod
 
 
 def test_model_source_hf_token_and_cache() -> None:

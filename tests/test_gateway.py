@@ -34,12 +34,19 @@ from pydantic import ValidationError
 from loraplane.common.errors import ConfigError
 from loraplane.common.files import atomic_write_text
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.registry import Adapter, AdapterVersion, LocalRegistry, VersionState, move_alias
+from loraplane.platform.registry import (
+    Adapter,
+    AdapterVersion,
+    LocalRegistry,
+    RegistryState,
+    VersionState,
+    move_alias,
+)
 from loraplane.serving.gateway import GatewayConfig, create_app, main, parse_args
 from loraplane.serving.gateway_auth import KeyChecker, load_client_keys, load_upstream_key
-from loraplane.serving.gateway_canary import CanaryRule, parse_canary, takes_canary
+from loraplane.serving.gateway_canary import CANARIES_ENV, CanaryRule, parse_canary, takes_canary
 from loraplane.serving.gateway_config import config_from_args
-from loraplane.serving.gateway_models import RegistryWatcher
+from loraplane.serving.gateway_models import ModelResolver, RegistryWatcher, UpstreamModels
 
 CLIENT_KEY = "client-key-1"
 UPSTREAM_KEY = "upstream-key-9"
@@ -816,6 +823,120 @@ def test_canary_rules_from_the_command_line(tmp_path: Path) -> None:
     assert config.canaries == {"demo": CanaryRule(alias="beta", percent=5)}
     with pytest.raises(ConfigError, match="--canary"):
         config_from_args(parse_args([*args, "--canary", "demo=5"]), {})
+
+
+def test_canary_rules_from_the_environment_merge_with_the_command_line_which_wins_per_adapter(
+    tmp_path: Path,
+) -> None:
+    """LORAPLANE_GATEWAY_CANARIES is what the chart's gateway.canary renders (tests/test_chart.py)."""
+    args = [f"--home={tmp_path}", "--upstream=http://127.0.0.1:9", "--allow-unauthenticated"]
+    env = {CANARIES_ENV: json.dumps({"demo": {"percent": 10}, "other": {"alias": "beta", "percent": 2.5}})}
+    assert config_from_args(parse_args(args), env).canaries == {
+        "demo": CanaryRule(alias="canary", percent=10),
+        "other": CanaryRule(alias="beta", percent=2.5),
+    }
+    assert config_from_args(parse_args(args), {CANARIES_ENV: " "}).canaries == {}
+    warnings = Records()
+    logging.getLogger("loraplane.serving.gateway").addHandler(warnings)
+    try:
+        merged = config_from_args(parse_args([*args, "--canary", "demo:beta=50", "--canary", "new:c=1"]), env)
+    finally:
+        logging.getLogger("loraplane.serving.gateway").removeHandler(warnings)
+    assert merged.canaries == {
+        "demo": CanaryRule(alias="beta", percent=50),  # the flag wins for its adapter ...
+        "other": CanaryRule(alias="beta", percent=2.5),  # ... and the environment keeps the others
+        "new": CanaryRule(alias="c", percent=1),
+    }
+    (said,) = [r for r in warnings.records if CANARIES_ENV in r.getMessage()]
+    assert (said.__dict__["adapter"], said.__dict__["flag"], said.__dict__["env"]) == (
+        "demo",
+        "beta=50",
+        "canary=10",
+    )
+
+    for bad, names in [
+        ({"demo": {"percent": 0}}, "demo.percent: got 0;"),
+        ({"demo": {"percent": 101}}, "demo.percent: got 101;"),
+        (
+            {"demo": {"alias": "prod", "percent": 5}},
+            "demo.alias: got 'prod'; the canary alias cannot be prod",
+        ),
+        ({"demo": {"weight": 5}}, "demo.weight: unknown field"),
+        ({"Demo": {"percent": 5}}, "'Demo' is not an adapter name"),
+        ({"demo@v2": {"percent": 5}}, "'demo@v2' is not an adapter name"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            config_from_args(parse_args(args), {CANARIES_ENV: json.dumps(bad)})
+        assert f"invalid configuration in {CANARIES_ENV}" in str(caught.value) and names in str(caught.value)
+        assert "hint:" in str(caught.value) and "gateway.canary" in str(caught.value)
+    with pytest.raises(ConfigError, match="Invalid JSON"):
+        config_from_args(parse_args(args), {CANARIES_ENV: "demo:canary=10"})
+    with pytest.raises(ValidationError, match="cannot be prod"):
+        GatewayConfig(upstream="http://u:1", home=tmp_path, allow_unauthenticated=True, canaries={
+            "demo": {"alias": "prod", "percent": 5}
+        })  # fmt: skip
+
+
+def test_a_canary_from_the_environment_splits_traffic_by_its_weight(tmp_path: Path) -> None:
+    """The gateway the CLI builds from LORAPLANE_GATEWAY_CANARIES (the chart's way), over real HTTP:
+    with a `user`, the split is a hash, so exactly the users the rule picks get the canary."""
+    home = tmp_path / "state"
+    upstream = Upstream()
+    write_registry(home)
+    with LocalRegistry(home).transaction() as state:
+        move_alias(state, "demo", "canary", "v2", expected=None, action="promote")
+    environ = {
+        CANARIES_ENV: json.dumps({"demo": {"alias": "canary", "percent": 10}}),
+        "LORAPLANE_GATEWAY_API_KEYS": CLIENT_KEY,
+        "LORAPLANE_API_KEY": UPSTREAM_KEY,
+    }
+    with serve(upstream.app()) as upstream_url:
+        config = config_from_args(parse_args([f"--home={home}", f"--upstream={upstream_url}"]), environ)
+        with serve(create_app(config)) as url, Env(url, upstream, home).client() as client:
+            users = [f"user-{i}" for i in range(400)]
+            served = [
+                client.post("/v1/chat/completions", json=chat("demo", user=u)).json()["model"] for u in users
+            ]
+    rule = config.canaries["demo"]
+    picked = [u for u in users if takes_canary(rule, "demo", u, random.Random())]
+    assert [u for u, m in zip(users, served, strict=True) if m == "demo@v2"] == picked
+    assert {m for m in served} == {"demo@v1", "demo@v2"}
+    assert 28 <= len(picked) <= 52, len(picked)  # 10 % of 400 = 40; fixed users, so a fixed count
+    assert {r["body"]["model"] for r in upstream.chats()} == {"demo@v1", "demo@v2"}
+
+
+@pytest.mark.parametrize("percent", [1, 10, 50, 90])
+def test_canary_without_user_is_a_seeded_draw_at_the_rules_weight(tmp_path: Path, percent: int) -> None:
+    """Requests without `user`: each is one draw of the resolver's random source, so a seeded one
+    gives an exact, repeatable count near PERCENT of the requests."""
+    registry = write_registry(tmp_path)
+    with registry.transaction() as state:
+        move_alias(state, "demo", "canary", "v2", expected=None, action="promote")
+    env = {CANARIES_ENV: json.dumps({"demo": {"percent": percent}})}
+    config = config_from_args(
+        parse_args([f"--home={tmp_path}", "--upstream=http://127.0.0.1:9", "--allow-unauthenticated"]), env
+    )
+
+    class Snapshot:
+        def state(self) -> RegistryState:
+            return registry.read()
+
+    def unused() -> httpx.AsyncClient:
+        raise AssertionError("adapter names never ask the upstream")
+
+    resolver = ModelResolver(
+        Snapshot(), UpstreamModels(unused), canaries=config.canaries, rng=random.Random(1234)
+    )
+
+    async def resolve_all() -> list[str]:
+        return [(await resolver.resolve("demo")).served for _ in range(4000)]
+
+    served = anyio.run(resolve_all)
+    replay = random.Random(1234)
+    expected = sum(replay.random() * 100 < percent for _ in range(4000))
+    assert served.count("demo@v2") == expected
+    assert set(served) <= {"demo@v1", "demo@v2"}
+    assert abs(expected / 4000 - percent / 100) < 0.02  # 4000 draws: within 2 points of the weight
 
 
 @contextmanager

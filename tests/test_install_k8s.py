@@ -76,13 +76,13 @@ def test_install_status_upgrade_uninstall_drive_the_release(k8s_cluster: Cluster
     assert len(bad.stderr.strip().splitlines()) == 2, "the message and its hint"
     assert _json(_cli(k8s_cluster, ns, "status", "-o", "json"))["release"]["revision"] == 1
 
-    # --set wins over -f, later -f over earlier: maxLoras 8; two gateway replicas (no GPU: the session's
+    # --set wins over -f, later -f over earlier: maxLoras 8; three gateway replicas (no GPU: the session's
     # cluster has two GPUs that other tests' pods may hold).
     more = tmp_path / "more.yaml"
     more.write_text(yaml.safe_dump({"serving": {"maxLoras": 4}}))
     upgraded = _cli(
         k8s_cluster, ns, "upgrade", "-f", str(values), "-f", str(more),
-        "--set", "serving.maxLoras=8,gateway.replicas=2", "--wait", "--timeout", "120s",
+        "--set", "serving.maxLoras=8,gateway.replicas=3", "--wait", "--timeout", "120s",
     )  # fmt: skip
     assert upgraded.returncode == 0, upgraded.stderr
     assert "upgraded platform" in upgraded.stdout and "revision 2, deployed" in upgraded.stdout
@@ -98,7 +98,7 @@ def test_install_status_upgrade_uninstall_drive_the_release(k8s_cluster: Cluster
     gateways = k8s_cluster.kubectl(
         "-n", ns, "get", "deploy", "-l", "app.kubernetes.io/component=gateway", "-o", "json"
     )
-    assert [d["spec"]["replicas"] for d in json.loads(gateways.stdout)["items"]] == [2]
+    assert [d["spec"]["replicas"] for d in json.loads(gateways.stdout)["items"]] == [3]
     shown = _cli(k8s_cluster, ns, "status")
     assert "revision 2, deployed" in shown.stdout and "1/1 ready" in shown.stdout
 

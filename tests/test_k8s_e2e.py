@@ -9,6 +9,7 @@ What it cannot prove: that the containers start (see README, "Testing").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -43,22 +44,26 @@ PROFILES = sorted((CHART / "ci").glob("*-values.yaml"))
 
 
 @pytest.fixture(scope="module")
-def service_monitor_crd(k8s_cluster: Cluster) -> None:
-    """prometheus-operator's real ServiceMonitor CRD (from its Go module's source zip, cached)."""
+def third_party_crds(k8s_cluster: Cluster) -> None:
+    """The real third-party CRDs the profiles use, from their Go modules' source zips (cached):
+    prometheus-operator's ServiceMonitor and the Gateway API's HTTPRoute."""
     import subprocess
 
     fetched = subprocess.run(
         ["bash", str(ROOT / "scripts" / "fetch-crds.sh")], capture_output=True, text=True
     )
     assert fetched.returncode == 0, fetched.stderr[-2000:]
-    crd = fetched.stdout.strip()
-    k8s_cluster.kubectl("apply", "--server-side", "-f", crd)
-    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com")
+    crds = fetched.stdout.split()
+    assert len(crds) == 2, fetched.stdout
+    for crd in crds:
+        k8s_cluster.kubectl("apply", "--server-side", "-f", crd)
+    for name in ("servicemonitors.monitoring.coreos.com", "httproutes.gateway.networking.k8s.io"):
+        k8s_cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}")
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=[p.name.removesuffix("-values.yaml") for p in PROFILES])
 def test_every_rendered_object_of_every_profile_passes_the_api_servers_strict_validation(
-    k8s_cluster: Cluster, service_monitor_crd: None, profile: Path
+    k8s_cluster: Cluster, third_party_crds: None, profile: Path
 ) -> None:
     rendered = k8s_cluster.helm("template", RELEASE, str(CHART), "-n", "default", "-f", str(profile)).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
@@ -124,8 +129,9 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
     assert pods[0]["spec"]["nodeName"].startswith("gpu-node-"), "a GPU pod must land on a GPU node"
 
     gateway = _pods(k8s_cluster, ns, "app.kubernetes.io/component=gateway")
-    assert [p["status"]["phase"] for p in gateway] == ["Running"]
-    assert not gateway[0]["spec"]["nodeName"].startswith("gpu-node-"), "the gateway needs no GPU"
+    assert [p["status"]["phase"] for p in gateway] == ["Running", "Running"], "gateway.replicas is 2"
+    for pod in gateway:
+        assert not pod["spec"]["nodeName"].startswith("gpu-node-"), "the gateway needs no GPU"
     tested = k8s_cluster.helm("test", RELEASE, "-n", ns, "--timeout", "60s")
     assert "Phase:          Succeeded" in tested.stdout and "test-models" in tested.stdout
 
@@ -136,6 +142,24 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
         return data
 
     keys_before = (secret(f"{RELEASE}-loraplane-vllm-key"), secret(f"{RELEASE}-loraplane-gateway-keys"))
+
+    def deployment(name: str) -> dict[str, Any]:
+        found: dict[str, Any] = json.loads(
+            k8s_cluster.kubectl("-n", ns, "get", "deploy", f"{RELEASE}-loraplane-{name}", "-o", "json").stdout
+        )
+        return found
+
+    def checksums(name: str) -> dict[str, str]:
+        annotations = deployment(name)["spec"]["template"]["metadata"].get("annotations", {})
+        return {k: v for k, v in annotations.items() if k.startswith("checksum/")}
+
+    # The pod templates carry the checksums of the keys the Secrets really hold (one value per render,
+    # shared by the parent chart and the serving subchart).
+    vllm_sum = hashlib.sha256(keys_before[0]["api-key"].encode()).hexdigest()
+    client_sum = hashlib.sha256(keys_before[1]["keys"].encode()).hexdigest()
+    assert checksums("vllm") == {"checksum/vllm-key": vllm_sum}
+    assert checksums("gateway") == {"checksum/vllm-key": vllm_sum, "checksum/gateway-keys": client_sum}
+    gateway_generation = deployment("gateway")["metadata"]["generation"]
 
     # vLLM's own service account may read the registry (rehydration) and nothing else.
     vllm_sa = f"--as=system:serviceaccount:{ns}:{RELEASE}-loraplane-vllm"
@@ -165,6 +189,11 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
     (new,) = _pods(k8s_cluster, ns, "app.kubernetes.io/component=vllm")
     keys_after = (secret(f"{RELEASE}-loraplane-vllm-key"), secret(f"{RELEASE}-loraplane-gateway-keys"))
     assert keys_after == keys_before, "generated keys survive an upgrade (clients keep working)"
+    # Kept keys keep their checksums (read back with lookup): nothing rolls for the keys' sake, and the
+    # gateway, whose values did not change, is not rolled at all.
+    assert checksums("vllm") == {"checksum/vllm-key": vllm_sum}
+    assert checksums("gateway") == {"checksum/vllm-key": vllm_sum, "checksum/gateway-keys": client_sum}
+    assert deployment("gateway")["metadata"]["generation"] == gateway_generation
     assert "--max-loras=8" in new["spec"]["containers"][0]["args"]
     assert new["spec"]["nodeName"].startswith("gpu-node-")
 

@@ -18,13 +18,21 @@ Helpers carry this chart's prefix: named templates are global across the parent 
 {{- end -}}
 {{- end -}}
 
-{{/* Labels on every object; selectors use only instance + component (immutable after creation). */}}
+{{/*
+Labels on every object's metadata; selectors use only instance + component (immutable after creation).
+Pod templates carry only loraplane-serving.podLabels (+ component): a label that changes with every chart
+release (helm.sh/chart, app.kubernetes.io/version) would roll every pod on an upgrade that changes
+nothing else about it.
+*/}}
 {{- define "loraplane-serving.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-app.kubernetes.io/name: {{ include "loraplane-serving.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "loraplane-serving.podLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+{{- define "loraplane-serving.podLabels" -}}
+app.kubernetes.io/name: {{ include "loraplane-serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/part-of: loraplane
 {{- end -}}
 

@@ -48,8 +48,7 @@ spec:
   template:
     metadata:
       labels:
-        app.kubernetes.io/name: {{ include "loraplane-trainer.name" $root }}
-        app.kubernetes.io/instance: {{ $root.Release.Name }}
+        {{- include "loraplane-trainer.podLabels" $root | nindent 8 }}
         app.kubernetes.io/component: trainer
       {{- with $t.podAnnotations }}
       annotations:
