@@ -65,6 +65,11 @@ train_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
+volume_app = typer.Typer(
+    help="The release's shared volume (models, datasets, adapters), through the Kubernetes API.",
+    no_args_is_help=True,
+)
+app.add_typer(volume_app, name="volume")
 
 
 class _Console(Console):
@@ -1278,6 +1283,55 @@ def data_validate(
                 hint="fix the rows the report lists, or change the limits (--max-seq-length, "
                 "--max-overlength-share, --min-examples)",
             )
+
+    _run(body)
+
+
+# --- the shared volume ----------------------------------------------------------------------------
+
+
+@volume_app.command("put")
+def volume_put(
+    local: Path = typer.Argument(..., help="A local file or directory (a base model, a dataset)."),
+    dest: str = typer.Argument(..., help="Where it goes on the volume, relative to its root: models/base."),
+    release: str = _release_option(),
+    replace: bool = typer.Option(False, "--replace", help="Swap an existing DEST for the upload."),
+    timeout: float = typer.Option(1800.0, help="Seconds the upload may take."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+) -> None:
+    """Copy a file or directory onto the release's shared volume (where vLLM and the trainer read).
+
+    A short-lived pod (Pod Security restricted) mounts the volume; the upload streams through
+    `kubectl exec`, lands in a staging directory, is checked (sha256) and renamed into place: a broken
+    upload leaves nothing at DEST. Pods see it under the volume's mount path (/data/DEST).
+
+    \b
+    Examples:
+      loraplane demo build-model ./demo-model && loraplane -n ml volume put ./demo-model models/base
+      loraplane -n ml volume put ./train.jsonl datasets/support/train.jsonl
+    """
+
+    def body() -> None:
+        from loraplane.platform.volume import put
+
+        with _progress_bar(f"uploading {local.name}") as progress:
+            result = put(
+                _settings(),
+                local,
+                dest,
+                release=release,
+                replace=replace,
+                timeout=timeout,
+                on_progress=progress,
+            )
+        if output == "json":
+            out.print_json(json.dumps(result.to_dict()))
+            return
+        out.print(
+            f"put {local} at {result.mount_path}/{result.path}: {result.files} file(s), {result.bytes} bytes "
+            f"in {result.seconds:.1f}s (sha256 {result.sha256[:12]})",
+            highlight=False,
+        )
 
     _run(body)
 

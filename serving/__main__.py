@@ -86,6 +86,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=1800.0,
         help="seconds vLLM may take to answer /health before the supervisor gives up",
     )
+    p.add_argument(
+        "--wait-for-model",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when --model is a directory that is not there yet (a shared volume the model is still "
+        "being put on), wait this long for its config.json before giving up (default: 0, fail at once)",
+    )
     p.add_argument("--print-argv", action="store_true", help="print the vLLM command line and exit")
     return p.parse_args(argv)
 
@@ -96,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     from loraplane.serving.launcher import LoraModule, VLLMServerConfig
 
     args = _parse(argv)
+    if args.wait_for_model > 0 and not args.print_argv:
+        from loraplane.serving.base_model import wait_for_model_dir
+
+        def say(message: str) -> None:
+            print(f"[loraplane.serving] {message}", file=sys.stderr, flush=True)  # noqa: T201
+
+        if not wait_for_model_dir(args.model, timeout=args.wait_for_model, say=say):
+            say(f"error: no base model at {args.model} after {args.wait_for_model:.0f}s")
+            return 2
     api_key = os.environ.get("LORAPLANE_API_KEY")
     if args.api_key_file is not None:
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,34 @@ def compare_base_names(adapter_base: str, base: BaseModelFacts) -> str | None:
         f"it was trained on {adapter_base} ({describe(other)}) but the server serves {base.source} "
         f"({describe(base.config)}): {'; '.join(differing)}"
     )
+
+
+def wait_for_model_dir(
+    source: str, *, timeout: float, say: Callable[[str], None], every: float = 30.0, poll: float = 1.0
+) -> bool:
+    """Wait until the base model directory ``source`` (an absolute path) holds a ``config.json``.
+
+    For a model on a shared volume that is not there yet (``loraplane volume put`` renames a complete
+    upload into place, so the file appearing means the model is whole). Says what it waits for at
+    once and every ``every`` seconds. True once the model is there (at once when ``source`` is not
+    an absolute path: a hub id), False when ``timeout`` passes first."""
+    import time
+
+    directory = Path(source)
+    if not directory.is_absolute() or (directory / "config.json").is_file():
+        return True
+    deadline = time.monotonic() + timeout
+    next_say = time.monotonic()
+    while not (directory / "config.json").is_file():
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        if now >= next_say:
+            say(
+                f"waiting for the base model at {directory} (no config.json there yet): put it on the "
+                "shared volume with `loraplane volume put ./MODEL_DIR PATH` (PATH below the volume's "
+                "mount: models/base for /data/models/base), or fix serving.model"
+            )
+            next_say = now + every
+        time.sleep(min(poll, max(deadline - now, 0.0)))
+    return True
