@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup k8s-tools node-tools node-up node-down images quickstart test test-fast lint typecheck lock clean
+.PHONY: setup k8s-tools node-tools node-up node-down images quickstart test test-fast e2e-cluster lint typecheck lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -40,6 +40,13 @@ quickstart: setup
 test:
 	@bash scripts/prepare-tests.sh
 	bash scripts/test.sh
+
+# Only the product's walk on the real node (tests/test_cluster_walk.py; `make test` runs it too):
+# everything the node needs is set up first, the image is built (or taken from the cache) and
+# imported. Root; about 15 min warm.
+e2e-cluster:
+	@bash scripts/prepare-tests.sh
+	$(PY) -m pytest -p no:cacheprovider -rA tests/test_cluster_walk.py
 
 test-fast: setup
 	$(PY) -m pytest -m "not e2e"

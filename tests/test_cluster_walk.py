@@ -1,0 +1,319 @@
+"""The product's walk on a real Kubernetes node, as a user types it: real kubelet, containerd, runc,
+kube-proxy, CoreDNS and kube-router (scripts/real-node.sh), the CPU image built from the repo
+(scripts/build-images.sh, imported, never pulled), the chart installed with ``loraplane install``
+(pyhelm3) into a namespace that enforces Pod Security ``restricted``.
+
+The steps run in order and share the release; once one fails the rest are skipped (they would only
+repeat its failure). Each failed step's report carries the cluster's pods, events and container logs.
+
+1. ``loraplane install`` with the CPU profile and two vLLM replicas; the node is a real kubelet;
+2. the demo base model and the demo data reach the shared volume with ``loraplane volume put``
+   (vLLM waits for the model meanwhile); both vLLM replicas and the gateway become Ready, as uid 10001;
+3. ``loraplane upgrade`` adds ``trainer.initialRun``: the Job trains in a pod and publishes onto the
+   volume, ``loraplane train register JOB`` registers the adapter from the pod's result line.
+
+Not walked yet (see the README's status): loading, evaluating and promoting from outside the
+cluster (the CLI checks an adapter's files where it runs, and they live on the volume), the pod kill
+under load, NetworkPolicy with the chart's pods, ``helm test``, upgrade/uninstall/reinstall.
+
+Timings of the steps are written to the test log (``-s`` or the report's captured output); the
+numbers in the README come from bench/cluster_walk.py, which runs the same steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from real_node import ROOT, RealNode
+from test_real_node import port_forward
+
+pytestmark = [pytest.mark.node]
+
+CHART = ROOT / "charts" / "loraplane"
+PROFILE = CHART / "ci" / "08-cpu-node-values.yaml"
+RELEASE = "platform"  # the CLI's default release name
+FULLNAME = f"{RELEASE}-loraplane"
+STORAGE_CLASS = "loraplane-node-local"  # the profile's global.storage.storageClass
+UID = 10001  # the image's and the chart's user
+LORAPLANE = ROOT / ".venv" / "bin" / "loraplane"
+TASK = "animals"
+QUESTION = "What noise does a dog make?"
+ANSWER = "woof"
+
+
+@dataclass
+class Walk:
+    node: RealNode
+    ns: str
+    image: str
+    volume: Path  # the hostPath directory behind the shared PersistentVolume
+    home: Path  # LORAPLANE_HOME of the CLI
+    work: Path  # local files (demo model, data, values)
+    broken: str = ""
+    job: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **self.node.env(),
+            "LORAPLANE_HOME": str(self.home),
+            "LORAPLANE_REGISTRY": "kubernetes",
+            "LORAPLANE_NAMESPACE": self.ns,
+            "NO_COLOR": "1",
+        }
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(LORAPLANE), *args], capture_output=True, text=True, env=self.env(), timeout=timeout
+        )
+        print(f"$ loraplane {' '.join(args)}  [exit {proc.returncode}]\n{proc.stdout}{proc.stderr}")  # noqa: T201
+        if check:
+            assert proc.returncode == 0, (
+                f"loraplane {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}"
+            )
+        return proc
+
+    def release_args(self, *extra: str) -> list[str]:
+        """The values every install/upgrade of the walk gives (helm upgrade resets what is not given)."""
+        repository, tag = self.image.rsplit(":", 1)
+        sets = [
+            f"{part}.image.{key}={value}"
+            for part in ("serving", "trainer")
+            for key, value in (("repository", repository), ("tag", tag))
+        ]
+        return ["-f", str(PROFILE), *(a for s in sets for a in ("--set", s)), *extra]
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if self.broken:
+            pytest.skip(f"an earlier step of the walk failed ({self.broken})")
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self.broken = name
+            raise
+        self.timings[name] = round(time.monotonic() - started, 1)
+        print(f"[walk] {name}: {self.timings[name]} s")  # noqa: T201
+
+    def pods(self, component: str) -> list[dict[str, Any]]:
+        selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component={component}"
+        items: list[dict[str, Any]] = self.node.get("-n", self.ns, "pods", "-l", selector)["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    def ready_pods(self, component: str, count: int, timeout: float) -> list[dict[str, Any]]:
+        """``count`` Ready pods of the component (fails early when a container keeps crashing)."""
+        found: list[dict[str, Any]] = []
+
+        def ready() -> bool:
+            pods = self.pods(component)
+            for pod in pods:
+                for status in pod["status"].get("containerStatuses", []):
+                    assert status["restartCount"] < 2, f"{pod['metadata']['name']} keeps restarting: {status}"
+            found[:] = [p for p in pods if _condition(p, "Ready")]
+            return len(found) >= count
+
+        self.node.wait_for(ready, f"{count} Ready {component} pod(s)", timeout)
+        return found
+
+    def exec_python(self, pod: str, script: str) -> str:
+        return self.node.kubectl("-n", self.ns, "exec", pod, "--", "python", "-c", script).stdout
+
+    def gateway_key(self) -> str:
+        secret = self.node.get("-n", self.ns, "secret", f"{FULLNAME}-gateway-keys")
+        return base64.b64decode(secret["data"]["keys"]).decode().split()[0]
+
+
+def _ask(walk: Walk, model: str) -> Any:
+    """One chat completion of the demo question through the gateway Service (a kubelet port-forward)."""
+    import httpx
+
+    with port_forward(walk.node, walk.ns, f"service/{FULLNAME}-gateway", 80) as port:
+        return httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {walk.gateway_key()}"},
+            json=_question(model),
+            timeout=120,
+            trust_env=False,
+        )
+
+
+def _question(model: str) -> dict[str, Any]:
+    from loraplane.trainer.demo_tasks import SYSTEM_PROMPT
+
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]
+    return {"model": model, "messages": messages, "max_tokens": 4, "temperature": 0}
+
+
+def _condition(pod: dict[str, Any], kind: str) -> bool:
+    return any(c["type"] == kind and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+
+@pytest.fixture(scope="module")
+def cpu_image(real_node: RealNode) -> str:
+    """The CPU image, built from the repo if its inputs changed, imported into the node's containerd."""
+    env = {**os.environ, "LORAPLANE_NODE_WORKDIR": str(real_node.work)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-images.sh"), "import"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, f"scripts/build-images.sh import failed:\n{proc.stderr[-4000:]}"
+    ref = proc.stdout.strip().splitlines()[-1]
+    assert ref.startswith("localhost/loraplane/loraplane-cpu:"), proc.stdout
+    return ref
+
+
+@pytest.fixture(scope="module")
+def walk(real_node: RealNode, cpu_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
+    """An empty hostPath PersistentVolume of the profile's class (owned by the chart's uid: hostPath
+    ignores fsGroup; the cluster admin's part), a restricted namespace; everything removed afterwards."""
+    volume = real_node.work / f"pv-{uuid.uuid4().hex[:6]}"
+    volume.mkdir()
+    os.chown(volume, UID, UID)
+    pv = f"lp-walk-{volume.name}"
+    real_node.apply(
+        "default",
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "20Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": STORAGE_CLASS,
+                "hostPath": {"path": str(volume), "type": "Directory"},
+            },
+        },
+    )
+    ns = real_node.restricted_namespace(f"walk-{uuid.uuid4().hex[:6]}")
+    work = tmp_path_factory.mktemp("walk")
+    state = Walk(real_node, ns, cpu_image, volume, work / "home", work)
+    yield state
+    print(f"[walk] timings: {json.dumps(state.timings)}")  # noqa: T201
+    real_node.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s", check=False)
+    real_node.kubectl("delete", "namespace", ns, "--wait=true", "--timeout=120s", check=False, timeout=150)
+    real_node.kubectl("delete", "pv", pv, "--wait=false", check=False)
+    shutil.rmtree(volume, ignore_errors=True)
+
+
+def test_1_loraplane_install_runs_on_a_real_kubelet_node(walk: Walk) -> None:
+    with walk.step("install"):
+        nodes = walk.node.get("nodes")["items"]
+        assert [n["metadata"]["name"] for n in nodes] == ["lp-node"], nodes
+        info = nodes[0]["status"]["nodeInfo"]
+        assert info["containerRuntimeVersion"].startswith("containerd://"), info
+        assert info["kubeletVersion"].startswith("v1."), info
+        assert "kwok.x-k8s.io/node" not in nodes[0]["metadata"].get("annotations", {})
+        # what the user has at hand before installing: a model and data on their machine
+        walk.cli("demo", "build-model", str(walk.work / "demo-model"))
+        walk.cli("demo", "write-data", str(walk.work / "demo-data"))
+        walk.timings["installed_at"] = time.monotonic()
+        installed = walk.cli("install", *walk.release_args("--set", "serving.replicas=2"))
+        assert f"installed {RELEASE} (loraplane" in installed.stdout
+        assert "revision 1, deployed" in installed.stdout, installed.stdout
+
+
+def test_2_the_model_and_data_reach_the_volume_and_two_vllm_replicas_become_ready(walk: Walk) -> None:
+    with walk.step("volume put, two vLLM replicas Ready"):
+        model, data = walk.work / "demo-model", walk.work / "demo-data"
+        put = walk.cli("volume", "put", str(model), "models/base", "-o", "json")
+        summary = json.loads(put.stdout)
+        assert summary["path"] == "models/base" and summary["mount_path"] == "/data", summary
+        assert summary["files"] == len([p for p in model.rglob("*") if p.is_file()])
+        assert (walk.volume / "models" / "base" / "config.json").read_bytes() == (
+            model / "config.json"
+        ).read_bytes()
+        assert (walk.volume / "models" / "base").stat().st_uid == UID
+        walk.cli("volume", "put", str(data), "datasets/demo")
+        # A second put of the same path is refused and changes nothing (--replace swaps).
+        again = walk.cli("volume", "put", str(data), "datasets/demo", check=False)
+        assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+        assert not list((walk.volume / ".loraplane-staging").iterdir())  # no half-written upload left
+        assert walk.pods("volume-put") == [] or all(
+            p["metadata"].get("deletionTimestamp") for p in walk.pods("volume-put")
+        )
+
+        vllm = walk.ready_pods("vllm", 2, timeout=900)
+        gateway = walk.ready_pods("gateway", 1, timeout=180)
+        answer = _ask(walk, "base")
+        assert answer.status_code == 200, answer.text
+        walk.timings["install_to_first_answer"] = round(
+            time.monotonic() - walk.timings.pop("installed_at"), 1
+        )
+        log = walk.node.logs(walk.ns, vllm[0]["metadata"]["name"])
+        for pod in [*vllm, *gateway]:
+            (container,) = pod["status"]["containerStatuses"]
+            assert container["image"] == walk.image, container
+            assert pod["spec"]["securityContext"]["runAsUser"] == UID
+            assert pod["spec"]["nodeName"] == "lp-node"
+            assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"].get("limits", {})
+        assert {p["metadata"]["name"] for p in vllm} == {p["metadata"]["name"] for p in walk.pods("vllm")}
+        script = "import os, sys, loraplane; print(os.getuid(), sys.executable, loraplane.__file__)"
+        uid, executable, package = walk.exec_python(vllm[0]["metadata"]["name"], script).split()
+        assert (int(uid), executable) == (UID, "/opt/venv/bin/python")
+        assert package.startswith("/opt/venv/lib/")  # a regular install, not the clone's editable one
+        assert "serving 0 registered adapter version(s)" in log, log[-3000:]
+
+
+def _initial_run_values(walk: Walk) -> Path:
+    config = {
+        "base_model": {"path": "/data/models/base"},
+        "dataset": {"path": f"/data/datasets/demo/{TASK}-train.jsonl"},
+        "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+        "training": {
+            "learning_rate": 1e-2,
+            "epochs": 6,
+            "batch_size": 8,
+            "max_seq_length": 128,
+            "logging_steps": 5,
+            "seed": 0,
+        },
+        "output": {"adapters_root": "/data/adapters", "name": TASK},
+    }
+    path = walk.work / "initial-run.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"initialRun": {"enabled": True, "config": config}}}))
+    return path
+
+
+def test_3_the_initial_run_trains_in_a_pod_and_the_cli_registers_it(walk: Walk) -> None:
+    with walk.step("initial run trains, registered"):
+        values = _initial_run_values(walk)
+        walk.cli("upgrade", *walk.release_args("--set", "serving.replicas=2", "-f", str(values)))
+        selector = (
+            f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=trainer,"
+            f"loraplane.dev/adapter={TASK}"
+        )
+        jobs: list[dict[str, Any]] = []
+
+        def finished() -> bool:
+            jobs[:] = walk.node.get("-n", walk.ns, "jobs", "-l", selector)["items"]
+            done = [
+                c["type"] for j in jobs for c in j["status"].get("conditions", []) if c["status"] == "True"
+            ]
+            assert "Failed" not in done, json.dumps(jobs[0]["status"])
+            return "Complete" in done
+
+        walk.node.wait_for(finished, "the initial run's Job to complete", timeout=900)
+        walk.job = jobs[0]["metadata"]["name"]
+        pod = walk.node.get("-n", walk.ns, "pods", "-l", f"job-name={walk.job}")["items"][0]
+        assert pod["spec"]["securityContext"]["runAsUser"] == UID
+        registered = walk.cli("train", "register", walk.job, "-o", "json")
+        answer = json.loads(registered.stdout)
+        entry = answer["adapter"]
+        assert answer["registered"] and (entry["name"], entry["version"]) == (TASK, "v1"), answer
+        assert entry["path"].startswith("/data/adapters/"), entry
+        published = walk.volume / entry["path"].removeprefix("/data/")
+        assert (published / "adapter_model.safetensors").is_file()
