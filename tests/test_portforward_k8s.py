@@ -42,7 +42,8 @@ def platform_ns(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) 
         "-n", ns, "create", "secret", "generic", "vllm-key", f"--from-literal=api-key={API_KEY}"
     )
     serving = {"tolerations": TOLERATE_GPU, "apiKeySecret": {"name": "vllm-key", "key": "api-key"}}
-    values.write_text(yaml.safe_dump({"serving": serving}))
+    # One gateway pod (the chart's default is 2): the tests below name the pod a port-forward reaches.
+    values.write_text(yaml.safe_dump({"serving": serving, "gateway": {"replicas": 1}}))
     installed = _cli(k8s_cluster, ns, "install", "-f", str(values), "--wait", "--timeout", "120s")
     assert installed.returncode == 0, installed.stderr
     yield ns
