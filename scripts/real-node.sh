@@ -309,7 +309,9 @@ up() {
       die "a real node is already up (work dir $owner): LORAPLANE_NODE_WORKDIR=$owner $0 down"
     fi
     log "cleaning up after a node that did not go down (work dir $owner)"
-    LORAPLANE_NODE_WORKDIR="$owner" down
+    # `down` acts on $WORK: run it in a subshell for the dead owner's work dir (an env prefix on a
+    # function call would not change $WORK, and `down` would refuse a node that is not ours).
+    (WORK="$owner"; down) || die "could not clean up after the node in $owner (see above)"
   fi
   bin="$(bash "$ROOT/scripts/k8s-tools.sh")"
   { read -r nodebin; read -r images; } < <(bash "$ROOT/scripts/node-tools.sh")

@@ -224,6 +224,13 @@ async def check(
                 raise NotReady(f"GET /v1/models answered HTTP {models.status_code}")
             cards = [m for m in models.json().get("data", []) if isinstance(m, dict) and "id" in m]
             listed = {str(m.get("id")) for m in cards}
+        if deadline - time.monotonic() <= FINISH_S:
+            spent = timeout - (deadline - time.monotonic())
+            asked = "/health and /v1/models" if required is not None else "/health"
+            raise NotReady(
+                f"vLLM's {asked} took {spent:.3g}s of the {timeout:g}s budget: no time was left for the "
+                "one-token completion (an overloaded API server, or a probe timeout too short)"
+            )
         budget = left() - FINISH_S
         progress = TokenProgress(client)
         sampler = asyncio.create_task(progress.sample_until_cancelled(deadline - FINISH_S))

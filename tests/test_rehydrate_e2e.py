@@ -272,7 +272,9 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     # The probe's own check, in this process: a probe process's imports took up to a minute on two cores
     # that vLLM's engine keeps busy, long enough for the queue to drain first (its deadline starts after
     # them, so they do not change its verdict).
-    note = asyncio.run(check(url, base_model=BASE, api_key=API_KEY, timeout=6, required=None))
+    # 12 s: under this load the API server's /health alone took ~6 s once on CI's two cores; the queue
+    # (24 requests of about a second each) still outlasts the budget.
+    note = asyncio.run(check(url, base_model=BASE, api_key=API_KEY, timeout=12, required=None))
     assert note.startswith("busy: the one-token completion waited over"), note
     assert any(t.is_alive() for t in occupiers), (
         "the long requests ended before the probe: no queue was tested"
