@@ -15,6 +15,7 @@ from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.evals.render import write_report
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
 from loraplane.evals.suite import LoadedSuite, load_suite, suite_for_dataset
+from loraplane.platform.pod_checks import check_in_vllm_pod, files_are_here
 from loraplane.platform.registry import (
     REF_PATTERN,
     Adapter,
@@ -163,16 +164,27 @@ async def load_adapter(
 
 
 async def _load_everywhere(settings: Settings, entry: AdapterVersion, urls: list[str]) -> None:
-    """Check and load ``entry`` on every server in ``urls``, or on none: all or nothing."""
-    verify_weights(entry)
-    preflight_adapter(  # the checks that need no server, once, before any server is asked
-        Path(entry.path), adapters_root=settings.adapters_dir
-    )
+    """Check and load ``entry`` on every server in ``urls``, or on none: all or nothing.
+
+    The checks run here when this process can read the files; from outside a cluster they run once in
+    a vLLM pod, which mounts the shared volume (``platform/pod_checks.py``)."""
+    here = files_are_here(settings, entry)
+    if here:
+        verify_weights(entry)
+        preflight_adapter(  # the checks that need no server, once, before any server is asked
+            Path(entry.path), adapters_root=settings.adapters_dir
+        )
+    else:
+        async with VLLMAdminClient(urls[0], api_key=settings.api_key) as client:
+            cards = await client.list_models()
+        pod = check_in_vllm_pod(settings, entry, cards)
+        log.info("checked in a vLLM pod", extra={"adapter": entry.ref, "pod": pod})
     newly: list[str] = []
     try:
         for url in urls:
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:
-                check_servable(settings, entry, served_base(await client.list_models()), url=url)
+                if here:
+                    check_servable(settings, entry, served_base(await client.list_models()), url=url)
                 if await client.load_adapter(entry.served_name, entry.path):
                     newly.append(url)
     except BaseException:
@@ -298,7 +310,8 @@ async def promote_adapter(
         return current, previous
 
     rehearse(seen, record)  # retired, or already the alias's version: refused before anything else
-    verify_weights(entry)
+    if files_are_here(settings, entry):  # else checked in a vLLM pod before any replica loads it
+        verify_weights(entry)
     latest = entry.latest_eval()
     if not force:
         if latest is None:

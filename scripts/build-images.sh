@@ -217,7 +217,11 @@ build_base() {
   umoci repack --refresh-bundle --image "$layout:base" --history.created_by "the locked venv at /opt/venv" "$bundle"
   log "layer 3 (venv at /opt/venv): $((SECONDS - t)) s"
 
+  # TORCHDYNAMO_DISABLE: the image carries no C++ compiler, and torch.compile's inductor needs one
+  # at run time; vLLM's CPU sampler compiles its random sampling (temperature > 0) on first use, and
+  # without a compiler the engine dies on the first sampled request. Eager sampling instead.
   umoci config --image "$layout:base" --os linux --architecture amd64 \
+    --config.env TORCHDYNAMO_DISABLE=1 \
     --config.user "$UID_:$UID_" --config.workingdir /tmp \
     --config.env PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --config.env VIRTUAL_ENV=/opt/venv --config.env HOME=/tmp --config.env PYTHONDONTWRITEBYTECODE=1 \

@@ -50,6 +50,7 @@ __all__ = ["GatewayConfig", "create_app", "main"]
 
 log = logging.getLogger("loraplane.serving.gateway")
 
+CONNECT_RETRIES = 2
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -68,7 +69,13 @@ class _Upstream:
             timeout=httpx.Timeout(
                 self.config.upstream_timeout_s, connect=self.config.upstream_connect_timeout_s
             ),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+            # retries: connection attempts only (httpcore never resends a request that reached a
+            # server). A vLLM pod that just went away leaves iptables pointing at it for a moment; a
+            # new connection then lands on a live replica instead of failing the client's request.
+            transport=httpx.AsyncHTTPTransport(
+                retries=CONNECT_RETRIES,
+                limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+            ),
             trust_env=False,  # never route the upstream through a proxy from the environment
         )
 

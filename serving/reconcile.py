@@ -74,12 +74,18 @@ def check_servable(
     """Everything a version must pass before a server (``url``, default ``settings.server_url``) is
     asked to load it: its weights unchanged since registration and sound to the last byte (a file
     vLLM cannot read must never reach it), the preflight against that server's rank limit and base."""
+    rank = max_lora_rank(settings, url)
+    check_files(entry, adapters_root=settings.adapters_dir, max_lora_rank=rank, base=base)
+
+
+def check_files(
+    entry: AdapterVersion, *, adapters_root: Path, max_lora_rank: int, base: BaseModelFacts | None
+) -> None:
+    """:func:`check_servable`'s checks, where the files are: here, or in a vLLM pod that mounts the
+    shared volume (``python -m loraplane.serving.check_adapter``, run by the CLI from outside the cluster)."""
     verify_weights(entry)
     info = preflight_adapter(
-        Path(entry.path),
-        adapters_root=settings.adapters_dir,
-        max_lora_rank=max_lora_rank(settings, url),
-        base=base,
+        Path(entry.path), adapters_root=adapters_root, max_lora_rank=max_lora_rank, base=base
     )
     verify_adapter_weights(info.path / WEIGHTS_FILE, info.config)
 

@@ -10,11 +10,16 @@ repeat its failure). Each failed step's report carries the cluster's pods, event
 2. the demo base model and the demo data reach the shared volume with ``loraplane volume put``
    (vLLM waits for the model meanwhile); both vLLM replicas and the gateway become Ready, as uid 10001;
 3. ``loraplane upgrade`` adds ``trainer.initialRun``: the Job trains in a pod and publishes onto the
-   volume, ``loraplane train register JOB`` registers the adapter from the pod's result line.
-
-Not walked yet (see the README's status): loading, evaluating and promoting from outside the
-cluster (the CLI checks an adapter's files where it runs, and they live on the volume), the pod kill
-under load, NetworkPolicy with the chart's pods, ``helm test``, upgrade/uninstall/reinstall.
+   volume, ``loraplane train register JOB`` registers the adapter from the pod's result line;
+4. ``loraplane adapters load`` puts it on both replicas; ``adapters eval`` and ``adapters promote``
+   run from outside (kubelet port-forwards); the official ``openai`` client gets the demo task's
+   answer from ``animals:prod`` through the gateway Service;
+5. one vLLM pod is deleted while requests run through the gateway: none fails, and the replacement
+   is Ready only once it has loaded the promoted version;
+6. NetworkPolicy (kube-router): a pod without the client label cannot reach vLLM, a labelled one can;
+7. ``helm test`` sends a completion through the gateway;
+8. ``loraplane upgrade`` with another value keeps the initial run's Job (no second training);
+   ``loraplane uninstall`` keeps the volume and the adapters, and a reinstall serves them again.
 
 Timings of the steps are written to the test log (``-s`` or the report's captured output); the
 numbers in the README come from bench/cluster_walk.py, which runs the same steps.
@@ -27,6 +32,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -131,6 +137,18 @@ class Walk:
 
     def exec_python(self, pod: str, script: str) -> str:
         return self.node.kubectl("-n", self.ns, "exec", pod, "--", "python", "-c", script).stdout
+
+    def served_on(self, pod: str) -> list[str]:
+        """The model names vLLM in ``pod`` lists (asked from inside the pod, with its own key)."""
+        script = (
+            "import json, urllib.request;"
+            "key = open('/etc/loraplane/api-key/api-key').read().strip();"
+            "r = urllib.request.Request('http://127.0.0.1:8000/v1/models',"
+            " headers={'Authorization': 'Bearer ' + key});"
+            "print(json.dumps([m['id'] for m in json.load(urllib.request.urlopen(r, timeout=10))['data']]))"
+        )
+        names: list[str] = json.loads(self.exec_python(pod, script))
+        return names
 
     def gateway_key(self) -> str:
         secret = self.node.get("-n", self.ns, "secret", f"{FULLNAME}-gateway-keys")
@@ -317,3 +335,176 @@ def test_3_the_initial_run_trains_in_a_pod_and_the_cli_registers_it(walk: Walk) 
         assert entry["path"].startswith("/data/adapters/"), entry
         published = walk.volume / entry["path"].removeprefix("/data/")
         assert (published / "adapter_model.safetensors").is_file()
+        walk.timings["published_at"] = time.monotonic()
+
+
+def test_4_load_eval_promote_and_the_openai_client_gets_the_adapters_answer(walk: Walk) -> None:
+    with walk.step("load on both replicas, eval, promote, query"):
+        walk.cli("adapters", "load", f"{TASK}@v1")
+        walk.timings["publish_to_all_replicas"] = round(
+            time.monotonic() - walk.timings.pop("published_at"), 1
+        )
+        for pod in walk.pods("vllm"):
+            assert f"{TASK}@v1" in walk.served_on(pod["metadata"]["name"]), pod["metadata"]["name"]
+        suite = walk.work / "demo-data" / f"{TASK}-eval.jsonl"
+        evaluated = walk.cli("adapters", "eval", f"{TASK}@v1", "--dataset", str(suite), "-o", "json")
+        record = json.loads(evaluated.stdout)
+        assert record["passed"] and record["candidate_model"] == f"{TASK}@v1", record["checks"]
+        walk.cli("adapters", "promote", f"{TASK}@v1", "--alias", "prod")
+
+        from openai import OpenAI
+
+        with port_forward(walk.node, walk.ns, f"service/{FULLNAME}-gateway", 80) as port:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=walk.gateway_key(), max_retries=0)
+            models = [m.id for m in client.models.list().data]
+            assert {"base", f"{TASK}:prod"} <= set(models), models
+            ask = _question("base")["messages"]
+            tuned = client.chat.completions.create(
+                model=f"{TASK}:prod", messages=ask, max_tokens=4, temperature=0
+            )
+            base = client.chat.completions.create(model="base", messages=ask, max_tokens=4, temperature=0)
+        assert (tuned.choices[0].message.content or "").strip().lower().startswith(ANSWER), tuned
+        assert tuned.model == f"{TASK}@v1", tuned.model  # the served version, as OpenAI names a snapshot
+        assert not (base.choices[0].message.content or "").strip().lower().startswith(ANSWER), base
+
+
+def test_5_a_vllm_pod_killed_under_load_fails_no_request(walk: Walk) -> None:
+    with walk.step("pod kill under load"):
+        import httpx
+
+        outcomes: list[int | str] = []
+        stop = threading.Event()
+        with port_forward(walk.node, walk.ns, f"service/{FULLNAME}-gateway", 80) as port:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            body = _question(f"{TASK}:prod")
+            headers = {"Authorization": f"Bearer {walk.gateway_key()}"}
+
+            def loop() -> None:
+                with httpx.Client(timeout=60, trust_env=False) as client:
+                    while not stop.is_set():
+                        try:
+                            outcomes.append(client.post(url, json=body, headers=headers).status_code)
+                        except httpx.HTTPError as exc:
+                            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+            workers = [threading.Thread(target=loop, daemon=True) for _ in range(2)]
+            for worker in workers:
+                worker.start()
+            walk.node.wait_for(lambda: len(outcomes) >= 4, "requests through the gateway before the kill", 60)
+            before = {p["metadata"]["name"] for p in walk.pods("vllm")}
+            victim = sorted(before)[0]
+            killed = time.monotonic()
+            walk.node.kubectl("-n", walk.ns, "delete", "pod", victim, "--wait=false")
+            try:
+                replacement = walk.ready_pods("vllm", 2, timeout=900)
+            finally:
+                stop.set()
+                for worker in workers:
+                    worker.join(timeout=90)
+            walk.timings["kill_to_replacement_ready"] = round(time.monotonic() - killed, 1)
+        failed = [o for o in outcomes if o != 200]
+        assert len(outcomes) >= 10 and not failed, f"{len(failed)} of {len(outcomes)} failed: {failed[:5]}"
+        (new,) = {p["metadata"]["name"] for p in replacement} - before
+        state = json.loads(
+            walk.node.kubectl("-n", walk.ns, "exec", new, "--", "cat", "/tmp/loraplane-serving.json").stdout
+        )
+        assert state["phase"] == "ready" and f"{TASK}@v1" in state["loaded"], state
+        assert f"{TASK}@v1" in walk.served_on(new)
+
+
+def _probe_pod(name: str, image: str, url: str, labels: dict[str, str]) -> dict[str, Any]:
+    script = (
+        "import sys, urllib.request\n"
+        "try:\n"
+        f"    print(urllib.request.urlopen({url!r}, timeout=5).status)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc); sys.exit(3)\n"
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "probe",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["python", "-c", script],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                        "readOnlyRootFilesystem": True,
+                    },
+                }
+            ],
+        },
+    }
+
+
+def test_6_only_the_gateway_and_labelled_clients_reach_vllm(walk: Walk) -> None:
+    with walk.step("network policy"):
+        url = f"http://{FULLNAME}-vllm:8000/health"
+        walk.node.apply(
+            walk.ns,
+            _probe_pod("probe-unlabelled", walk.image, url, {"app": "probe"}),
+            _probe_pod(
+                "probe-client", walk.image, url, {"app": "probe", "loraplane.dev/vllm-client": "true"}
+            ),
+        )
+        denied = walk.node.pod_phase(walk.ns, "probe-unlabelled", {"Succeeded", "Failed"}, timeout=120)
+        allowed = walk.node.pod_phase(walk.ns, "probe-client", {"Succeeded", "Failed"}, timeout=120)
+        denied_log, allowed_log = (
+            walk.node.logs(walk.ns, "probe-unlabelled"),
+            walk.node.logs(walk.ns, "probe-client"),
+        )
+        assert allowed["status"]["phase"] == "Succeeded" and allowed_log.strip() == "200", allowed_log
+        assert denied["status"]["phase"] == "Failed" and "timed out" in denied_log.lower(), denied_log
+        walk.node.kubectl("-n", walk.ns, "delete", "pod", "probe-unlabelled", "probe-client", "--wait=false")
+
+
+def test_7_helm_test_sends_a_completion_through_the_gateway(walk: Walk) -> None:
+    with walk.step("helm test"):
+        tested = walk.node.helm("test", RELEASE, "-n", walk.ns, "--logs", "--timeout", "180s", check=False)
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        assert "Phase:          Succeeded" in tested.stdout, tested.stdout
+        assert f"{TASK}:prod" in tested.stdout, tested.stdout  # the promoted alias, not the base model
+
+
+def test_8_upgrade_keeps_the_initial_run_and_uninstall_keeps_the_adapters_a_reinstall_serves(
+    walk: Walk,
+) -> None:
+    with walk.step("upgrade, uninstall, reinstall"):
+        job_uid = walk.node.get("-n", walk.ns, "job", walk.job)["metadata"]["uid"]
+        values = _initial_run_values(walk)
+        upgraded = walk.cli(
+            "upgrade", *walk.release_args("--set", "serving.replicas=1", "-f", str(values), "--wait")
+        )
+        assert "revision 3, deployed" in upgraded.stdout, upgraded.stdout
+        assert (
+            walk.node.get("-n", walk.ns, "job", walk.job)["metadata"]["uid"] == job_uid
+        )  # not trained again
+        walk.node.wait_for(lambda: len(walk.pods("vllm")) == 1, "vLLM scaled to one replica", 180)
+
+        walk.cli("uninstall", "--wait")
+        claims = walk.node.get("-n", walk.ns, "pvc")["items"]
+        assert [c["status"]["phase"] for c in claims] == ["Bound"], claims
+        assert list((walk.volume / "adapters").rglob("adapter_model.safetensors"))
+        assert walk.node.get("-n", walk.ns, "loraadapters")["items"], "the registry went with the release"
+
+        reinstalled = time.monotonic()
+        walk.cli("install", *walk.release_args())
+        (pod,) = walk.ready_pods("vllm", 1, timeout=900)
+        walk.ready_pods("gateway", 1, timeout=180)
+        assert f"{TASK}@v1" in walk.served_on(pod["metadata"]["name"])
+        reply = _ask(walk, f"{TASK}:prod")
+        walk.timings["reinstall_to_first_answer"] = round(time.monotonic() - reinstalled, 1)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"].strip().lower().startswith(ANSWER), reply.text
