@@ -8,10 +8,13 @@ Runs the walk's test file (the real node, the repo's CPU image, ``loraplane inst
 - install -> first answer: ``loraplane install`` (two vLLM replicas) until a chat completion through
   the gateway answers, the demo model put on the volume in between (image cached on the node);
 - initial run: ``loraplane upgrade`` adding ``trainer.initialRun`` until ``train register`` has
-  registered what the trainer pod published.
-
-(publish -> all replicas, pod kill -> replacement Ready and reinstall -> first answer follow when
-the walk has those steps.)
+  registered what the trainer pod published;
+- publish -> all replicas: from the trainer's published adapter until ``adapters load`` has it on
+  both vLLM replicas (the checks in a vLLM pod included);
+- pod kill -> replacement Ready: one vLLM pod deleted under load until its replacement is Ready with
+  the promoted version loaded;
+- reinstall -> first answer: ``loraplane install`` after an uninstall (volume and registry kept)
+  until ``animals:prod`` answers through the gateway.
 
 Times are measured by the test's steps (``[walk] timings: {...}`` in its output); nothing here is
 asserted. The image import and the node's start are outside these numbers.
@@ -30,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURES = {
     "install_to_first_answer": "install -> first answer (2 replicas)",
     "initial run trains, registered": "initial run: upgrade -> trained -> registered",
+    "publish_to_all_replicas": "publish -> loaded on both replicas",
+    "kill_to_replacement_ready": "pod kill under load -> replacement Ready",
+    "reinstall_to_first_answer": "reinstall -> first answer (adapters kept)",
 }
 PREFIX = "[walk] timings: "
 
