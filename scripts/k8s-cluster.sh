@@ -54,12 +54,24 @@ options:
   # log from a file (kubectl logs, loraplane train logs).
   enableCRDs: [PortForward, Logs]
 EOF
+  # Leader election off: a controller-manager or scheduler that misses a lease renewal exits (that
+  # is how leader election works) and kwokctl's binary runtime does not restart it. On a loaded
+  # 2-core machine (vLLM and a real node beside it) that left a cluster without controllers: new
+  # namespaces never got their default ServiceAccount. One instance of each needs no election.
+  echo "componentsPatches:"
+  local component
+  for component in kube-controller-manager kube-scheduler; do
+    cat <<EOF
+- name: $component
+  extraArgs:
+  - {key: leader-elect, value: "false"}
+EOF
+  done
   # Without a default route (a sandbox, a network namespace) kube-apiserver cannot pick an address to
   # advertise and exits: "Unable to find suitable network address". Only then advertise loopback
   # (it then logs that the "kubernetes" Service endpoint may not be loopback; harmless here).
   if ! awk 'NR > 1 && $2 == "00000000" { found = 1 } END { exit !found }' /proc/net/route 2>/dev/null; then
     cat <<EOF
-componentsPatches:
 - name: kube-apiserver
   extraArgs:
   - {key: advertise-address, value: 127.0.0.1}

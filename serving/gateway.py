@@ -60,10 +60,17 @@ class _Upstream:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self._client: httpx.AsyncClient | None = None
+        self._fresh: httpx.AsyncClient | None = None
 
     def open(self) -> None:
+        self._client = self._make(keepalive=64)
+        # A request resent after a failed answer goes out on a new connection (none kept alive): it
+        # goes through the Service again and lands on a live replica, not the pod that just failed.
+        self._fresh = self._make(keepalive=0)
+
+    def _make(self, *, keepalive: int) -> httpx.AsyncClient:
         key = self.config.upstream_api_key
-        self._client = httpx.AsyncClient(
+        return httpx.AsyncClient(
             base_url=self.config.upstream,
             headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else {},
             timeout=httpx.Timeout(
@@ -74,20 +81,27 @@ class _Upstream:
             # new connection then lands on a live replica instead of failing the client's request.
             transport=httpx.AsyncHTTPTransport(
                 retries=CONNECT_RETRIES,
-                limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+                limits=httpx.Limits(max_connections=1024, max_keepalive_connections=keepalive),
             ),
             trust_env=False,  # never route the upstream through a proxy from the environment
         )
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._fresh):
+            if client is not None:
+                await client.aclose()
+        self._client = self._fresh = None
 
     def __call__(self) -> httpx.AsyncClient:
         if self._client is None:
             raise RuntimeError("the gateway's upstream client is used outside the app's lifespan")
         return self._client
+
+    def fresh(self) -> httpx.AsyncClient:
+        """The client for a resend: every request on a new connection."""
+        if self._fresh is None:
+            raise RuntimeError("the gateway's upstream client is used outside the app's lifespan")
+        return self._fresh
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -105,6 +119,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     )
     proxy = Proxy(
         client=upstream,
+        fresh_client=upstream.fresh,
         resolver=resolver,
         keys=KeyChecker(k.get_secret_value() for k in config.api_keys),
         metrics=metrics,

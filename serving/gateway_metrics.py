@@ -53,6 +53,13 @@ class GatewayMetrics:
             ["route", "reason"],
             registry=self.registry,
         )
+        self.upstream_retries = Counter(
+            "loraplane_gateway_upstream_retries",
+            "Requests sent to the model server a second time, on a new connection, before anything was "
+            "relayed: status (it answered 500, 502 or 503) or dropped (it closed the connection unanswered).",
+            ["route", "reason"],
+            registry=self.registry,
+        )
 
     def observe(self, route: str, model: str, served: str, code: int, seconds: float) -> None:
         self.requests.labels(route, model, served, str(code)).inc()

@@ -45,6 +45,10 @@ FORWARDED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", 
 # Streams that always carry their usage (in the ``response.completed`` event), asked for or not.
 USAGE_ALWAYS_STREAMED = frozenset({"/v1/responses"})
 PASSED_BACK_HEADERS = ("content-type",)
+# Answers resent once, on a new connection, before anything reached the client: a replica that is
+# going away (deleted, drained, its engine stopping) answers these or drops the connection, and a
+# new connection lands on another replica (Envoy's retry_on: 5xx,reset does the same).
+RESENT_STATUSES = frozenset({500, 502, 503})
 CLIENT_CLOSED = 499  # the `code` label of a request whose client left before the answer (nginx's 499)
 
 
@@ -169,12 +173,14 @@ class Proxy:
         self,
         *,
         client: Callable[[], httpx.AsyncClient],
+        fresh_client: Callable[[], httpx.AsyncClient] | None = None,
         resolver: ModelResolver,
         keys: KeyChecker,
         metrics: GatewayMetrics,
         max_body_bytes: int,
     ) -> None:
         self._client = client
+        self._fresh_client = fresh_client
         self.resolver = resolver
         self.keys = keys
         self.metrics = metrics
@@ -243,12 +249,32 @@ class Proxy:
             "accept-encoding": "identity",  # bytes are relayed as they come: no compressed streams
             "x-request-id": request_id,
         }
+        content = json.dumps(body).encode()
         client = self._client()
-        upstream_request = client.build_request(
-            "POST", route, content=json.dumps(body).encode(), headers=headers
-        )
         try:
-            return await client.send(upstream_request, stream=True)
+            answer = await client.send(
+                client.build_request("POST", route, content=content, headers=headers), stream=True
+            )
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            # The connection was closed or reset before an answer: its replica went away.
+            if self._fresh_client is None:
+                raise transport_error(exc, f"POST {route}") from None
+            reason, detail = "dropped", f"{type(exc).__name__}: {exc}"
+        except httpx.TransportError as exc:
+            raise transport_error(exc, f"POST {route}") from None
+        else:
+            if answer.status_code not in RESENT_STATUSES or self._fresh_client is None:
+                return answer
+            with anyio.CancelScope(shield=True):
+                await answer.aclose()
+            reason, detail = "status", str(answer.status_code)
+        self.metrics.upstream_retries.labels(route, reason).inc()
+        log.info("resending on a new connection", extra={"route": route, "reason": reason, "first": detail})
+        fresh = self._fresh_client()
+        try:
+            return await fresh.send(
+                fresh.build_request("POST", route, content=content, headers=headers), stream=True
+            )
         except httpx.TransportError as exc:
             raise transport_error(exc, f"POST {route}") from None
 

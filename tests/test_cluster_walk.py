@@ -383,7 +383,9 @@ def test_5_a_vllm_pod_killed_under_load_fails_no_request(walk: Walk) -> None:
                 with httpx.Client(timeout=60, trust_env=False) as client:
                     while not stop.is_set():
                         try:
-                            outcomes.append(client.post(url, json=body, headers=headers).status_code)
+                            answer = client.post(url, json=body, headers=headers)
+                            ok = answer.status_code == 200
+                            outcomes.append(200 if ok else f"{answer.status_code}: {answer.text[:300]}")
                         except httpx.HTTPError as exc:
                             outcomes.append(f"{type(exc).__name__}: {exc}")
 

@@ -142,6 +142,7 @@ class Upstream:
     release: threading.Event = field(default_factory=threading.Event)
     arrived: threading.Event = field(default_factory=threading.Event)
     abandoned: threading.Event = field(default_factory=threading.Event)
+    fail_next: list[int] = field(default_factory=list)  # statuses the next requests get, in order
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -182,6 +183,8 @@ class Upstream:
                 }
             )
             self.arrived.set()
+            if self.fail_next:
+                return JSONResponse({"error": {"message": "engine is shutting down"}}, self.fail_next.pop(0))
             if self.required_key and request.headers.get("authorization") != f"Bearer {self.required_key}":
                 return JSONResponse({"error": {"message": "Unauthorized"}}, 401)
             if body.get("hold"):  # answer only when released, unless the caller hangs up first
@@ -972,3 +975,102 @@ def test_an_upstream_refusing_the_gateways_key_is_a_502_not_the_clients_401(gate
         )
     assert "refused the gateway's credentials" in error["message"]
     assert metric(gateway.url, "loraplane_gateway_upstream_errors_total", {"reason": "auth"}) == 1
+
+
+# --- a replica going away: one resend on a new connection ----------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_failed_answer_is_resent_once_on_a_new_connection(gateway: Env, status: int) -> None:
+    gateway.upstream.fail_next = [status]
+    with gateway.client() as client:
+        answer = client.post("/v1/chat/completions", json=chat("demo"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "ok"
+    sent = gateway.upstream.chats()
+    assert len(sent) == 2 and sent[0]["body"] == sent[1]["body"], sent
+    assert sent[0]["request_id"] == sent[1]["request_id"] == answer.headers["x-request-id"]
+    assert sent[1]["auth"] == f"Bearer {UPSTREAM_KEY}"
+    assert metric(gateway.url, "loraplane_gateway_upstream_retries_total", {"reason": "status"}) == 1
+    assert metric(gateway.url, "loraplane_gateway_requests_total", {"code": "200"}) == 1
+
+
+def test_a_second_failure_is_the_answer_and_other_errors_are_never_resent(gateway: Env) -> None:
+    gateway.upstream.fail_next = [500, 500, 400, 504]
+    with gateway.client() as client:
+        first = client.post("/v1/chat/completions", json=chat("demo"))
+        assert first.status_code == 500 and "shutting down" in first.text
+        assert len(gateway.upstream.chats()) == 2  # once resent, never more
+        for status in (400, 504):
+            assert client.post("/v1/chat/completions", json=chat("demo")).status_code == status
+    assert len(gateway.upstream.chats()) == 4
+    assert metric(gateway.url, "loraplane_gateway_upstream_retries_total", {}) == 1
+
+
+@contextmanager
+def dropping_upstream() -> Iterator[tuple[str, list[str]]]:
+    """A raw HTTP/1.1 server that closes the first POST's connection unanswered, then answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    seen: list[str] = []
+    stop = threading.Event()
+    models = json.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": BASE, "object": "model", "parent": None},
+                {"id": "demo@v1", "object": "model", "parent": BASE},
+            ],
+        }
+    ).encode()
+    chat_answer = json.dumps({"model": "demo@v1", "choices": [{"message": {"content": "ok"}}]}).encode()
+
+    def handle(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while True:
+                line = reader.readline().decode()
+                if not line:
+                    return
+                length = 0
+                while (header := reader.readline().decode()) not in ("\r\n", ""):
+                    if header.lower().startswith("content-length:"):
+                        length = int(header.split(":", 1)[1])
+                reader.read(length)
+                seen.append(line.split()[0])
+                if line.startswith("POST") and seen.count("POST") == 1:
+                    return  # the connection closes with no answer
+                body = models if line.startswith("GET") else chat_answer
+                head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+                conn.sendall(f"{head}\r\n\r\n".encode() + body)
+
+    def accept() -> None:
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                conn, _ = listener.accept()
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", seen
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+        listener.close()
+
+
+def test_a_connection_closed_without_an_answer_is_resent_once(tmp_path: Path) -> None:
+    home = tmp_path / "state"
+    write_registry(home)
+    with dropping_upstream() as (upstream_url, seen):
+        config = GatewayConfig(upstream=upstream_url, home=home, api_keys=(CLIENT_KEY,))
+        with (
+            serve(create_app(config)) as url,
+            httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=DEADLINE_S
+            ) as client,
+        ):
+            answer = client.post("/v1/chat/completions", json=chat("demo"))
+            assert answer.status_code == 200, answer.text
+            assert seen.count("POST") == 2, seen
+            assert metric(url, "loraplane_gateway_upstream_retries_total", {"reason": "dropped"}) == 1
