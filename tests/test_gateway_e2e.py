@@ -438,18 +438,18 @@ def test_vllm_command_works_and_benchmarks_the_gateway(gw: Gw, demo_model: Path,
 
 
 def _helm_test_job() -> tuple[list[str], dict[str, str]]:
-    """The chart's `helm test` Job: its command and environment, as rendered."""
+    """The chart's `helm test` Pod: its command and environment, as rendered."""
     import yaml
 
     rendered = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "helm"), "template", "platform", str(ROOT / "charts" / "loraplane")],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    (job,) = [
+    (pod,) = [
         d for d in yaml.safe_load_all(rendered)
-        if d and d["kind"] == "Job" and d["metadata"]["name"].endswith("-test-models")
+        if d and d["kind"] == "Pod" and d["metadata"]["name"].endswith("-test-models")
     ]  # fmt: skip
-    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (container,) = pod["spec"]["containers"]
     return container["command"], {e["name"]: e["value"] for e in container["env"]}
 
 

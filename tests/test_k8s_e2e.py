@@ -132,8 +132,8 @@ def test_helm_install_in_a_restricted_namespace_schedules_vllm_on_gpu_nodes_and_
     assert [p["status"]["phase"] for p in gateway] == ["Running", "Running"], "gateway.replicas is 2"
     for pod in gateway:
         assert not pod["spec"]["nodeName"].startswith("gpu-node-"), "the gateway needs no GPU"
-    tested = k8s_cluster.helm("test", RELEASE, "-n", ns, "--timeout", "60s")
-    assert "Phase:          Succeeded" in tested.stdout and "test-models" in tested.stdout
+    # `helm test` runs for real in the walk on the real node (tests/test_cluster_walk.py): kwok has no
+    # container to run its pod, so here it could only pass or hang whatever the gateway does.
 
     def secret(name: str) -> dict[str, str]:
         data: dict[str, str] = json.loads(

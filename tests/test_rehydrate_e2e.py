@@ -257,7 +257,12 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     # generated, so the pod stays ready.
     long_request = {"model": BASE, "prompt": "Once", "max_tokens": 240, "ignore_eos": True}
 
+    # The threads send together (a barrier): one started late under load while the first requests
+    # ran could find the queue already drained, and the queue would never fill.
+    together = threading.Barrier(24)
+
     def occupy() -> None:
+        together.wait(timeout=60)
         with contextlib.suppress(httpx.HTTPError):  # step 4 kills the server under it
             http().post(f"{url}/v1/completions", json=long_request, headers=HEADERS, timeout=DEADLINE_S)
 
@@ -266,9 +271,15 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     for thread in occupiers:
         thread.start()
     wait_until(lambda: vllm_generated_tokens(url) > start, "the long requests to start generating", every=0.1)
-    # all of them queued behind the one running (threads under load send theirs late): else the probe's
-    # request might be next in line and finish in time, which would test nothing about a busy engine
-    wait_until(lambda: vllm_metric(url, "vllm:num_requests_waiting") >= 20, "the queue to fill", every=0.1)
+
+    # all of them queued behind the one running: else the probe's request might be next in line and
+    # finish in time, which would test nothing about a busy engine. Once they have all ended the queue
+    # cannot fill any more: that fails at once, not at the deadline.
+    def queue_full() -> bool:
+        assert any(t.is_alive() for t in occupiers), "the long requests all ended before 20 of them queued"
+        return vllm_metric(url, "vllm:num_requests_waiting") >= 20
+
+    wait_until(queue_full, "the queue to fill", every=0.1)
     # The probe's own check, in this process: a probe process's imports took up to a minute on two cores
     # that vLLM's engine keeps busy, long enough for the queue to drain first (its deadline starts after
     # them, so they do not change its verdict).
