@@ -434,3 +434,13 @@ def test_invalid_values_fail_the_install_with_the_schemas_message_and_install_no
     assert "values don't meet the specifications of the schema(s)" in install.stderr
     assert message in install.stderr
     assert k8s_cluster.helm("list", "-n", ns, "-a", "-q").stdout.split() == []
+
+
+def test_the_clusters_controllers_run_without_leader_election(k8s_cluster: Cluster) -> None:
+    """With leader election a controller-manager that misses a renewal on a loaded machine exits, and
+    kwokctl never restarts it (CI: namespaces without their ServiceAccount). Without it, no Lease."""
+    leases = json.loads(k8s_cluster.kubectl("-n", "kube-system", "get", "leases", "-o", "json").stdout)
+    names = {lease["metadata"]["name"] for lease in leases["items"]}
+    assert not names & {"kube-controller-manager", "kube-scheduler"}, names
+    # ...and the controllers do run: a new namespace gets its default ServiceAccount.
+    k8s_cluster.restricted_namespace("lease-check")
