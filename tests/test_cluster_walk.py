@@ -416,12 +416,18 @@ def test_5_a_vllm_pod_killed_under_load_fails_no_request(walk: Walk) -> None:
 
 
 def _probe_pod(name: str, image: str, url: str, labels: dict[str, str]) -> dict[str, Any]:
+    # Tries for 30 s: kube-router programs a new pod's allowance moments after the pod starts, so a
+    # labelled pod's first attempt may still be refused; an unlabelled one is refused to the end.
     script = (
-        "import sys, urllib.request\n"
-        "try:\n"
-        f"    print(urllib.request.urlopen({url!r}, timeout=5).status)\n"
-        "except Exception as exc:\n"
-        "    print(type(exc).__name__, exc); sys.exit(3)\n"
+        "import sys, time, urllib.request\n"
+        "deadline = time.monotonic() + 30\n"
+        "while True:\n"
+        "    try:\n"
+        f"        print(urllib.request.urlopen({url!r}, timeout=5).status); break\n"
+        "    except Exception as exc:\n"
+        "        if time.monotonic() > deadline:\n"
+        "            print(type(exc).__name__, exc); sys.exit(3)\n"
+        "        time.sleep(1)\n"
     )
     return {
         "apiVersion": "v1",

@@ -53,7 +53,10 @@ from loraplane.serving.server_state import read_state
 pytestmark = pytest.mark.e2e
 
 DEADLINE_S = 600.0
-OCCUPIERS = 64  # long requests queued in step 3b
+OCCUPIERS = 64  # long requests sent in step 3b
+# waiting in vLLM's queue before the probe (under load the requests reach the engine gradually and
+# all 64 ended before 56 were ever waiting at once; the rest keep coming behind these)
+QUEUED = 16
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 NAMES = ("rh-sentiment@v1", "rh-animals@v1", "rh-extra@v1")
 
@@ -285,9 +288,9 @@ def test_a_server_serves_its_registry_from_start_survives_a_hang_and_comes_back_
     # cannot fill any more: that fails at once, not at the deadline.
     def queue_full() -> bool:
         assert any(t.is_alive() for t in occupiers), (
-            f"the long requests all ended before {OCCUPIERS - 8} queued: {replies[:3]}"
+            f"the long requests all ended before {QUEUED} queued: {replies[:3]}"
         )
-        return vllm_metric(url, "vllm:num_requests_waiting") >= OCCUPIERS - 8
+        return vllm_metric(url, "vllm:num_requests_waiting") >= QUEUED
 
     wait_until(queue_full, "the queue to fill", every=0.1)
     # The probe's own check, in this process: a probe process's imports took up to a minute on two cores
