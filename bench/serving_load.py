@@ -1,11 +1,13 @@
-"""The load generator and statistics of bench/serving_throughput.py (a helper module, not a benchmark).
+"""The load generator and statistics of bench/serving_throughput.py and bench/gateway_overhead.py.
 
-A *round* sends a fixed list of streamed ``/v1/completions`` requests (token-id prompts,
-``ignore_eos`` so every request produces exactly ``max_tokens`` tokens, greedy) from ``concurrency``
-workers that each take the next request as soon as their previous one finished (closed loop, like
-``vllm bench serve --max-concurrency``). TTFT is the time from sending a request to its first
-streamed chunk that carries a choice; output tokens come from the stream's ``usage`` (checked
-against ``max_tokens``). Round throughput = output tokens of the round / wall time of the round.
+(A helper module, not a benchmark.) A *round* sends a fixed list of streamed ``/v1/completions``
+requests (token-id prompts), or ``/v1/chat/completions`` requests (one user message) for requests
+that carry ``chat`` text, with ``ignore_eos`` so every request produces exactly ``max_tokens``
+tokens, greedy, from ``concurrency`` workers that each take the next request as soon as their
+previous one finished (closed loop, like ``vllm bench serve --max-concurrency``). TTFT is the time
+from sending a request to its first streamed chunk that carries a choice; output tokens come from
+the stream's ``usage`` (checked against ``max_tokens``). Round throughput = output tokens of the
+round / wall time of the round.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class Request:
     model: str
     prompt: tuple[int, ...]
     max_tokens: int
+    chat: str | None = None  # set: a chat completion with this user message instead of ``prompt``
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.chat is not None else "/v1/completions"
 
 
 @dataclass(frozen=True)
@@ -68,20 +75,23 @@ class StreamResult:
 
 
 async def stream_one(client: httpx.AsyncClient, target: Target, request: Request) -> StreamResult:
-    body = {
+    body: dict[str, object] = {
         "model": request.model,
-        "prompt": list(request.prompt),
         "max_tokens": request.max_tokens,
         "ignore_eos": True,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if request.chat is not None:
+        body["messages"] = [{"role": "user", "content": request.chat}]
+    else:
+        body["prompt"] = list(request.prompt)
     headers = {"Authorization": f"Bearer {target.api_key}"}
     started = time.perf_counter()
     ttft: float | None = None
     tokens: int | None = None
-    async with client.stream("POST", f"{target.url}/v1/completions", json=body, headers=headers) as reply:
+    async with client.stream("POST", f"{target.url}{request.path}", json=body, headers=headers) as reply:
         if reply.status_code != 200:
             text = (await reply.aread()).decode(errors="replace")[:300]
             raise LoadError(f"{request.model} at {target.url}: HTTP {reply.status_code}: {text}")
