@@ -33,6 +33,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.logs import configure_logging
@@ -45,34 +46,38 @@ from loraplane.serving.gateway_metrics import CONTENT_TYPE, GatewayMetrics
 from loraplane.serving.gateway_models import ModelResolver, RegistryWatcher, UpstreamModels
 from loraplane.serving.gateway_proxy import FORWARDED_ROUTES, Proxy
 from loraplane.serving.gateway_registry_poll import PollingRegistryWatcher
+from loraplane.serving.gateway_upstream import CONNECT_RETRIES, UpstreamClient
 
 __all__ = ["GatewayConfig", "create_app", "main"]
 
 log = logging.getLogger("loraplane.serving.gateway")
 
-CONNECT_RETRIES = 2
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 class _Upstream:
-    """The one HTTP client to vLLM, opened and closed with the app (its lifespan)."""
+    """The HTTP clients to vLLM, opened and closed with the app (its lifespan).
+
+    Forwarded requests go through :class:`UpstreamClient` (aiohttp: see gateway_upstream.py for why);
+    the gateway's own rare calls (``/health``, ``/v1/models``) through one httpx client.
+    """
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        key = config.upstream_api_key
+        self._auth = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         self._client: httpx.AsyncClient | None = None
-        self._fresh: httpx.AsyncClient | None = None
+        self.forwarding = UpstreamClient(
+            config.upstream,
+            headers=self._auth,
+            read_timeout_s=config.upstream_timeout_s,
+            connect_timeout_s=config.upstream_connect_timeout_s,
+        )
 
     def open(self) -> None:
-        self._client = self._make(keepalive=64)
-        # A request resent after a failed answer goes out on a new connection (none kept alive): it
-        # goes through the Service again and lands on a live replica, not the pod that just failed.
-        self._fresh = self._make(keepalive=0)
-
-    def _make(self, *, keepalive: int) -> httpx.AsyncClient:
-        key = self.config.upstream_api_key
-        return httpx.AsyncClient(
+        self._client = httpx.AsyncClient(
             base_url=self.config.upstream,
-            headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else {},
+            headers=self._auth,
             timeout=httpx.Timeout(
                 self.config.upstream_timeout_s, connect=self.config.upstream_connect_timeout_s
             ),
@@ -81,27 +86,22 @@ class _Upstream:
             # new connection then lands on a live replica instead of failing the client's request.
             transport=httpx.AsyncHTTPTransport(
                 retries=CONNECT_RETRIES,
-                limits=httpx.Limits(max_connections=1024, max_keepalive_connections=keepalive),
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=8),
             ),
             trust_env=False,  # never route the upstream through a proxy from the environment
         )
+        self.forwarding.open()
 
     async def aclose(self) -> None:
-        for client in (self._client, self._fresh):
-            if client is not None:
-                await client.aclose()
-        self._client = self._fresh = None
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = None
+        await self.forwarding.aclose()
 
     def __call__(self) -> httpx.AsyncClient:
         if self._client is None:
             raise RuntimeError("the gateway's upstream client is used outside the app's lifespan")
         return self._client
-
-    def fresh(self) -> httpx.AsyncClient:
-        """The client for a resend: every request on a new connection."""
-        if self._fresh is None:
-            raise RuntimeError("the gateway's upstream client is used outside the app's lifespan")
-        return self._fresh
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -118,8 +118,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         registry, UpstreamModels(upstream), cache_s=config.models_cache_s, canaries=config.canaries
     )
     proxy = Proxy(
-        client=upstream,
-        fresh_client=upstream.fresh,
+        upstream=upstream.forwarding,
         resolver=resolver,
         keys=KeyChecker(k.get_secret_value() for k in config.api_keys),
         metrics=metrics,
@@ -158,8 +157,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
         return handler
 
+    # Plain Starlette routes: FastAPI's request handling (dependency solving, response validation)
+    # has nothing to do for a body that is forwarded, and costs CPU on every request.
     for route in FORWARDED_ROUTES:
-        app.add_api_route(route, forwarder(route), methods=["POST"], include_in_schema=False)
+        app.router.routes.append(Route(route, forwarder(route), methods=["POST"]))
 
     async def answer_models(
         request: Request, route: str, lookup: Callable[[], Awaitable[dict[str, Any]]]

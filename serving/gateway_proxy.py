@@ -20,7 +20,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -33,10 +32,16 @@ from loraplane.serving.gateway_errors import (
     UnauthorizedError,
     UpstreamAuthError,
     error_body,
-    transport_error,
 )
 from loraplane.serving.gateway_metrics import GatewayMetrics
 from loraplane.serving.gateway_models import ModelResolver, Target
+from loraplane.serving.gateway_upstream import (
+    UPSTREAM_ERRORS,
+    UpstreamAnswer,
+    UpstreamClient,
+    dropped,
+    upstream_error,
+)
 
 log = logging.getLogger("loraplane.serving.gateway")
 T = TypeVar("T")
@@ -96,7 +101,7 @@ async def unless_client_leaves(request: Request, work: Callable[[], Awaitable[T]
             failure = exc
         tg.cancel_scope.cancel()
     if left:
-        if isinstance(result, httpx.Response):
+        if isinstance(result, UpstreamAnswer):
             with anyio.CancelScope(shield=True):
                 await result.aclose()
         return None
@@ -119,6 +124,8 @@ class SSEUsage:
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
+        if not self._pending and chunk.endswith(b"\n") and b'"usage"' not in chunk:
+            return  # whole lines without a usage object: most chunks of a stream, nothing to parse
         lines = (self._pending + chunk).split(b"\n")
         self._pending = lines.pop()
         if len(self._pending) > self.MAX_LINE:  # a huge content line: not the usage chunk, skip it
@@ -172,15 +179,13 @@ class Proxy:
     def __init__(
         self,
         *,
-        client: Callable[[], httpx.AsyncClient],
-        fresh_client: Callable[[], httpx.AsyncClient] | None = None,
+        upstream: UpstreamClient,
         resolver: ModelResolver,
         keys: KeyChecker,
         metrics: GatewayMetrics,
         max_body_bytes: int,
     ) -> None:
-        self._client = client
-        self._fresh_client = fresh_client
+        self.upstream = upstream
         self.resolver = resolver
         self.keys = keys
         self.metrics = metrics
@@ -242,7 +247,7 @@ class Proxy:
 
     async def _send(
         self, route: str, body: dict[str, Any], request: Request, request_id: str
-    ) -> httpx.Response:
+    ) -> UpstreamAnswer:
         headers = {
             "content-type": "application/json",
             "accept": request.headers.get("accept", "application/json"),
@@ -250,33 +255,25 @@ class Proxy:
             "x-request-id": request_id,
         }
         content = json.dumps(body).encode()
-        client = self._client()
         try:
-            answer = await client.send(
-                client.build_request("POST", route, content=content, headers=headers), stream=True
-            )
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            answer = await self.upstream.post(route, content, headers)
+        except UPSTREAM_ERRORS as exc:
+            if not dropped(exc):
+                raise upstream_error(exc, f"POST {route}") from None
             # The connection was closed or reset before an answer: its replica went away.
-            if self._fresh_client is None:
-                raise transport_error(exc, f"POST {route}") from None
             reason, detail = "dropped", f"{type(exc).__name__}: {exc}"
-        except httpx.TransportError as exc:
-            raise transport_error(exc, f"POST {route}") from None
         else:
-            if answer.status_code not in RESENT_STATUSES or self._fresh_client is None:
+            if answer.status_code not in RESENT_STATUSES:
                 return answer
             with anyio.CancelScope(shield=True):
                 await answer.aclose()
             reason, detail = "status", str(answer.status_code)
         self.metrics.upstream_retries.labels(route, reason).inc()
         log.info("resending on a new connection", extra={"route": route, "reason": reason, "first": detail})
-        fresh = self._fresh_client()
         try:
-            return await fresh.send(
-                fresh.build_request("POST", route, content=content, headers=headers), stream=True
-            )
-        except httpx.TransportError as exc:
-            raise transport_error(exc, f"POST {route}") from None
+            return await self.upstream.post(route, content, headers, fresh=True)
+        except UPSTREAM_ERRORS as exc:
+            raise upstream_error(exc, f"POST {route}") from None
 
     def _client_left(self, route: str, target: Target, started: float) -> Response:
         self.metrics.observe(
@@ -288,7 +285,7 @@ class Proxy:
     async def _whole(
         self,
         request: Request,
-        upstream: httpx.Response,
+        upstream: UpstreamAnswer,
         route: str,
         target: Target,
         started: float,
@@ -296,8 +293,8 @@ class Proxy:
     ) -> Response:
         try:
             content = await unless_client_leaves(request, upstream.aread)
-        except httpx.TransportError as exc:
-            error = transport_error(exc, f"POST {route}")
+        except UPSTREAM_ERRORS as exc:
+            error = upstream_error(exc, f"POST {route}")
             self.metrics.upstream_errors.labels(route, error.upstream_reason or "transport").inc()
             self.metrics.observe(
                 route, target.requested, target.served, error.status, time.perf_counter() - started
@@ -329,7 +326,7 @@ class Proxy:
 
     async def _relay(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamAnswer,
         route: str,
         target: Target,
         started: float,
@@ -349,10 +346,10 @@ class Proxy:
                         usage.feed(chunk)
                     yield chunk
                 outcome = "complete"
-            except httpx.TransportError as exc:
+            except UPSTREAM_ERRORS as exc:
                 outcome = "upstream failed"
                 self.metrics.upstream_errors.labels(route, "stream").inc()
-                error = transport_error(exc, "the stream")
+                error = upstream_error(exc, "the stream")
                 log.warning(
                     "upstream stream broke", extra={"route": route, "served": target.served, "error": exc}
                 )

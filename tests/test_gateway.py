@@ -1074,3 +1074,89 @@ def test_a_connection_closed_without_an_answer_is_resent_once(tmp_path: Path) ->
             assert answer.status_code == 200, answer.text
             assert seen.count("POST") == 2, seen
             assert metric(url, "loraplane_gateway_upstream_retries_total", {"reason": "dropped"}) == 1
+
+
+# --- an upstream that stalls or breaks: the errors clients and metrics see ----------------------------
+
+
+def test_an_upstream_silent_past_the_timeout_is_a_504_and_a_stalled_stream_ends_with_an_error_event(
+    tmp_path: Path,
+) -> None:
+    with running_gateway(tmp_path / "state", upstream_timeout_s=0.5) as env, env.client() as client:
+        assert_openai_error(
+            client.post("/v1/chat/completions", json=chat("demo", hold=True)), 504, "upstream_timeout"
+        )
+        # The gateway hung up on the upstream: it sees the request abandoned, not answered.
+        assert env.upstream.abandoned.wait(DEADLINE_S)
+        with client.stream("POST", "/v1/completions", json={"model": "demo", "stream": True}) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line.startswith("data:")]
+        # The first chunk came through; then the upstream stalled (it waits for a release that never comes).
+        assert "first" in events[0], events
+        assert json.loads(events[-1][5:])["error"]["code"] == "upstream_timeout", events
+        assert env.upstream.stream_closed.wait(DEADLINE_S), "the stalled upstream stream was left open"
+        assert metric(env.url, "loraplane_gateway_upstream_errors_total", {"reason": "timeout"}) == 1
+        assert metric(env.url, "loraplane_gateway_upstream_errors_total", {"reason": "stream"}) == 1
+
+
+def test_a_stream_whose_connection_breaks_midway_ends_with_an_error_event(tmp_path: Path) -> None:
+    home = tmp_path / "state"
+    write_registry(home)
+    with breaking_upstream() as upstream_url:
+        config = GatewayConfig(upstream=upstream_url, home=home, api_keys=(CLIENT_KEY,))
+        with serve(create_app(config)) as url, Env(url, Upstream(), home).client() as client:
+            body = {"model": "demo", "prompt": "x", "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                events = [line for line in response.iter_lines() if line.startswith("data:")]
+            assert "first" in events[0], events
+            error = json.loads(events[-1][5:])["error"]
+            assert error["code"] == "upstream_error" and "the stream" in error["message"], error
+            assert metric(url, "loraplane_gateway_upstream_errors_total", {"reason": "stream"}) == 1
+            assert metric(url, "loraplane_gateway_upstream_retries_total", {}) == 0  # never resent
+
+
+@contextmanager
+def breaking_upstream() -> Iterator[str]:
+    """A raw HTTP/1.1 server whose streams send one chunk, then close the connection mid-answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    models = json.dumps(
+        {"object": "list", "data": [{"id": "demo@v1", "object": "model", "parent": BASE}]}
+    ).encode()
+    event = b'data: {"choices": [{"text": "first"}]}\n\n'
+
+    def handle(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while line := reader.readline().decode():
+                length = 0
+                while (header := reader.readline().decode()) not in ("\r\n", ""):
+                    if header.lower().startswith("content-length:"):
+                        length = int(header.split(":", 1)[1])
+                reader.read(length)
+                if line.startswith("GET"):
+                    head = (
+                        f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(models)}"
+                    )
+                    conn.sendall(f"{head}\r\n\r\n".encode() + models)
+                    continue
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked"
+                conn.sendall(head + b"\r\n\r\n%x\r\n%s\r\n" % (len(event), event))
+                time.sleep(0.2)
+                return  # closed in the middle of the chunked body
+
+    def accept() -> None:
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                conn, _ = listener.accept()
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+        listener.close()
