@@ -9,8 +9,9 @@ Runs the walk's test file (the real node, the repo's CPU image, ``loraplane inst
   the gateway answers, the demo model put on the volume in between (image cached on the node);
 - initial run: ``loraplane upgrade`` adding ``trainer.initialRun`` until ``train register`` has
   registered what the trainer pod published;
-- publish -> all replicas: from the trainer's published adapter until ``adapters load`` has it on
-  both vLLM replicas (the checks in a vLLM pod included);
+- publish -> all replicas: from ``train register`` returning (the version is in the registry)
+  until both vLLM pods' reconcilers report it loaded in the LoraAdapter's status (they watch the
+  registry; the checks and vLLM's load included; read with kubectl every 0.3 s);
 - pod kill -> replacement Ready: one vLLM pod deleted under load until its replacement is Ready with
   the promoted version loaded;
 - reinstall -> first answer: ``loraplane install`` after an uninstall (volume and registry kept)
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURES = {
     "install_to_first_answer": "install -> first answer (2 replicas)",
     "initial run trains, registered": "initial run: upgrade -> trained -> registered",
-    "publish_to_all_replicas": "publish -> loaded on both replicas",
+    "publish_to_all_replicas": "registered -> loaded on both replicas (watch)",
     "kill_to_replacement_ready": "pod kill under load -> replacement Ready",
     "reinstall_to_first_answer": "reinstall -> first answer (adapters kept)",
 }

@@ -6,6 +6,7 @@ everything it can before it changes anything, and changes the registry in a sing
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -15,6 +16,12 @@ from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.evals.render import write_report
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
 from loraplane.evals.suite import LoadedSuite, load_suite, suite_for_dataset
+from loraplane.platform.convergence import (
+    DEFAULT_TIMEOUT_S,
+    ReplicasDidNotConvergeError,
+    reconciling_replicas,
+    wait_for_replicas,
+)
 from loraplane.platform.pod_checks import check_in_vllm_pod, files_are_here
 from loraplane.platform.registry import (
     REF_PATTERN,
@@ -24,6 +31,8 @@ from loraplane.platform.registry import (
     HistoryEvent,
     RegistryError,
     RegistryState,
+    aliases_of,
+    mark_load_failed,
     mark_serving,
     move_alias,
     open_registry,
@@ -34,7 +43,7 @@ from loraplane.platform.registry import (
     verify_weights,
 )
 from loraplane.platform.settings import Settings
-from loraplane.platform.version_states import transition
+from loraplane.platform.version_states import Command, transition
 from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.limits import max_lora_rank
@@ -142,13 +151,21 @@ def merge_to_directory(
 
 
 async def load_adapter(
-    settings: Settings, ref: str, *, server_urls: list[str] | None = None
+    settings: Settings,
+    ref: str,
+    *,
+    server_urls: list[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> AdapterVersion:
-    """Make every listed server (default: :func:`replica_urls`) serve ``ref`` under its served name.
+    """Make every server serve ``ref`` under its served name.
 
-    Each server's base model is read from its model list, and the version is checked against it
-    before that server is asked (see ``serving/preflight.py``). When a server fails, the servers that
-    loaded the version in this call unload it again and the registry is unchanged.
+    With the Kubernetes registry and vLLM pods that watch it (``platform/convergence.py``), and no
+    ``server_urls``: record it as served and wait (``timeout`` seconds) until every Ready pod reports
+    it loaded; when one reports a failure or does not report in time, the record is undone (with the
+    reason in the history) and the error names those pods. Otherwise every listed server (default:
+    :func:`replica_urls`) is asked directly: its base model is read from its model list, and the
+    version is checked against it first (``serving/preflight.py``); when a server fails, the servers
+    that loaded it in this call unload it again and the registry is unchanged.
     """
     registry = open_registry(settings)
 
@@ -158,9 +175,36 @@ async def load_adapter(
         return entry
 
     entry = rehearse(registry.read(), lambda state: record(state, ref))  # refusals, before any server
+    if server_urls is None and reconciling_replicas(settings) is not None:
+        await asyncio.to_thread(_serve_through_registry, settings, entry, "load", timeout)
+        return open_registry(settings).read().resolve(entry.ref)
     await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with registry.transaction() as state:
         return record(state, entry.ref)
+
+
+def _serve_through_registry(
+    settings: Settings, entry: AdapterVersion, command: Command, timeout: float
+) -> tuple[str, ...]:
+    """Record ``entry`` as served and wait until every Ready reconciling pod serves it; undo the
+    record when one fails it or does not report in time. Returns the pods that serve it."""
+    if files_are_here(settings, entry):
+        verify_weights(entry)  # refused here, before the registry changes
+    registry = open_registry(settings)
+    with registry.transaction() as state:
+        current = state.resolve(entry.ref)
+        before = current.state
+        mark_serving(state, current, command)
+    try:
+        return wait_for_replicas(settings, entry, serving=True, timeout=timeout)
+    except ReplicasDidNotConvergeError as exc:
+        if before != "serving":
+            with registry.transaction() as state:  # back to what it was, with why in the history
+                current = state.resolve(entry.ref)
+                if current.state == "serving" and not aliases_of(state, current):
+                    current.state = before
+                    mark_load_failed(state, current, exc.message[:4000], server=None)
+        raise
 
 
 async def _load_everywhere(settings: Settings, entry: AdapterVersion, urls: list[str]) -> None:
@@ -280,6 +324,7 @@ async def promote_adapter(
     force: bool = False,
     reason: str | None = None,
     server_urls: list[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> tuple[AdapterVersion, str | None]:
     """Point ``<name>:<alias>`` at ``ref``. Returns the version and the alias's previous target.
 
@@ -332,7 +377,10 @@ async def promote_adapter(
                 hint='improve the adapter and evaluate again, or override with --force --reason "..."',
             )
     # every replica must serve it before the alias points at it; on any failure nothing changes
-    await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
+    if server_urls is None and reconciling_replicas(settings) is not None:
+        await asyncio.to_thread(_serve_through_registry, settings, entry, "promote", timeout)
+    else:
+        await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
         return record(state)
 
@@ -345,6 +393,7 @@ async def rollback_alias(
     to: str | None = None,
     reason: str | None = None,
     server_urls: list[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> tuple[AdapterVersion, str]:
     """Point ``name:alias`` back at the version it had before its last change (or at ``to``).
 
@@ -366,7 +415,10 @@ async def rollback_alias(
         return target
 
     rehearse(seen, record)  # retired, or already the alias's version: refused before any server
-    await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
+    if server_urls is None and reconciling_replicas(settings) is not None:
+        await asyncio.to_thread(_serve_through_registry, settings, entry, "rollback", timeout)
+    else:
+        await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
         return record(state), current
 
@@ -402,7 +454,12 @@ async def retire_adapter(
 
 
 async def _stop(
-    settings: Settings, ref: str, *, retire: bool, server_urls: list[str] | None
+    settings: Settings,
+    ref: str,
+    *,
+    retire: bool,
+    server_urls: list[str] | None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> tuple[AdapterVersion, bool]:
     registry = open_registry(settings)
     seen = registry.read()
@@ -411,6 +468,15 @@ async def _stop(
     _, changes = rehearse(seen, lambda s: record_stop(s, entry.ref, retire=retire, servable=servable))
     if not changes:  # already stopped, or already retired: no server to ask, nothing to record
         return entry, False
+    if server_urls is None and reconciling_replicas(settings) is not None:
+        # the pods unload what the registry no longer serves: record it, then wait for them
+        with registry.transaction() as state:
+            current = state.resolve(entry.ref)
+            was = servable or _servable(state, current)
+            stopped = record_stop(state, entry.ref, retire=retire, servable=was)
+        if servable:
+            await asyncio.to_thread(wait_for_replicas, settings, entry, serving=False, timeout=timeout)
+        return stopped
     for url in server_urls or replica_urls(settings) if servable else []:
         if entry.state == "serving":  # it is served: every server must drop it, else nothing changes
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:

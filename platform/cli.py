@@ -175,18 +175,37 @@ def _settings() -> Any:
 
 
 @contextlib.contextmanager
-def _served_settings() -> Iterator[Any]:
+def _served_settings(admin: bool = False) -> Iterator[Any]:
     """The settings; with the kubernetes registry and no --server-url, ``server_urls`` are
     port-forwards (through the Kubernetes API) to every Ready vLLM pod of the namespace, and the API
-    key (unless LORAPLANE_API_KEY is set) the one the pods use, from their Secret."""
+    key (unless LORAPLANE_API_KEY is set) the one the pods use, from their Secret. ``admin`` (a
+    command that only changes what is served): no port-forward when the vLLM pods watch the registry
+    themselves (``platform/convergence.py``): the command writes the registry and waits for them."""
     settings = _settings()
     if settings.registry != "kubernetes" or _state.server_url is not None:
         yield settings
         return
+    if admin:
+        from loraplane.platform.convergence import reconciling_replicas
+
+        if reconciling_replicas(settings) is not None:
+            yield settings
+            return
     from loraplane.platform.portforward import vllm_admin
 
     with vllm_admin(settings) as forwarded:
         yield forwarded
+
+
+def _served_by(settings: Any) -> str:
+    """Which servers a command reached: the Ready vLLM pods that watch the registry, else URLs."""
+    if _state.server_url is None and not settings.server_urls:
+        from loraplane.platform.convergence import reconciling_replicas
+
+        replicas = reconciling_replicas(settings)
+        if replicas is not None:
+            return f"{len(replicas.ready)} Ready vLLM pod(s): {', '.join(replicas.ready) or 'none'}"
+    return ", ".join(settings.server_urls or [settings.server_url])
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -343,7 +362,8 @@ def adapters_register(
 @adapters_app.command("load")
 def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIAS")) -> None:
     """Make the servers serve a registered version under its immutable served name. With the
-    kubernetes registry and no --server-url, every Ready vLLM pod is reached by a port-forward.
+    kubernetes registry and no --server-url: recorded in the registry, then every Ready vLLM pod
+    that watches it must report it loaded (else by one port-forward per Ready pod).
 
     \b
     Example:
@@ -353,11 +373,9 @@ def adapters_load(ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIA
     def body() -> None:
         from loraplane.platform.adapters import load_adapter
 
-        with _served_settings() as settings:
+        with _served_settings(admin=True) as settings:
             entry = asyncio.run(load_adapter(settings, ref))
-        out.print(
-            f"{entry.served_name} is served by {', '.join(settings.server_urls or [settings.server_url])}"
-        )
+            out.print(f"{entry.served_name} is served by {_served_by(settings)}")
 
     _run(body)
 
@@ -431,7 +449,7 @@ def adapters_promote(
     def body() -> None:
         from loraplane.platform.adapters import promote_adapter
 
-        with _served_settings() as settings:
+        with _served_settings(admin=True) as settings:
             entry, previous = asyncio.run(
                 promote_adapter(settings, ref, alias=alias, force=force, reason=reason)
             )
@@ -497,7 +515,7 @@ def adapters_rollback(
     def body() -> None:
         from loraplane.platform.adapters import rollback_alias
 
-        with _served_settings() as settings:
+        with _served_settings(admin=True) as settings:
             entry, replaced = asyncio.run(rollback_alias(settings, name, alias=alias, to=to, reason=reason))
         out.print(f"{name}:{alias} -> {entry.served_name} (was {name}@{replaced})")
 
@@ -515,9 +533,9 @@ def adapters_unload(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None
     def body() -> None:
         from loraplane.platform.adapters import unload_adapter
 
-        with _served_settings() as settings:
+        with _served_settings(admin=True) as settings:
             entry = asyncio.run(unload_adapter(settings, ref))
-        out.print(f"{entry.served_name} is no longer served by {settings.server_url}")
+            out.print(f"{entry.served_name} is no longer served by {_served_by(settings)}")
 
     _run(body)
 
@@ -533,7 +551,7 @@ def adapters_retire(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None
     def body() -> None:
         from loraplane.platform.adapters import retire_adapter
 
-        with _served_settings() as settings:
+        with _served_settings(admin=True) as settings:
             entry, changed = asyncio.run(retire_adapter(settings, ref))
         out.print(
             f"{entry.ref} is retired" if changed else f"{entry.ref} was already retired: nothing changed"

@@ -7,10 +7,17 @@ that object meanwhile, the API server answers 409 and the transaction raises Con
 having written it. Of two concurrent promotions of one adapter exactly one wins. A command changes
 one adapter, so one object: that write is atomic. The API server also checks the object's schema
 (version and alias names, sha256 format, every alias pointing at a registered version).
+
+``status`` is the object's status subresource, written apart from the spec: the summary that
+``kubectl get loraadapters`` shows (patched by the command after each spec write) and
+``status.servers``, where each vLLM pod's reconciler (``serving/replica_reconciler.py``) reports, under
+its pod name, the versions of this adapter it serves and those it could not load, with the reason. A
+spec write never touches them; the CLI waits on them (``platform/convergence.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,6 +39,8 @@ VERSION = "v1alpha1"
 PLURAL = "loraadapters"
 KIND = "LoraAdapter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "loraplane"}
+
+log = logging.getLogger("loraplane.platform")
 
 
 class KubernetesRegistryError(KubernetesError):
@@ -75,6 +84,9 @@ def _event_to_k8s(e: HistoryEvent) -> dict[str, Any]:
     return {k: v for k, v in e.model_dump(mode="json").items() if v is not None and k != "adapter"}
 
 
+SUMMARY_KEYS = ("versions", "latest", "aliases", "prod", "prodState", "prodScore")
+
+
 def _summary(adapter: Adapter) -> dict[str, Any]:
     """What ``kubectl get loraadapters`` shows (the CRD's printer columns)."""
     status: dict[str, Any] = {"versions": len(adapter.versions)}
@@ -108,13 +120,56 @@ def adapter_to_object(adapter: Adapter, history: list[HistoryEvent]) -> dict[str
     }
 
 
-def adapter_from_object(obj: dict[str, Any]) -> tuple[Adapter, list[HistoryEvent]]:
+def server_reports(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``status.servers``: pod name -> ``{"loaded": [versions], "failed": [{"version", "reason"}], "at"}``."""
+    servers = (obj.get("status") or {}).get("servers") or {}
+    return {str(k): v for k, v in servers.items() if isinstance(v, dict)}
+
+
+def _reported_failures(obj: dict[str, Any]) -> dict[str, LoadFailure]:
+    """Version -> the first failure a server reports for it in ``status.servers`` (by pod name)."""
+    out: dict[str, LoadFailure] = {}
+    for pod, report in sorted(server_reports(obj).items()):
+        for failed in report.get("failed") or []:
+            version = failed.get("version")
+            if isinstance(version, str) and version not in out:
+                out[version] = LoadFailure(
+                    reason=str(failed.get("reason", "")), at=str(report.get("at", "")), server=pod
+                )
+    return out
+
+
+def adapter_from_object(
+    obj: dict[str, Any], *, with_reports: bool = False
+) -> tuple[Adapter, list[HistoryEvent]]:
+    """The adapter and its history; ``with_reports``: a version without a recorded failure gets the
+    one a server reports in ``status.servers`` (for reading: a transaction never writes it back)."""
     name = obj["metadata"]["name"]
     spec = obj.get("spec") or {}
     versions = {v: _version_from_k8s(name, v, d) for v, d in (spec.get("versions") or {}).items()}
+    for version, failure in _reported_failures(obj).items() if with_reports else ():
+        if version in versions and versions[version].failure is None:
+            versions[version].failure = failure
     adapter = Adapter(name=name, versions=versions, aliases=dict(spec.get("aliases") or {}))
     history = [HistoryEvent.model_validate({**e, "adapter": name}) for e in spec.get("history") or []]
     return adapter, history
+
+
+class WatchExpiredError(KubernetesRegistryError):
+    """The resourceVersion a watch started from is too old (HTTP 410): list again."""
+
+
+def state_from_objects(objects: dict[str, dict[str, Any]], *, with_reports: bool = False) -> RegistryState:
+    """The registry state that LoraAdapter ``objects`` (by name) hold (``with_reports``: see
+    :func:`adapter_from_object`)."""
+    state = RegistryState()
+    history: list[HistoryEvent] = []
+    for name, obj in sorted(objects.items()):
+        adapter, events = adapter_from_object(obj, with_reports=with_reports)
+        state.adapters[name] = adapter
+        history.extend(events)
+    state.history = sorted(history, key=lambda e: e.at)  # stable: per adapter, order is kept
+    return state
 
 
 class KubernetesRegistry:
@@ -160,26 +215,91 @@ class KubernetesRegistry:
                 f"{what}: cannot reach the Kubernetes API server ({self._where}): {exc}"
             ) from None
 
-    def _list(self) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self._call(
-            "listing adapters", self._api.list_namespaced_custom_object
-        ).get("items", [])
-        return items
+    def list_objects(self) -> tuple[dict[str, dict[str, Any]], str]:
+        """Every LoraAdapter object by name, and the list's resourceVersion (to watch from)."""
+        listed = self._call("listing adapters", self._api.list_namespaced_custom_object)
+        items: list[dict[str, Any]] = listed.get("items", [])
+        return {o["metadata"]["name"]: o for o in items}, str(listed["metadata"]["resourceVersion"])
+
+    def get_object(self, name: str) -> dict[str, Any] | None:
+        """The LoraAdapter object ``name``; None when there is none."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            obj: dict[str, Any] = self._api.get_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, self.namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404 and "not found" in api_message(exc):
+                return None
+            return self._call(f"reading {KIND} {name}", self._api.get_namespaced_custom_object, name)  # type: ignore[no-any-return]
+        return obj
+
+    def watch(self, resource_version: str, timeout_s: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(event type, object)`` for each change after ``resource_version``, for ``timeout_s`` seconds
+        (the API server ends the watch then). An expired ``resource_version`` raises
+        :class:`WatchExpiredError`: list again and watch from the new one."""
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        stream = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            for event in stream.stream(  # type: ignore[no-untyped-call]
+                self._api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                resource_version=resource_version,
+                timeout_seconds=timeout_s,
+                allow_watch_bookmarks=True,
+                _request_timeout=timeout_s + 10,
+            ):
+                yield str(event["type"]), event["raw_object"]
+        except ApiException as exc:
+            if exc.status == 410:
+                raise WatchExpiredError(f"watch from resourceVersion {resource_version} expired") from None
+            raise KubernetesRegistryError(
+                f"watching adapters in {self._where}: {exc.status} {api_message(exc)}"
+            ) from None
+        finally:
+            stream.stop()  # type: ignore[no-untyped-call]
+
+    def report_server(self, name: str, pod: str, report: dict[str, Any] | None) -> None:
+        """Set (or with None remove) ``status.servers[pod]`` of adapter ``name``: a JSON merge patch of
+        the status subresource, so pods reporting at once never conflict and the spec is untouched."""
+        self._call(
+            f"reporting {pod}'s adapters on {KIND} {name}",
+            self._api.patch_namespaced_custom_object_status,
+            name,
+            {"status": {"servers": {pod: report}}},
+        )
+
+    def _write_summary(self, adapter: Adapter, previous: dict[str, Any] | None) -> None:
+        """The printer columns' summary, into the status subresource (a spec write does not change it).
+        Best effort: the spec write, which is the registry, has already happened."""
+        summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)  # keys no longer set are removed
+        summary.update(_summary(adapter))
+        shown = (previous or {}).get("status") or {}
+        if previous is not None and {k: shown.get(k) for k in SUMMARY_KEYS} == summary:
+            return
+        try:
+            self._call(
+                f"updating the summary of {KIND} {adapter.name}",
+                self._api.patch_namespaced_custom_object_status,
+                adapter.name,
+                {"status": summary},
+            )
+        except KubernetesRegistryError as exc:
+            log.info("summary not updated", extra={"adapter": adapter.name, "why": exc.message})
 
     def read(self) -> RegistryState:
-        state, _ = self._read()
-        return state
+        objects, _ = self.list_objects()
+        return state_from_objects(objects, with_reports=True)
 
     def _read(self) -> tuple[RegistryState, dict[str, dict[str, Any]]]:
-        objects = {o["metadata"]["name"]: o for o in self._list()}
-        state = RegistryState()
-        history: list[HistoryEvent] = []
-        for name, obj in sorted(objects.items()):
-            adapter, events = adapter_from_object(obj)
-            state.adapters[name] = adapter
-            history.extend(events)
-        state.history = sorted(history, key=lambda e: e.at)  # stable: per adapter, order is kept
-        return state, objects
+        objects, _ = self.list_objects()
+        return state_from_objects(objects), objects
 
     @contextmanager
     def transaction(self) -> Iterator[RegistryState]:
@@ -202,3 +322,4 @@ class KubernetesRegistry:
                 body["metadata"]["resourceVersion"] = previous["metadata"]["resourceVersion"]
                 body["metadata"]["labels"] = {**previous["metadata"].get("labels", {}), **MANAGED_BY}
                 self._call(f"updating {KIND} {name}", self._api.replace_namespaced_custom_object, name, body)
+            self._write_summary(adapter, previous)

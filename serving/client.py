@@ -121,8 +121,14 @@ class VLLMAdminClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Certificates only for https: loading the CA bundle costs ~50 ms of CPU, and seconds on a
+        # CPU-only server whose engine keeps the cores busy (the reconciler makes one client a pass).
         self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            verify=self.base_url.lower().startswith("https://"),
         )
 
     async def __aenter__(self) -> VLLMAdminClient:

@@ -13,7 +13,9 @@ Ready means, all within ``--timeout`` seconds:
 3. with ``--state-file`` (what the chart passes): the supervisor (``python -m loraplane.serving``)
    has tried every servable adapter version, and every version the registry says is *served*
    (state ``serving``: loaded or promoted; a new registration never changes readiness) that did not
-   fail to load on this server is listed in ``/v1/models``. A version that failed here (recorded
+   fail to load on this server is listed in ``/v1/models``. With the Kubernetes registry that set is
+   the one the pod's reconciler last saw (``required`` in the state file): the probe makes no
+   Kubernetes API call. A version that failed here (recorded
    with its reason in the state file and the registry) is never required: one bad adapter must not
    take the replica out of rotation. Without ``--state-file``, every servable version of the
    registry (``--registry-home DIR`` or ``--registry kubernetes --namespace NS``) whose files pass
@@ -187,7 +189,7 @@ async def check(
     base_model: str,
     api_key: str | None,
     timeout: float,
-    required: dict[str, AdapterVersion] | None,
+    required: dict[str, AdapterVersion | None] | None,
     limits: ServerLimits | None = None,
 ) -> str:
     """Raise NotReady saying why ``url`` is not ready; when it is, return "" or a note ("busy: ...")."""
@@ -273,7 +275,9 @@ async def check(
             )
     if required is None:
         return note
-    missing = sorted(n for n, v in required.items() if n not in listed and _servable_here(v, limits, cards))
+    missing = sorted(
+        n for n, v in required.items() if n not in listed and (v is None or _servable_here(v, limits, cards))
+    )
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise NotReady(f"{len(missing)} registered adapter version(s) not loaded: {shown}")
@@ -314,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.api_key_file is not None:
             api_key = args.api_key_file.read_text().strip()
         state = supervisor_state(args.state_file) if args.state_file is not None else None
-        required = required_adapters(args, state)
+        required: dict[str, AdapterVersion | None] | None
+        if state is not None and state.required is not None:  # the reconciler's view: no remote call
+            required = {name: None for name in state.required if name not in state.failed}
+        else:
+            required = dict(found) if (found := required_adapters(args, state)) is not None else None
         limits = (
             ServerLimits(args.adapters_root, args.max_lora_rank) if args.max_lora_rank is not None else None
         )

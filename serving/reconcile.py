@@ -69,12 +69,18 @@ def served_base(cards: list[ModelCard]) -> BaseModelFacts | None:
 
 
 def check_servable(
-    settings: Settings, entry: AdapterVersion, base: BaseModelFacts | None, *, url: str | None = None
+    settings: Settings,
+    entry: AdapterVersion,
+    base: BaseModelFacts | None,
+    *,
+    url: str | None = None,
+    rank_limit: int | None = None,
 ) -> None:
     """Everything a version must pass before a server (``url``, default ``settings.server_url``) is
     asked to load it: its weights unchanged since registration and sound to the last byte (a file
-    vLLM cannot read must never reach it), the preflight against that server's rank limit and base."""
-    rank = max_lora_rank(settings, url)
+    vLLM cannot read must never reach it), the preflight against that server's rank limit (``rank_limit``
+    when the caller knows it, as the server's own reconciler does) and base."""
+    rank = rank_limit if rank_limit is not None else max_lora_rank(settings, url)
     check_files(entry, adapters_root=settings.adapters_dir, max_lora_rank=rank, base=base)
 
 
@@ -129,10 +135,11 @@ async def sync_replica(
     registered: set[str] | None = None,
     prune_unknown: bool = True,
     dry_run: bool = False,
+    rank_limit: int | None = None,
 ) -> ReplicaReport:
     """Load what ``url`` lacks of ``wanted``; unload adapters that are not wanted. ``prune_unknown``
     False keeps adapters that are not in ``registered`` (the served names the registry knows: another
-    registry may share the server)."""
+    registry may share the server). ``rank_limit``: the server's ``--max-lora-rank``, when known."""
     report = ReplicaReport(url=url)
     registered = registered or {e.served_name for e in wanted}
     try:
@@ -147,7 +154,7 @@ async def sync_replica(
                     report.unchanged.append(name)
                     continue
                 try:
-                    check_servable(settings, entry, base, url=url)
+                    check_servable(settings, entry, base, url=url, rank_limit=rank_limit)
                 except LoraplaneError as exc:
                     report.skipped[name] = exc.message
                     continue

@@ -50,6 +50,11 @@ class ServerState(BaseModel):
     phase: Phase = "starting"
     loaded: list[str] = Field(default_factory=list, description="Served names this server loaded.")
     failed: dict[str, str] = Field(default_factory=dict, description="Served name -> why it failed here.")
+    required: list[str] | None = Field(
+        default=None,
+        description="Served names the registry says are served (state 'serving'), as the reconciler last "
+        "saw it: the readiness probe requires those that did not fail here. None: no reconciler runs.",
+    )
     pid: int = Field(default_factory=os.getpid)
     updated_at: str = Field(default_factory=_now)
 

@@ -5,8 +5,11 @@ container's main process):
 
 1. starts vLLM with no adapter, in a process group of its own, guarded by a watchdog
    (``process_group.py``): whatever kills the supervisor, vLLM's engine does not outlive it;
-2. waits for ``/health``, then loads every servable version at runtime (``rehydrate.py``): a
-   version that fails is skipped, named in the log with its reason and recorded in the registry;
+2. waits for ``/health``, then serves the registry's servable versions. With the Kubernetes
+   registry a reconciler thread (``replica_reconciler.py``) watches the ``LoraAdapter`` objects and
+   keeps this server serving exactly that set as it changes, reporting in the objects' status; with
+   the local registry every servable version is loaded once at runtime (``rehydrate.py``). Either way
+   a version that fails is skipped, named in the log with its reason and recorded;
 3. writes its state file (``server_state.py``) at each step: ``starting`` -> ``loading`` ->
    ``ready`` (every servable version tried) -> ``stopped``. The readiness probe reads it;
 4. forwards SIGTERM/SIGINT/SIGHUP to vLLM (which drains for ``--shutdown-timeout``), waits for it,
@@ -31,6 +34,8 @@ from loraplane.serving.base_model import BaseModelFacts
 from loraplane.serving.launcher import VLLMServerConfig
 from loraplane.serving.process_group import ProcessGroup, start_watchdog
 from loraplane.serving.rehydrate import rehydrate_at_runtime
+from loraplane.serving.replica_reconciler import ReplicaReconciler
+from loraplane.serving.replica_reconciler import start as start_reconciler
 from loraplane.serving.server_state import ServerLimits, ServerState
 
 log = logging.getLogger("loraplane.serving")
@@ -92,8 +97,22 @@ def supervise(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     code: int | None = None
+    reconciler: ReplicaReconciler | None = None
     try:
-        if _wait_healthy(group, local_url, stopping, startup_timeout):
+        healthy = _wait_healthy(group, local_url, stopping, startup_timeout)
+        if healthy and settings.registry == "kubernetes":
+            state.phase = "loading"
+            state.write(state_path)
+            reconciler = ReplicaReconciler(
+                settings.model_copy(update={"server_url": local_url}),
+                local_url,
+                pod=_server_name(),
+                state=state,
+                state_path=state_path,
+            )
+            start_reconciler(reconciler, stopping)
+            _say("watching the registry: serving its adapters as they are published")
+        elif healthy:
             state.phase = "loading"
             state.write(state_path)
             result = asyncio.run(
@@ -112,8 +131,11 @@ def supervise(
             _say(f"serving {len(result.loaded)} registered adapter version(s) (loaded at runtime){failed}")
         code = group.process.wait()
     finally:
+        stopping.set()
         if group.poll() is None:
             code = group.stop(grace=stop_grace)
+        if reconciler is not None:
+            reconciler.withdraw()
         group.reap()  # the engine core and helpers of a vLLM that exited or was killed
         watchdog.close()
         for s, handler in previous.items():

@@ -41,7 +41,14 @@ def platform_ns(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) 
     k8s_cluster.kubectl(
         "-n", ns, "create", "secret", "generic", "vllm-key", f"--from-literal=api-key={API_KEY}"
     )
-    serving = {"tolerations": TOLERATE_GPU, "apiKeySecret": {"name": "vllm-key", "key": "api-key"}}
+    # rehydrate off: these vLLM pods do not watch the registry (kwok runs no reconciler), so the CLI
+    # reaches them the direct way, one port-forward per Ready pod. tests/test_reconciler_k8s.py covers
+    # pods that watch it.
+    serving = {
+        "tolerations": TOLERATE_GPU,
+        "apiKeySecret": {"name": "vllm-key", "key": "api-key"},
+        "rehydrate": False,
+    }
     # One gateway pod (the chart's default is 2): the tests below name the pod a port-forward reaches.
     values.write_text(yaml.safe_dump({"serving": serving, "gateway": {"replicas": 1}}))
     installed = _cli(k8s_cluster, ns, "install", "-f", str(values), "--wait", "--timeout", "120s")
