@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.evals.render import write_report
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
@@ -27,6 +29,7 @@ from loraplane.platform.registry import (
     REF_PATTERN,
     Adapter,
     AdapterVersion,
+    CanaryWeight,
     EvalRecord,
     HistoryEvent,
     RegistryError,
@@ -421,6 +424,34 @@ async def rollback_alias(
         await _load_everywhere(settings, entry, server_urls or replica_urls(settings))
     with open_registry(settings).transaction() as state:
         return record(state), current
+
+
+def set_canary(settings: Settings, name: str, *, percent: float | None, alias: str = "canary") -> Adapter:
+    """Keep a weighted canary with adapter ``name``: ``percent`` of the requests for ``NAME`` and
+    ``NAME:prod`` go to the version ``NAME:<alias>`` points at, from the gateway's next registry read
+    (no restart); it overrides the gateway's own rule for this adapter, and 0 sends nothing there.
+    ``percent`` None removes it (the gateway's own rule, if any, applies again). One ``canary`` event
+    in the history; setting what is already set changes nothing."""
+    try:
+        weight = None if percent is None else CanaryWeight(alias=alias, percent=percent)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'alias'}: {e['msg']}" for e in exc.errors())
+        raise InvalidInputError(
+            f"canary {alias}={percent}: {problems}",
+            hint="use a percent from 0 to 100 and an alias other than prod, e.g. --percent 10 --alias canary",
+        ) from None
+    with open_registry(settings).transaction() as state:
+        adapter = state.adapter(name)
+        if adapter.canary == weight:
+            return adapter
+        adapter.canary = weight
+        said = "removed" if weight is None else f"{weight.percent:g}% to {name}:{weight.alias}"
+        state.history.append(
+            HistoryEvent(
+                action="canary", adapter=name, alias=None if weight is None else weight.alias, reason=said
+            )
+        )
+    return adapter
 
 
 def _servable(state: RegistryState, entry: AdapterVersion) -> bool:

@@ -540,6 +540,46 @@ def adapters_unload(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None
     _run(body)
 
 
+@adapters_app.command("canary")
+def adapters_canary(
+    name: str = typer.Argument(..., help="Adapter name."),
+    percent: float | None = typer.Option(
+        None, "--percent", help="Share of NAME / NAME:prod requests for the canary, 0 to 100."
+    ),
+    alias: str = typer.Option("canary", help="The alias whose version gets that share (not prod)."),
+    clear: bool = typer.Option(False, "--clear", help="Remove it: the gateway's own rule applies again."),
+) -> None:
+    """Set the weighted canary of an adapter, live: the gateway sends --percent of the requests for
+    NAME and NAME:prod to the version NAME:ALIAS points at, from its next registry read (no restart).
+    It overrides the gateway's --canary / the chart's gateway.canary for this adapter.
+
+    \b
+    Example:
+      loraplane adapters promote support-bot@v4 --alias canary
+      loraplane adapters canary support-bot --percent 10
+      loraplane adapters canary support-bot --percent 50      # widen it
+      loraplane adapters promote support-bot@v4               # done: v4 is prod
+      loraplane adapters canary support-bot --clear
+    """
+
+    def body() -> None:
+        from loraplane.platform.adapters import set_canary
+
+        if (percent is None) == (not clear):
+            raise InvalidInputError("give exactly one of --percent P or --clear")
+        adapter = set_canary(_settings(), name, percent=None if clear else percent, alias=alias)
+        if adapter.canary is None:
+            out.print(f"{name}: no canary set in the registry")
+        else:
+            target = adapter.aliases.get(adapter.canary.alias)
+            now = f"{name}@{target}" if target else f"nothing yet: {name}:{adapter.canary.alias} is not set"
+            out.print(
+                f"{name}: {adapter.canary.percent:g}% of {name}:prod -> {name}:{adapter.canary.alias} ({now})"
+            )
+
+    _run(body)
+
+
 @adapters_app.command("retire")
 def adapters_retire(ref: str = typer.Argument(..., help="NAME@VERSION")) -> None:
     """Unload a version and mark it retired for good: retired is terminal, it can no longer be loaded,

@@ -154,16 +154,35 @@ class AdapterVersion(BaseModel):
         return self.evals[-1] if self.evals else None
 
 
+class CanaryWeight(BaseModel):
+    """A weighted canary kept with the adapter (``loraplane adapters canary``): ``percent`` of the
+    requests for ``NAME`` and ``NAME:prod`` go to the version ``NAME:<alias>`` points at. The gateway
+    reads it from the registry as it changes (no restart), and it overrides the gateway's own rule
+    for this adapter (``--canary`` / the chart's ``gateway.canary``); 0 sends nothing there."""
+
+    alias: str = Field(default="canary", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    percent: float = Field(ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _not_prod(self) -> CanaryWeight:
+        if self.alias == "prod":
+            raise ValueError("the canary alias cannot be prod (prod is what the rest of the traffic gets)")
+        return self
+
+
 class Adapter(BaseModel):
     name: str
     versions: dict[str, AdapterVersion] = Field(default_factory=dict)
     aliases: dict[str, str] = Field(default_factory=dict, description="alias -> version")
+    canary: CanaryWeight | None = Field(default=None, description="A weighted canary set in the registry.")
 
 
 class HistoryEvent(BaseModel):
     at: str = Field(default_factory=now)
     who: str = Field(default_factory=lambda: getpass.getuser())
-    action: Literal["register", "load", "load-failed", "unload", "eval", "promote", "rollback", "retire"]
+    action: Literal[
+        "register", "load", "load-failed", "unload", "eval", "promote", "rollback", "retire", "canary"
+    ]
     adapter: str
     version: str | None = None
     alias: str | None = None

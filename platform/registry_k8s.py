@@ -26,6 +26,7 @@ from loraplane.platform.kube import KubernetesError, api_client, api_message
 from loraplane.platform.registry import (
     Adapter,
     AdapterVersion,
+    CanaryWeight,
     ConflictError,
     EvalRecord,
     HistoryEvent,
@@ -111,6 +112,8 @@ def adapter_to_object(adapter: Adapter, history: list[HistoryEvent]) -> dict[str
     }
     if adapter.aliases:
         spec["aliases"] = dict(adapter.aliases)
+    if adapter.canary is not None:
+        spec["canary"] = adapter.canary.model_dump(mode="json")
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
@@ -150,7 +153,8 @@ def adapter_from_object(
     for version, failure in _reported_failures(obj).items() if with_reports else ():
         if version in versions and versions[version].failure is None:
             versions[version].failure = failure
-    adapter = Adapter(name=name, versions=versions, aliases=dict(spec.get("aliases") or {}))
+    canary = CanaryWeight.model_validate(spec["canary"]) if spec.get("canary") else None
+    adapter = Adapter(name=name, versions=versions, aliases=dict(spec.get("aliases") or {}), canary=canary)
     history = [HistoryEvent.model_validate({**e, "adapter": name}) for e in spec.get("history") or []]
     return adapter, history
 

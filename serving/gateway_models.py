@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry import REF_PATTERN, AdapterVersion, LocalRegistry, RegistryState
+from loraplane.platform.registry import REF_PATTERN, Adapter, AdapterVersion, LocalRegistry, RegistryState
 from loraplane.serving.gateway_canary import CanaryRule, takes_canary
 from loraplane.serving.gateway_errors import (
     ModelNotFoundError,
@@ -168,7 +168,21 @@ class ModelResolver:
         self.upstream = upstream
         self.cache_s = cache_s
         self.canaries = dict(canaries or {})
+        self._weights: dict[str, CanaryRule] = {}  # the registry's weights, as rules
         self._rng = rng or random.Random()
+
+    def _rule(self, adapter: Adapter) -> CanaryRule | None:
+        """The adapter's canary: the weight kept in the registry (``adapters canary``, live) wins over
+        the gateway's own rule (``--canary``, ``gateway.canary``); a weight of 0 means none."""
+        weight = adapter.canary
+        if weight is None:
+            return self.canaries.get(adapter.name)
+        if weight.percent <= 0:
+            return None
+        cached = self._weights.get(adapter.name)
+        if cached is None or (cached.alias, cached.percent) != (weight.alias, weight.percent):
+            cached = self._weights[adapter.name] = CanaryRule(alias=weight.alias, percent=weight.percent)
+        return cached
 
     async def resolve(self, model: str, *, user: str | None = None) -> Target:
         state = self.registry.state()
@@ -181,7 +195,7 @@ class ModelResolver:
             if version.state == "retired":
                 raise ModelNotFoundError(f"The model `{model}` does not exist: {version.ref} is retired")
             adapter = state.adapters[match["name"]]
-            rule = self.canaries.get(adapter.name)
+            rule = self._rule(adapter)
             via_prod = not match["version"] and match["alias"] in (None, "prod") and "prod" in adapter.aliases
             if rule and via_prod and rule.alias in adapter.aliases:
                 canary = adapter.versions.get(adapter.aliases[rule.alias])

@@ -31,8 +31,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from loraplane.common.errors import ConfigError
+from loraplane.common.errors import ConfigError, InvalidInputError
 from loraplane.common.files import atomic_write_text
+from loraplane.platform.adapters import set_canary
 from loraplane.platform.quickstart import free_port
 from loraplane.platform.registry import (
     Adapter,
@@ -42,6 +43,7 @@ from loraplane.platform.registry import (
     VersionState,
     move_alias,
 )
+from loraplane.platform.settings import Settings
 from loraplane.serving.gateway import GatewayConfig, create_app, main, parse_args
 from loraplane.serving.gateway_auth import KeyChecker, load_client_keys, load_upstream_key
 from loraplane.serving.gateway_canary import CANARIES_ENV, CanaryRule, parse_canary, takes_canary
@@ -811,6 +813,42 @@ def test_canary_without_its_alias_or_at_100_percent(tmp_path: Path) -> None:
         with LocalRegistry(env.home).transaction() as state:
             move_alias(state, "demo", "canary", "v2", expected=None, action="promote")
         assert {served_for(env, "demo") for _ in range(5)} == {"demo@v2"}  # no `user`: a random draw
+
+
+def test_a_canary_weight_set_in_the_registry_applies_live_and_overrides_the_gateways_rule(
+    tmp_path: Path,
+) -> None:
+    """`loraplane adapters canary` keeps the weight with the adapter: the running gateway follows each
+    change at its next registry read, without a restart, over its own --canary rule."""
+    with running_gateway(tmp_path / "state", canaries={"demo": CanaryRule(percent=100)}) as env:
+        settings = Settings(home=env.home)
+        with LocalRegistry(env.home).transaction() as state:
+            move_alias(state, "demo", "canary", "v2", expected=None, action="promote")
+        assert {served_for(env, "demo") for _ in range(5)} == {"demo@v2"}, "the gateway's own rule: 100 %"
+        set_canary(settings, "demo", percent=0)  # the registry's weight wins: nothing to the canary
+        wait_until(lambda: served_for(env, "demo") == "demo@v1", "the gateway to read the weight", timeout=10)
+        assert {served_for(env, "demo:prod") for _ in range(20)} == {"demo@v1"}
+        set_canary(settings, "demo", percent=100)
+        wait_until(lambda: served_for(env, "demo") == "demo@v2", "the weight of 100 %", timeout=10)
+        assert {served_for(env, "demo") for _ in range(10)} == {"demo@v2"}
+        assert served_for(env, "demo@v1") == "demo@v1", "a name that says its version is never diverted"
+        set_canary(settings, "demo", percent=None)  # removed: the gateway's own rule applies again
+        assert LocalRegistry(env.home).read().adapters["demo"].canary is None
+        assert {served_for(env, "demo") for _ in range(5)} == {"demo@v2"}
+        events = [
+            (e.action, e.reason) for e in LocalRegistry(env.home).read().history if e.action == "canary"
+        ]
+        assert events == [
+            ("canary", "0% to demo:canary"),
+            ("canary", "100% to demo:canary"),
+            ("canary", "removed"),
+        ]
+        for bad, field in ((101.0, "percent"), (-1.0, "percent")):
+            with pytest.raises(InvalidInputError, match=field):
+                set_canary(settings, "demo", percent=bad)
+        with pytest.raises(InvalidInputError, match="cannot be prod"):
+            set_canary(settings, "demo", percent=5, alias="prod")
+        assert len([e for e in LocalRegistry(env.home).read().history if e.action == "canary"]) == 3
 
 
 def test_canary_rules_from_the_command_line(tmp_path: Path) -> None:

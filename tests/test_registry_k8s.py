@@ -13,8 +13,8 @@ import threading
 import pytest
 from conftest import ROOT, Cluster, write_fake_adapter
 
-from loraplane.platform.adapters import register_adapter
-from loraplane.platform.registry import ConflictError, move_alias, open_registry
+from loraplane.platform.adapters import register_adapter, set_canary
+from loraplane.platform.registry import CanaryWeight, ConflictError, move_alias, open_registry
 from loraplane.platform.registry_k8s import KubernetesRegistryError
 from loraplane.platform.settings import Settings
 
@@ -219,3 +219,23 @@ def test_the_charts_roles_let_namespace_editors_use_the_registry_and_viewers_rea
     assert not can("alice", "delete"), "versions are retired, never deleted"
     assert not can("bob", "update") and not can("bob", "create")
     assert not can("mallory", "list")
+
+
+def test_a_canary_weight_is_kept_in_the_object_and_prod_is_refused_by_the_api_server(
+    k8s_cluster: Cluster, k8s_settings: Settings
+) -> None:
+    _register(k8s_settings, "v1")
+    set_canary(k8s_settings, "demo", percent=12.5)
+    ns = k8s_settings.namespace
+    obj = json.loads(k8s_cluster.kubectl("-n", ns, "get", "loraadapters", "demo", "-o", "json").stdout)
+    assert obj["spec"]["canary"] == {"alias": "canary", "percent": 12.5}
+    assert open_registry(k8s_settings).read().adapters["demo"].canary == CanaryWeight(percent=12.5)
+    # A client that skips our checks is refused by the CRD's own rule.
+    patched = k8s_cluster.kubectl(
+        "-n", ns, "patch", "loraadapters", "demo", "--type", "merge",
+        "-p", json.dumps({"spec": {"canary": {"alias": "prod", "percent": 5}}}), check=False,
+    )  # fmt: skip
+    assert patched.returncode != 0 and "the canary alias cannot be prod" in patched.stderr, patched.stderr
+    set_canary(k8s_settings, "demo", percent=None)
+    obj = json.loads(k8s_cluster.kubectl("-n", ns, "get", "loraadapters", "demo", "-o", "json").stdout)
+    assert "canary" not in obj["spec"]
