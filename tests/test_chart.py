@@ -281,11 +281,8 @@ def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None
 
     gateway = objs["Deployment/platform-loraplane-gateway"]["spec"]["template"]["spec"]
     args = gateway["containers"][0]["args"]
-    assert (
-        gateway["containers"][0]["image"]
-        == vllm["containers"][0]["image"]
-        == "ghcr.io/loraplane/loraplane:0.1.0"
-    )
+    assert vllm["containers"][0]["image"] == "ghcr.io/loraplane/loraplane:0.1.0"
+    assert gateway["containers"][0]["image"] == "ghcr.io/loraplane/loraplane-gateway:0.1.0", "its slim image"
     assert "--upstream=http://platform-loraplane-vllm:8000" in args
     assert {"--registry=kubernetes", "--namespace=ml", "--host=0.0.0.0"} <= set(args)
     assert "--upstream-api-key-file=/etc/loraplane/api-key/api-key" in args
@@ -715,6 +712,34 @@ def test_the_gateway_runs_two_replicas_under_a_budget_that_selects_only_its_pods
                 "gateway.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists")
     )  # fmt: skip
     assert set(own["spec"]["template"]["spec"]["affinity"]) == {"nodeAffinity"}, "yours replaces the default"
+
+
+def test_the_gateway_runs_its_own_slim_image_and_keeps_its_budget() -> None:
+    """gateway.image, not serving.image: the tier users talk to pulls no torch or vLLM."""
+    for objs, image, policy in (
+        (_render(), "ghcr.io/loraplane/loraplane-gateway:0.1.0", "IfNotPresent"),
+        (
+            _render("gateway.image.repository=registry.example/gw", "gateway.image.tag=1.2.3",
+                    "gateway.image.pullPolicy=Always", "serving.image.repository=registry.example/vllm"),
+            "registry.example/gw:1.2.3",
+            "Always",
+        ),
+        (
+            _render(files=(_profile("cpu-node"),)),
+            "localhost/loraplane/loraplane-gateway:0.1.0",
+            "IfNotPresent",
+        ),
+    ):  # fmt: skip
+        (container,) = _gateway_deploy(objs)["spec"]["template"]["spec"]["containers"]
+        assert (container["image"], container["imagePullPolicy"]) == (image, policy)
+        _, _, vllm = _vllm(objs)
+        assert vllm["image"] != container["image"], "the serving image stays vLLM's"
+        pdb = objs[f"PodDisruptionBudget/{GATEWAY_NAME}"]
+        assert pdb["spec"]["selector"] == {"matchLabels": GATEWAY_PODS}, "the gateway keeps its budget"
+    assert "at '/gateway/image/tag': got number, want string" in _fails("gateway.image.tag=1")
+    unknown = _fails("gateway.image.registry=x")
+    assert "at '/gateway/image': additional properties 'registry' not allowed" in unknown
+    assert "at '/gateway/image/pullPolicy'" in _fails("gateway.image.pullPolicy=Sometimes")
 
 
 def test_the_gateway_autoscaler_owns_the_replica_count() -> None:

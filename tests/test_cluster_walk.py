@@ -182,14 +182,16 @@ def _condition(pod: dict[str, Any], kind: str) -> bool:
 
 @pytest.fixture(scope="module")
 def cpu_image(real_node: RealNode) -> str:
-    """The CPU image, built from the repo if its inputs changed, imported into the node's containerd."""
+    """The CPU image, built from the repo if its inputs changed, imported into the node's containerd
+    with the gateway's slim image (the profile's gateway.image, the same tag)."""
     env = {**os.environ, "LORAPLANE_NODE_WORKDIR": str(real_node.work)}
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build-images.sh"), "import"], capture_output=True, text=True, env=env
     )
     assert proc.returncode == 0, f"scripts/build-images.sh import failed:\n{proc.stderr[-4000:]}"
-    ref = proc.stdout.strip().splitlines()[-1]
+    ref, gateway = proc.stdout.split()
     assert ref.startswith("localhost/loraplane/loraplane-cpu:"), proc.stdout
+    assert gateway == ref.replace("/loraplane-cpu:", "/loraplane-gateway:"), proc.stdout
     return ref
 
 
@@ -274,7 +276,10 @@ def test_2_the_model_and_data_reach_the_volume_and_two_vllm_replicas_become_read
         log = walk.node.logs(walk.ns, vllm[0]["metadata"]["name"])
         for pod in [*vllm, *gateway]:
             (container,) = pod["status"]["containerStatuses"]
-            assert container["image"] == walk.image, container
+            # the gateway runs its own slim image (cpu_image imported it)
+            gateway_image = walk.image.replace("/loraplane-cpu:", "/loraplane-gateway:")
+            image = walk.image if pod in vllm else gateway_image
+            assert container["image"] == image, container
             assert pod["spec"]["securityContext"]["runAsUser"] == UID
             assert pod["spec"]["nodeName"] == "lp-node"
             assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"].get("limits", {})
