@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # The serving image: vLLM's official OpenAI server image (CUDA) plus loraplane's serving entry point
-# (python -m loraplane.serving, which rehydrates adapters from the registry and execs vLLM) and the
-# gateway (python -m loraplane.serving.gateway). The chart's vLLM and gateway Deployments run it.
+# (python -m loraplane.serving, which rehydrates adapters from the registry and execs vLLM). The chart's
+# vLLM Deployment and its helm test hook run it; the gateway runs its own slim image
+# (docker/gateway.Dockerfile), though this one can still run it (python -m loraplane.serving.gateway).
 #   docker build -f docker/serving.Dockerfile -t ghcr.io/loraplane/loraplane:0.1.0 .
 # vLLM, torch and transformers come from the base image; loraplane's other dependencies are pinned by
 # requirements/lock.txt (used as constraints), so the image gets the versions CI tested.
