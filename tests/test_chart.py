@@ -193,7 +193,8 @@ def test_default_render_has_kept_pvc_and_hardened_vllm() -> None:
     pvc = objs["PersistentVolumeClaim/platform-loraplane-data"]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    _, pod, container = _vllm(objs)
+    deploy, pod, container = _vllm(objs)
+    pod_meta = deploy["spec"]["template"]["metadata"]
     assert container["command"] == ["python", "-m", "loraplane.serving"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     sc = container["securityContext"]
@@ -210,12 +211,23 @@ def test_default_render_has_kept_pvc_and_hardened_vllm() -> None:
     )
     role = objs["Role/platform-loraplane-registry-reader"]
     assert role["rules"] == [
-        {"apiGroups": ["loraplane.dev"], "resources": ["loraadapters"], "verbs": ["get", "list"]}
+        {"apiGroups": ["loraplane.dev"], "resources": ["loraadapters"], "verbs": ["get", "list", "watch"]}
     ]
     readers = objs["RoleBinding/platform-loraplane-registry-reader"]["subjects"]
     assert [s["name"] for s in readers] == ["platform-loraplane-vllm", "platform-loraplane-gateway"]
+    # The reconciler reports in the status subresource only: it can never change a spec.
+    reporter = objs["Role/platform-loraplane-registry-reporter"]
+    assert reporter["rules"] == [
+        {"apiGroups": ["loraplane.dev"], "resources": ["loraadapters/status"], "verbs": ["patch"]}
+    ]
+    reporters = objs["RoleBinding/platform-loraplane-registry-reporter"]["subjects"]
+    assert [s["name"] for s in reporters] == ["platform-loraplane-vllm"]
+    # The label the CLI finds watching pods by (platform/convergence.py SELECTOR).
+    assert pod_meta["labels"]["loraplane.dev/reconciler"] == "watch"
     static = _render("serving.rehydrate=false", "gateway.enabled=false")
-    _, static_pod, static_container = _vllm(static)
+    static_deploy, static_pod, static_container = _vllm(static)
+    assert "loraplane.dev/reconciler" not in static_deploy["spec"]["template"]["metadata"]["labels"]
+    assert "Role/platform-loraplane-registry-reporter" not in static
     assert static_pod["automountServiceAccountToken"] is False
     assert not any(a.startswith("--registry") for a in static_container["args"])
     assert not any(a.startswith("--registry") for a in static_container["readinessProbe"]["exec"]["command"])
@@ -306,6 +318,9 @@ def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None
     hook = objs["Pod/platform-loraplane-test-models"]
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert hook["spec"]["restartPolicy"] == "Never" and hook["spec"]["activeDeadlineSeconds"] == 120
+    # it needs only Python and httpx: the gateway's slim image, never the multi-GB serving image
+    gateway_image = objs["Deployment/platform-loraplane-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert hook["spec"]["containers"][0]["image"] == gateway_image["image"]
     script = hook["spec"]["containers"][0]["command"][2]
     assert "/v1/models" in script and "/v1/chat/completions" in script and '"max_tokens": 1' in script
     # what it runs is tested against the real gateway in tests/test_gateway_e2e.py
@@ -373,7 +388,9 @@ def test_pod_templates_carry_only_stable_labels(profile: Path | None) -> None:
     for key, (owner, template) in pods.items():
         labels = template["metadata"]["labels"]
         assert set(labels) >= STABLE_POD_LABELS, key
-        assert set(labels) - STABLE_POD_LABELS <= {"loraplane.dev/adapter"}, f"{key}: {labels}"
+        assert set(labels) - STABLE_POD_LABELS <= {"loraplane.dev/adapter", "loraplane.dev/reconciler"}, (
+            f"{key}: {labels}"
+        )
         assert labels["app.kubernetes.io/instance"] == "platform"
         for value in labels.values():
             assert chart["version"] not in value and chart["appVersion"] not in value, f"{key}: {labels}"
@@ -1252,3 +1269,21 @@ def test_the_entry_point_refuses_the_same_flags_the_chart_does() -> None:
     assert main(["--model", "/m", "--served-model-name", "b", "--print-argv", "--", "-tp=2"]) == 0
     assert main(["--model", "/m", "--served-model-name", "b", "--tensor-parallel-size", "2", "--print-argv",
                  "--", "-tp=2"]) == 2  # fmt: skip
+
+
+def test_the_registry_crd_keeps_reports_in_its_status_subresource() -> None:
+    """A spec write (the CLI) never touches the pods' reports, and a pod's report never the spec."""
+    crd = yaml.safe_load(
+        (ROOT / "charts" / "loraplane" / "crds" / "loraadapters.loraplane.dev.yaml").read_text()
+    )
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"] == {"status": {}}
+    report = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["servers"]
+    fields = report["additionalProperties"]["properties"]
+    assert set(fields) == {"loaded", "failed", "observedGeneration", "at"}
+    edit = _render()["ClusterRole/platform-loraplane-ml-registry-edit"]
+    assert {
+        "apiGroups": ["loraplane.dev"],
+        "resources": ["loraadapters/status"],
+        "verbs": ["get", "patch"],
+    } in edit["rules"]

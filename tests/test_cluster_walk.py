@@ -340,15 +340,24 @@ def test_3_the_initial_run_trains_in_a_pod_and_the_cli_registers_it(walk: Walk) 
         assert entry["path"].startswith("/data/adapters/"), entry
         published = walk.volume / entry["path"].removeprefix("/data/")
         assert (published / "adapter_model.safetensors").is_file()
-        walk.timings["published_at"] = time.monotonic()
+        registered_at = time.monotonic()
+        # Each vLLM pod's reconciler watches the registry: a registration is loaded on both replicas,
+        # reported in the object's status, and leaves both Ready (it is served, not yet required).
+        names = sorted(p["metadata"]["name"] for p in walk.pods("vllm"))
+
+        def reported() -> bool:
+            servers = walk.node.get("-n", walk.ns, "loraadapters", TASK).get("status", {}).get("servers", {})
+            return all(servers.get(pod, {}).get("loaded") == ["v1"] for pod in names)
+
+        walk.node.wait_for(reported, "both vLLM pods to report v1 loaded", timeout=120)
+        walk.timings["publish_to_all_replicas"] = round(time.monotonic() - registered_at, 2)
+        assert len(names) == 2 and len(walk.ready_pods("vllm", 2, timeout=10)) == 2
 
 
 def test_4_load_eval_promote_and_the_openai_client_gets_the_adapters_answer(walk: Walk) -> None:
     with walk.step("load on both replicas, eval, promote, query"):
-        walk.cli("adapters", "load", f"{TASK}@v1")
-        walk.timings["publish_to_all_replicas"] = round(
-            time.monotonic() - walk.timings.pop("published_at"), 1
-        )
+        loaded = walk.cli("adapters", "load", f"{TASK}@v1")  # the registry, then both pods' reports
+        assert "2 Ready vLLM pod(s)" in loaded.stdout, loaded.stdout
         for pod in walk.pods("vllm"):
             assert f"{TASK}@v1" in walk.served_on(pod["metadata"]["name"]), pod["metadata"]["name"]
         suite = walk.work / "demo-data" / f"{TASK}-eval.jsonl"

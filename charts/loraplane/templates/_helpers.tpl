@@ -1,11 +1,5 @@
 {{/* Parent-only helpers; names, labels, the claim and the security context are in _names.tpl. */}}
 
-{{/* The serving image (serving.image): vLLM and the helm test hook run it. */}}
-{{- define "loraplane.servingImage" -}}
-{{- $i := .Values.serving.image -}}
-{{- printf "%s:%s" $i.repository ($i.tag | default .Chart.AppVersion) -}}
-{{- end -}}
-
 {{/* The gateway's own slim image (gateway.image). */}}
 {{- define "loraplane.gatewayImage" -}}
 {{- $i := .Values.gateway.image -}}
