@@ -196,24 +196,16 @@ def main() -> int:
             say(f"  gateway ready ({gateway.url})")
             direct, gw = Target(server.url, API_KEY), Target(gateway.url, CLIENT_KEY)
             for api in apis:
-                arms.append(
-                    Arm(
-                        f"{api} direct",
-                        direct,
-                        requests(api, direct_model, prompts),
-                        requests(api, direct_model, warm_prompts),
-                        via_gateway=False,
+                for side, target, model in (("direct", direct, direct_model), ("gateway", gw, gateway_model)):
+                    arms.append(
+                        Arm(
+                            f"{api} {side}",
+                            target,
+                            requests(api, model, prompts),
+                            requests(api, model, warm_prompts),
+                            via_gateway=side == "gateway",
+                        )
                     )
-                )
-                arms.append(
-                    Arm(
-                        f"{api} gateway",
-                        gw,
-                        requests(api, gateway_model, prompts),
-                        requests(api, gateway_model, warm_prompts),
-                        via_gateway=True,
-                    )
-                )
             run_rounds(arms, args.rounds, args.concurrency, CpuWatch(), psutil.Process(gateway.process.pid))
     finally:
         if gateway is not None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1046,12 +1046,45 @@ def test_a_second_failure_is_the_answer_and_other_errors_are_never_resent(gatewa
 
 
 @contextmanager
-def dropping_upstream() -> Iterator[tuple[str, list[str]]]:
-    """A raw HTTP/1.1 server that closes the first POST's connection unanswered, then answers."""
+def raw_http_server(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A raw socket server on loopback: each connection goes to ``handle`` in a thread of its own."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
-    seen: list[str] = []
     stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                conn, _ = listener.accept()
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+        listener.close()
+
+
+def read_request(reader: Any) -> str:
+    """One HTTP/1.1 request off ``reader``: its request line ("" when the client closed), body skipped."""
+    line: str = reader.readline().decode()
+    if not line:
+        return ""
+    length = 0
+    while (header := reader.readline().decode()) not in ("\r\n", ""):
+        if header.lower().startswith("content-length:"):
+            length = int(header.split(":", 1)[1])
+    reader.read(length)
+    return line
+
+
+@contextmanager
+def dropping_upstream() -> Iterator[tuple[str, list[str]]]:
+    """A raw HTTP/1.1 server that closes the first POST's connection unanswered, then answers."""
+    seen: list[str] = []
     models = json.dumps(
         {
             "object": "list",
@@ -1065,15 +1098,7 @@ def dropping_upstream() -> Iterator[tuple[str, list[str]]]:
 
     def handle(conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:
-            while True:
-                line = reader.readline().decode()
-                if not line:
-                    return
-                length = 0
-                while (header := reader.readline().decode()) not in ("\r\n", ""):
-                    if header.lower().startswith("content-length:"):
-                        length = int(header.split(":", 1)[1])
-                reader.read(length)
+            while line := read_request(reader):
                 seen.append(line.split()[0])
                 if line.startswith("POST") and seen.count("POST") == 1:
                     return  # the connection closes with no answer
@@ -1081,20 +1106,8 @@ def dropping_upstream() -> Iterator[tuple[str, list[str]]]:
                 head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
                 conn.sendall(f"{head}\r\n\r\n".encode() + body)
 
-    def accept() -> None:
-        while not stop.is_set():
-            with suppress(TimeoutError):
-                conn, _ = listener.accept()
-                threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", seen
-    finally:
-        stop.set()
-        thread.join(DEADLINE_S)
-        listener.close()
+    with raw_http_server(handle) as url:
+        yield url, seen
 
 
 def test_a_connection_closed_without_an_answer_is_resent_once(tmp_path: Path) -> None:
@@ -1157,9 +1170,6 @@ def test_a_stream_whose_connection_breaks_midway_ends_with_an_error_event(tmp_pa
 @contextmanager
 def breaking_upstream() -> Iterator[str]:
     """A raw HTTP/1.1 server whose streams send one chunk, then close the connection mid-answer."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
     models = json.dumps(
         {"object": "list", "data": [{"id": "demo@v1", "object": "model", "parent": BASE}]}
     ).encode()
@@ -1167,12 +1177,7 @@ def breaking_upstream() -> Iterator[str]:
 
     def handle(conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:
-            while line := reader.readline().decode():
-                length = 0
-                while (header := reader.readline().decode()) not in ("\r\n", ""):
-                    if header.lower().startswith("content-length:"):
-                        length = int(header.split(":", 1)[1])
-                reader.read(length)
+            while line := read_request(reader):
                 if line.startswith("GET"):
                     head = (
                         f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(models)}"
@@ -1184,17 +1189,5 @@ def breaking_upstream() -> Iterator[str]:
                 time.sleep(0.2)
                 return  # closed in the middle of the chunked body
 
-    def accept() -> None:
-        while not stop.is_set():
-            with suppress(TimeoutError):
-                conn, _ = listener.accept()
-                threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(DEADLINE_S)
-        listener.close()
+    with raw_http_server(handle) as url:
+        yield url

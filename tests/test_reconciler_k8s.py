@@ -83,7 +83,9 @@ def _pod(name: str, namespace: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def watched(k8s_cluster: Cluster, k8s_settings: Settings, live: Live, tmp_path: Path) -> Iterator[Watched]:
+def watched(
+    k8s_cluster: Cluster, k8s_settings: Settings, live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Watched]:
     settings = k8s_settings.model_copy(
         update={
             "adapters_root": live.settings.adapters_dir,
@@ -101,6 +103,7 @@ def watched(k8s_cluster: Cluster, k8s_settings: Settings, live: Live, tmp_path: 
     k8s_cluster.kubectl("-n", ns, "wait", "--for=condition=Ready", "pod", *PODS, "--timeout=120s")
     key = tmp_path / "vllm-key"
     key.write_text(API_KEY)
+    monkeypatch.setenv("VLLM_API_KEY", API_KEY)  # for the readiness probe, run in this process
     states = {pod: tmp_path / f"{pod}.json" for pod in PODS}
     env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "VLLM_API_KEY")}
     procs = {
@@ -149,6 +152,10 @@ def watched(k8s_cluster: Cluster, k8s_settings: Settings, live: Live, tmp_path: 
             proc.wait(timeout=30)
 
 
+def _adapter_name(prefix: str, tmp_path: Path) -> str:
+    return f"{prefix}-" + tmp_path.name.lower().replace("_", "-")[-12:].strip("-")
+
+
 def _copy(live: Live, name: str, version: str) -> Path:
     source = live.adapters[sorted(live.adapters)[0]]
     target = live.settings.adapters_dir / name / version
@@ -170,8 +177,7 @@ def test_a_publication_reaches_both_replicas_through_the_watch_and_never_changes
     watched: Watched, live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w, settings = watched, watched.settings
-    monkeypatch.setenv("VLLM_API_KEY", API_KEY)
-    name = "watched-" + tmp_path.name.lower().replace("_", "-")[-12:].strip("-")
+    name = _adapter_name("watched", tmp_path)
     published = time.monotonic()
     entry = register_adapter(settings, _copy(live, name, "v1"), name=name, version="v1")
     w.cluster.wait_for(
@@ -216,11 +222,10 @@ def test_a_publication_reaches_both_replicas_through_the_watch_and_never_changes
 
 
 def test_a_corrupt_version_fails_alone_and_is_reported_with_its_reason(
-    watched: Watched, live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    watched: Watched, live: Live, tmp_path: Path
 ) -> None:
     w, settings = watched, watched.settings
-    monkeypatch.setenv("VLLM_API_KEY", API_KEY)
-    name = "corrupt-" + tmp_path.name.lower().replace("_", "-")[-12:].strip("-")
+    name = _adapter_name("corrupt", tmp_path)
     good = register_adapter(settings, _copy(live, name, "v1"), name=name, version="v1")
     asyncio.run(load_adapter(settings, good.ref))
     # v2's weights file is cut short, and recorded with the sha256 of those very bytes (as a tool
