@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +76,7 @@ class ReplicaReconciler:
         registry: KubernetesRegistry | None = None,
         resync_s: int = RESYNC_S,
         prune_unknown: bool = True,
+        on_first_pass: Callable[[Served], None] | None = None,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -84,6 +86,7 @@ class ReplicaReconciler:
         self.registry = registry or KubernetesRegistry(settings)
         self.resync_s = resync_s
         self.prune_unknown = prune_unknown  # False: leave adapters the registry does not know alone
+        self.on_first_pass = on_first_pass  # told what the pod serves once everything was tried
         self.served = Served()
         # served name -> (generation of its object when it failed, why): not retried until that changes
         self._failed: dict[str, tuple[int, str]] = {}
@@ -137,6 +140,8 @@ class ReplicaReconciler:
         self.state.phase = "ready"
         self.state.write(self.state_path)
         self.passes += 1
+        if self.passes == 1 and self.on_first_pass is not None:
+            self.on_first_pass(self.served)
         self._report(objects, wanted_names, generation)
         return report
 

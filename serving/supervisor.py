@@ -109,9 +109,13 @@ def supervise(
                 pod=_server_name(),
                 state=state,
                 state_path=state_path,
+                on_first_pass=lambda served: _say(
+                    f"serving {len(served.loaded)} registered adapter version(s) (loaded at runtime)"
+                    + "".join(f"\n  not serving {name}: {why}" for name, why in served.failed.items())
+                    + "; watching the registry for changes"
+                ),
             )
             start_reconciler(reconciler, stopping)
-            _say("watching the registry: serving its adapters as they are published")
         elif healthy:
             state.phase = "loading"
             state.write(state_path)
