@@ -323,7 +323,30 @@ class KubernetesRegistry:
             if previous is None:
                 self._call(f"creating {KIND} {name}", self._api.create_namespaced_custom_object, body)
             else:
-                body["metadata"]["resourceVersion"] = previous["metadata"]["resourceVersion"]
                 body["metadata"]["labels"] = {**previous["metadata"].get("labels", {}), **MANAGED_BY}
-                self._call(f"updating {KIND} {name}", self._api.replace_namespaced_custom_object, name, body)
+                self._replace(name, body, previous)
             self._write_summary(adapter, previous)
+
+    def _replace(self, name: str, body: dict[str, Any], previous: dict[str, Any]) -> None:
+        """Write ``body`` over the object read as ``previous``, guarded by its resourceVersion. A vLLM
+        pod's status report also changes the resourceVersion (not the spec's ``generation``): when
+        only that happened meanwhile, the write is tried again on the new resourceVersion; a change of
+        the spec by anyone else is a ConflictError (of two concurrent promotions exactly one wins)."""
+        version = previous["metadata"]["resourceVersion"]
+        for _ in range(20):
+            body["metadata"]["resourceVersion"] = version
+            try:
+                self._call(f"updating {KIND} {name}", self._api.replace_namespaced_custom_object, name, body)
+                return
+            except ConflictError:
+                current = self.get_object(name)
+                if current is None or current["metadata"].get("generation") != previous["metadata"].get(
+                    "generation"
+                ):
+                    raise
+                version = current["metadata"]["resourceVersion"]
+        raise ConflictError(
+            f"updating {KIND} {name}: its status kept changing while this command wrote it; "
+            "nothing was changed",
+            hint="re-run the command",
+        )

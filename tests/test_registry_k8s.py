@@ -15,7 +15,7 @@ from conftest import ROOT, Cluster, write_fake_adapter
 
 from loraplane.platform.adapters import register_adapter, set_canary
 from loraplane.platform.registry import CanaryWeight, ConflictError, move_alias, open_registry
-from loraplane.platform.registry_k8s import KubernetesRegistryError
+from loraplane.platform.registry_k8s import KubernetesRegistry, KubernetesRegistryError
 from loraplane.platform.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
@@ -239,3 +239,26 @@ def test_a_canary_weight_is_kept_in_the_object_and_prod_is_refused_by_the_api_se
     set_canary(k8s_settings, "demo", percent=None)
     obj = json.loads(k8s_cluster.kubectl("-n", ns, "get", "loraadapters", "demo", "-o", "json").stdout)
     assert "canary" not in obj["spec"]
+
+
+def test_a_pods_status_report_meanwhile_does_not_fail_a_write_but_a_spec_change_does(
+    k8s_cluster: Cluster, k8s_settings: Settings
+) -> None:
+    """vLLM pods report in the status subresource at any moment (a new resourceVersion, the same
+    generation): a command's write goes through; a change of the spec by anyone else still wins."""
+    _register(k8s_settings, "v1", "v2")
+    registry = KubernetesRegistry(k8s_settings)
+    report = {"loaded": ["v1"], "failed": [], "observedGeneration": 1, "at": "now"}
+    with registry.transaction() as state:
+        registry.report_server("demo", "vllm-a", report)  # a pod reports between the read and the write
+        move_alias(state, "demo", "prod", "v1", expected=None, action="promote")
+    assert open_registry(k8s_settings).read().adapter("demo").aliases == {"prod": "v1"}
+    obj = json.loads(
+        k8s_cluster.kubectl("-n", k8s_settings.namespace, "get", "loraadapters", "demo", "-o", "json").stdout
+    )
+    assert obj["status"]["servers"]["vllm-a"]["loaded"] == ["v1"], "the spec write kept the pod's report"
+    with pytest.raises(ConflictError), registry.transaction() as state:
+        set_canary(k8s_settings, "demo", percent=5)  # another command changes the spec meanwhile
+        move_alias(state, "demo", "prod", "v2", expected="v1", action="promote")
+    after = open_registry(k8s_settings).read().adapter("demo")
+    assert after.aliases == {"prod": "v1"} and after.canary is not None
