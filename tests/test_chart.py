@@ -283,6 +283,19 @@ def test_existing_claim_and_api_key_secret() -> None:
     assert {"name": "api-key", "secret": {"secretName": "vllm-key"}} in pod["volumes"]
 
 
+PVC = "PersistentVolumeClaim/platform-loraplane-data"
+
+
+def test_storage_class_default_none_or_named() -> None:
+    # "" leaves the field out: the cluster's default class provisions the volume.
+    assert "storageClassName" not in _render()[PVC]["spec"]
+    # "-" is "no class": an empty storageClassName turns dynamic provisioning off, so the claim
+    # binds a PersistentVolume made beforehand (NFS, hostPath), never the default class.
+    assert _render("global.storage.storageClass=-")[PVC]["spec"]["storageClassName"] == ""
+    assert _render("global.storage.storageClass=efs-sc")[PVC]["spec"]["storageClassName"] == "efs-sc"
+    assert "at '/global/storage/storageClass'" in _fails("global.storage.storageClass=Not A Class")
+
+
 def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None:
     objs = _render()
     _, vllm, _ = _vllm(objs)
