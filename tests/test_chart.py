@@ -296,6 +296,22 @@ def test_storage_class_default_none_or_named() -> None:
     assert "at '/global/storage/storageClass'" in _fails("global.storage.storageClass=Not A Class")
 
 
+def test_no_claim_created_and_none_named_is_refused() -> None:
+    stderr = _fails("global.storage.create=false")
+    assert (
+        "global.storage.create=false with an empty global.storage.existingClaim" in stderr
+        and '"platform-loraplane-data", which does not exist' in stderr
+        and "Set global.storage.existingClaim to the name of your PVC" in stderr
+        and "global.storage.create=true" in stderr
+    )
+    # Named, it is mounted and none is created; with only the GPU prerequisites nothing mounts one.
+    named = _render("global.storage.create=false", "global.storage.existingClaim=mine")
+    assert PVC not in named
+    assert _vllm(named)[1]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "mine"
+    gpu_only = _render("global.storage.create=false", "trainer.enabled=false", "serving.enabled=false")
+    assert not any(k.startswith("PersistentVolumeClaim/") for k in gpu_only)
+
+
 def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None:
     objs = _render()
     _, vllm, _ = _vllm(objs)
