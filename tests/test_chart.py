@@ -432,6 +432,33 @@ def test_pod_templates_carry_only_stable_labels(profile: Path | None) -> None:
         assert owner["metadata"]["labels"]["app.kubernetes.io/version"] == chart["appVersion"], key
 
 
+@pytest.mark.parametrize("profile", [None, *PROFILES], ids=lambda p: p.name if p else "defaults")
+def test_pods_on_the_shared_volume_chown_it_only_on_a_root_mismatch(profile: Path | None) -> None:
+    objs = _render(files=(profile,) if profile else ())
+    claim = (yaml.safe_load(profile.read_text()) if profile else {}).get("global", {}).get("storage", {})
+    claim_name = claim.get("existingClaim") or "platform-loraplane-data"
+    mounting = []
+    for key, (_, template) in _pod_templates(objs).items():
+        spec = template["spec"]
+        claims = [
+            v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v
+        ]
+        security = spec.get("securityContext") or {}
+        if claims:
+            assert claims == [claim_name], key
+            mounting.append(key)
+            # fsGroup makes the volume writable by uid 10001 on any provisioner that honours it ...
+            assert security.get("fsGroup") == 10001, key
+        if "fsGroup" in security:
+            # ... and OnRootMismatch spares a recursive chown of every adapter file at each start.
+            assert security.get("fsGroupChangePolicy") == "OnRootMismatch", key
+    # Every vLLM and training pod (the Job template, the initial run where a profile has one).
+    workloads = {
+        k for k in _pod_templates(objs) if k == VLLM or k.startswith("Job/") or k.endswith("/job.yaml")
+    }
+    assert workloads and workloads <= set(mounting), (workloads, mounting)
+
+
 def test_generated_keys_roll_the_pods_that_use_them() -> None:
     first, second = _render(), _render()
     for objs in (first, second):

@@ -72,6 +72,8 @@ spec:
         runAsNonRoot: true
         runAsUser: 10001
         fsGroup: 10001
+        # Chown the volume only when its root is not already the fsGroup's (not every file, every run).
+        fsGroupChangePolicy: OnRootMismatch
         seccompProfile: {type: RuntimeDefault}
       {{- with $root.Values.global.imagePullSecrets }}
       imagePullSecrets:
