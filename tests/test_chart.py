@@ -312,6 +312,112 @@ def test_no_claim_created_and_none_named_is_refused() -> None:
     assert not any(k.startswith("PersistentVolumeClaim/") for k in gpu_only)
 
 
+SAME_NODE = {
+    "topologyKey": "kubernetes.io/hostname",
+    "labelSelector": {
+        "matchLabels": {"app.kubernetes.io/instance": "platform"},
+        "matchExpressions": [
+            {
+                "key": "app.kubernetes.io/component",
+                "operator": "In",
+                "values": ["vllm", "trainer", "volume-put"],
+            }
+        ],
+    },
+}
+
+
+def _required_pod_affinity(template: dict[str, Any]) -> list[Any]:
+    affinity = template["spec"].get("affinity") or {}
+    terms: list[Any] = (affinity.get("podAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", []
+    )
+    return terms
+
+
+def test_single_node_storage_claims_read_write_once_and_holds_the_volumes_pods_on_one_node() -> None:
+    objs = _render(files=(_profile("single-node-storage"),))
+    assert objs[PVC]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "storageClassName" not in objs[PVC]["spec"], "the cluster's default (block) class"
+    pods = _pod_templates(objs)
+    holders = {
+        k for k, (_, t) in pods.items() if any("persistentVolumeClaim" in v for v in t["spec"]["volumes"])
+    }
+    assert {VLLM, "ConfigMap/platform-loraplane-trainer-template/job.yaml"} <= holders
+    assert any(k.startswith("Job/platform-loraplane-run-") for k in holders), "the initial run"
+    for key, (_, template) in pods.items():
+        terms = _required_pod_affinity(template)
+        if key not in holders:
+            assert SAME_NODE not in terms, f"{key} mounts no volume: it may run anywhere"
+            continue
+        assert terms == [SAME_NODE], key
+        # Each holder matches its own term: the first one schedules anywhere, the others follow it.
+        labels = template["metadata"]["labels"]
+        assert SAME_NODE["labelSelector"]["matchLabels"].items() <= labels.items(), key
+        assert (
+            labels["app.kubernetes.io/component"]
+            in SAME_NODE["labelSelector"]["matchExpressions"][0]["values"]
+        )
+    # The user's own affinity stays next to it.
+    trainer = _template_job(objs)["spec"]["template"]["spec"]["affinity"]
+    assert trainer["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 50
+    assert _vllm(objs)[0]["spec"]["replicas"] == 2
+
+    # Off (the default), nothing pins a pod to another's node.
+    for key, (_, template) in _pod_templates(_render()).items():
+        assert not _required_pod_affinity(template), key
+    # An existing ReadWriteOnce claim: the same affinity, no claim created.
+    own = _render("global.storage.singleNode=true", "global.storage.existingClaim=rwo")
+    assert PVC not in own
+    assert _required_pod_affinity(_vllm(own)[0]["spec"]["template"]) == [SAME_NODE]
+    # A user's required pod affinity is kept and the volume's term added after it.
+    mine = {"topologyKey": "topology.kubernetes.io/zone", "labelSelector": {"matchLabels": {"app": "db"}}}
+    both = _render(
+        "global.storage.singleNode=true",
+        "serving.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey="
+        "topology.kubernetes.io/zone",
+        "serving.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].labelSelector.matchLabels.app=db",
+    )
+    assert _required_pod_affinity(both[VLLM]["spec"]["template"]) == [mine, SAME_NODE]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ("global.storage.singleNode=true", "global.storage.accessModes={ReadWriteMany}"),
+            'global.storage.accessModes ["ReadWriteMany"] contradicts global.storage.singleNode=true',
+        ),
+        (
+            ("global.storage.accessModes={ReadWriteOnce}",),
+            'global.storage.accessModes ["ReadWriteOnce"] lacks ReadWriteMany',
+        ),
+        (
+            ("global.storage.accessModes={ReadWriteOncePod}",),
+            "or set global.storage.singleNode=true to claim ReadWriteOnce",
+        ),
+        (
+            ("global.storage.singleNode=true", "global.storage.accessModes={ReadWriteOncePod}"),
+            "Leave accessModes empty (or [ReadWriteOnce])",
+        ),
+        (
+            ("global.storage.singleNode=true", "trainer.nodes=2"),
+            "trainer.nodes (2) spreads each run over 2 nodes, but global.storage.singleNode=true",
+        ),
+    ],
+)
+def test_storage_modes_that_cannot_work_are_refused(sets: tuple[str, ...], message: str) -> None:
+    assert message in _fails(*sets)
+
+
+def test_explicit_access_modes_that_fit_render_as_given() -> None:
+    assert _render("global.storage.accessModes={ReadWriteMany}")[PVC]["spec"]["accessModes"] == [
+        "ReadWriteMany"
+    ]
+    one = _render("global.storage.singleNode=true", "global.storage.accessModes={ReadWriteOnce}")
+    assert one[PVC]["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
 def test_users_reach_vllm_only_through_the_gateway_with_generated_keys() -> None:
     objs = _render()
     _, vllm, _ = _vllm(objs)
