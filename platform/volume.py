@@ -55,6 +55,9 @@ class VolumeTarget:
     image: str
     pull_policy: str
     pull_secrets: tuple[str, ...] = ()
+    # the vLLM pods' affinity: with global.storage.singleNode it holds every pod that mounts the
+    # ReadWriteOnce volume on one node, this one included (its component is in the rule)
+    affinity: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def volume_target(settings: Settings, release: str) -> VolumeTarget:
         image=container.image,
         pull_policy=container.image_pull_policy or "IfNotPresent",
         pull_secrets=tuple(s.name for s in spec.image_pull_secrets or []),
+        affinity=apps.api_client.sanitize_for_serialization(spec.affinity) if spec.affinity else None,
     )
 
 
@@ -146,6 +150,7 @@ def upload_pod(name: str, release: str, target: VolumeTarget, *, deadline: int) 
                 "runAsUser": UID,
                 "runAsGroup": UID,
                 "fsGroup": UID,
+                "fsGroupChangePolicy": "OnRootMismatch",  # no re-chown of every adapter file
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             "containers": [
@@ -171,6 +176,8 @@ def upload_pod(name: str, release: str, target: VolumeTarget, *, deadline: int) 
     }
     if target.pull_secrets:
         pod["spec"]["imagePullSecrets"] = [{"name": s} for s in target.pull_secrets]
+    if target.affinity:
+        pod["spec"]["affinity"] = target.affinity
     return pod
 
 

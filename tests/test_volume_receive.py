@@ -113,3 +113,36 @@ def test_a_symbolic_link_in_the_upload_is_refused_by_the_cli(model: Path) -> Non
     (model / "link").symlink_to(model / "config.json")
     with pytest.raises(VolumeError, match="symbolic link"):
         _stream(model)
+
+
+def test_the_upload_pod_keeps_the_vllm_pods_affinity_and_skips_the_recursive_chown() -> None:
+    """With global.storage.singleNode the vLLM pods' affinity holds every pod that mounts the
+    ReadWriteOnce volume on one node: the upload pod takes it over (its component is in the rule)."""
+    from loraplane.platform.volume import VolumeTarget, upload_pod
+
+    rule = {
+        "podAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {
+                        "matchExpressions": [
+                            {
+                                "key": "app.kubernetes.io/component",
+                                "operator": "In",
+                                "values": ["vllm", "volume-put"],
+                            }
+                        ]
+                    },
+                }
+            ]
+        }
+    }
+    target = VolumeTarget(
+        claim="data", mount_path="/data", image="img:1", pull_policy="IfNotPresent", affinity=rule
+    )
+    pod = upload_pod("p", "platform", target, deadline=60)
+    assert pod["spec"]["affinity"] == rule
+    assert pod["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    plain = upload_pod("p", "platform", VolumeTarget("data", "/data", "img:1", "IfNotPresent"), deadline=60)
+    assert "affinity" not in plain["spec"]
