@@ -113,11 +113,11 @@ def wait_for_replicas(
             for f in (reports.get(pod) or {}).get("failed") or []
             if f.get("version") == entry.version
         }
+        pending = [pod for pod in ready if pod not in reports]  # no report about this spec yet
         serves = {pod: entry.version in ((reports.get(pod) or {}).get("loaded") or []) for pod in ready}
-        behind = [pod for pod in ready if serves[pod] != serving]
+        behind = [pod for pod in ready if pod in pending or serves[pod] != serving]
         if not behind:
             return ready
-        pending = [pod for pod in ready if pod not in reports]  # no report about this spec yet
         late = time.monotonic() >= deadline
         if serving and failed and (late or not pending):  # every pod has answered: say all at once
             lines = "".join(f"\n  {pod}: {why}" for pod, why in sorted(failed.items()))
