@@ -42,6 +42,7 @@ KIND = "LoraAdapter"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "loraplane"}
 
 log = logging.getLogger("loraplane.platform")
+REPORT_TIMEOUT_S = 10
 
 
 class KubernetesRegistryError(KubernetesError):
@@ -277,6 +278,7 @@ class KubernetesRegistry:
             self._api.patch_namespaced_custom_object_status,
             name,
             {"status": {"servers": {pod: report}}},
+            _request_timeout=REPORT_TIMEOUT_S,  # a pod stopping must not hang on an API server gone
         )
 
     def _write_summary(self, adapter: Adapter, previous: dict[str, Any] | None) -> None:
