@@ -11,6 +11,7 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,19 @@ if TYPE_CHECKING:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loraplane.serving", description=__doc__)
-    p.add_argument("--model", required=True, help="base model directory or hub id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model: a directory, a hub id, or a reference fetched onto the volume by the chart's "
+        "model-fetch Job (hf://ORG/NAME@REV, s3://BUCKET/PREFIX; served from --models-root)",
+    )
+    p.add_argument(
+        "--models-root",
+        type=Path,
+        default=None,
+        help="where hf:// and s3:// models are fetched to (default: $LORAPLANE_MODELS_ROOT or "
+        "~/.loraplane/models)",
+    )
     p.add_argument("--served-model-name", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -98,20 +111,44 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _resolve_model(args: argparse.Namespace) -> Callable[[], str | None] | None:
+    """Replace an hf:// or s3:// ``--model`` by the directory it is fetched to; return how to read
+    why its fetch failed (for the wait's messages), or None for a directory or a hub id."""
+    from loraplane.common.model_fetch import fetch_error, models_root_default
+    from loraplane.common.model_ref import is_reference, parse_model_ref
+
+    if not is_reference(args.model):
+        return None
+    ref = parse_model_ref(args.model, field="--model")
+    root = args.models_root or models_root_default()
+    args.model = str(ref.local_dir(root))
+    return lambda: fetch_error(ref, root)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from loraplane.serving.launcher import LoraModule, VLLMServerConfig
 
     args = _parse(argv)
+    try:
+        fetch_failure = _resolve_model(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     if args.wait_for_model > 0 and not args.print_argv:
         from loraplane.serving.base_model import wait_for_model_dir
 
         def say(message: str) -> None:
             print(f"[loraplane.serving] {message}", file=sys.stderr, flush=True)  # noqa: T201
 
-        if not wait_for_model_dir(args.model, timeout=args.wait_for_model, say=say):
+        if not wait_for_model_dir(
+            args.model, timeout=args.wait_for_model, say=say, fetch_failure=fetch_failure
+        ):
+            failure = fetch_failure() if fetch_failure else None
             say(f"error: no base model at {args.model} after {args.wait_for_model:.0f}s")
+            if failure:
+                say(f"its fetch failed: {failure}")
             return 2
     api_key = os.environ.get("LORAPLANE_API_KEY")
     if args.api_key_file is not None:

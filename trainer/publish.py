@@ -23,6 +23,7 @@ from typing import Any
 from loraplane import __version__
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.files import sha256_file
+from loraplane.common.model_fetch import read_marker
 from loraplane.trainer.config import TrainJobConfig
 
 MANIFEST_SCHEMA = "loraplane.adapter-manifest/v2"
@@ -86,6 +87,7 @@ def build_manifest(
         raise LoraplaneError(
             f"peft did not write {weights.name}; refusing to publish an adapter without weights"
         )
+    fetched = read_marker(Path(config.base_model.path)) or {}
     return {
         "schema": MANIFEST_SCHEMA,
         "name": config.output.name,
@@ -95,7 +97,9 @@ def build_manifest(
         "base_model": {
             "path": config.base_model.path,
             "revision": config.base_model.revision,
-            "commit": base_commit,
+            "commit": base_commit or fetched.get("revision"),
+            # the hf:// or s3:// reference the directory was fetched from (loraplane.common.model_fetch)
+            "source": fetched.get("source"),
             "files_sha256": base_files_sha256 or None,
             "quantization": config.base_model.quantization,
         },

@@ -227,6 +227,19 @@ def require_writable(*directories: Path) -> None:
         )
 
 
+def _with_local_base_model(config: TrainJobConfig) -> TrainJobConfig:
+    """An ``hf://`` or ``s3://`` base model is fetched (once, onto the models root, see
+    loraplane.common.model_fetch) and trained from its directory; every rank calls this, the
+    fetch lock lets one download and the others find the model there."""
+    from loraplane.common.model_fetch import ensure_model
+
+    spec = config.base_model
+    local = ensure_model(spec.path, revision=spec.revision, field="base_model.path", say=log.info)
+    if local == spec.path:
+        return config
+    return config.model_copy(update={"base_model": spec.model_copy(update={"path": local})})
+
+
 def train_and_publish(
     config: TrainJobConfig, *, on_log: Any = None, handle_sigterm: bool = True
 ) -> PublishedAdapter:
@@ -238,6 +251,7 @@ def train_and_publish(
     """
     rank, world_size = _world()
     is_main = rank == 0
+    config = _with_local_base_model(config)
     # The heavy imports come after the cheap config checks of the caller, not at module import.
     from loraplane.trainer.sft import check_hardware
 
