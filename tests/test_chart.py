@@ -174,7 +174,8 @@ def test_template_checks_fail_with_what_to_change() -> None:
     )
     assert "+ serving.drain.shutdownTimeoutSeconds (45) + 5 = 65" in grace
     model = _fails("serving.model=org/model")
-    assert 'serving.model "org/model" is not a path' in model and "serving.modelSource=hub" in model
+    assert 'serving.model "org/model" is neither a directory on the shared volume' in model
+    assert "hf://ORG/NAME@REVISION" in model
     gpus = _fails("trainer.gpusPerNode=4")
     assert "trainer.gpusPerNode (4) must equal the nvidia.com/gpu limit in trainer.resources (1)" in gpus
     hpa = _fails(
@@ -320,7 +321,7 @@ SAME_NODE = {
             {
                 "key": "app.kubernetes.io/component",
                 "operator": "In",
-                "values": ["vllm", "trainer", "volume-put"],
+                "values": ["vllm", "trainer", "volume-put", "model-fetch"],
             }
         ],
     },
@@ -1104,27 +1105,125 @@ def test_the_gateway_tier_template_checks_say_what_to_change() -> None:
     assert "gateway.canary.faq.alias is prod" in prod and "--alias canary" in prod
 
 
-def test_model_source_hf_token_and_cache() -> None:
-    _, pod, container = _vllm(_render())
+def _fetch_job(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (job,) = [o for k, o in objs.items() if k.startswith("Job/platform-loraplane-model-fetch-")]
+    return job
+
+
+def test_a_model_on_the_volume_is_never_downloaded() -> None:
+    objs = _render()
+    _, pod, container = _vllm(objs)
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_HUB_OFFLINE"]["value"] == "1", "a model on the volume: nothing is ever downloaded"
     assert env["HF_HOME"]["value"] == "/data/hf-cache"
     assert "HF_TOKEN_PATH" not in env and "HF_TOKEN" not in env
+    assert "--model=/data/models/base" in container["args"] and "--wait-for-model=1800" in container["args"]
+    assert "initContainers" not in pod, "nothing to wait for but the directory itself"
+    assert not any(k.startswith("Job/platform-loraplane-model-fetch-") for k in objs)
 
+
+def test_a_hub_model_is_fetched_once_by_a_job_with_the_token_and_vllm_waits_for_it() -> None:
     objs = _render(files=(_profile("external-secrets"),))
     assert not any(k.startswith("Secret/") for k in objs)
     _, pod, container = _vllm(objs)
+    ref = "hf://meta-llama/Llama-3.1-8B-Instruct@main"
+    # vLLM: the reference resolved under the models root; it never downloads and never sees the token
+    assert f"--model={ref}" in container["args"] and "--models-root=/data/models" in container["args"]
     env = {e["name"]: e for e in container["env"]}
-    assert "--model=meta-llama/Llama-3.1-8B-Instruct" in container["args"]
-    assert env["HF_HUB_OFFLINE"]["value"] == "0"
-    assert env["HF_HOME"]["value"] == "/cache/hf"
+    assert env["HF_HUB_OFFLINE"]["value"] == "1"
+    assert "HF_TOKEN_PATH" not in env
+    assert not any("hf-token" in v["name"] for v in pod["volumes"])
     assert {"name": "hf-cache", "emptyDir": {"sizeLimit": "40Gi"}} in pod["volumes"]
+    # the startup probe's clock starts once the model is whole: an init container waits for it
+    (wait,) = pod["initContainers"]
+    assert wait["command"][:4] == ["python", "-m", "loraplane.common.model_fetch", ref]
+    assert "--wait=0" in wait["command"] and "--models-root=/data/models" in wait["command"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in wait["volumeMounts"]
+
+    job = _fetch_job(objs)
+    assert job["metadata"]["annotations"]["loraplane.dev/model"] == ref
+    fail_fast, ignore = job["spec"]["podFailurePolicy"]["rules"]
+    assert fail_fast == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "fetch", "operator": "In", "values": [2]},
+    }
+    assert ignore["action"] == "Ignore"
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    (fetch,) = spec["containers"]
+    module = ["python", "-m", "loraplane.common.model_fetch"]
+    assert fetch["command"] == [*module, ref, "--models-root=/data/models", "--field=serving.model"]
+    assert fetch["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    fenv = {e["name"]: e for e in fetch["env"]}
     # The token is a mounted file, never an env value or a chart value.
-    assert env["HF_TOKEN_PATH"]["value"] == "/etc/loraplane/hf-token/token"
-    assert {"name": "hf-token", "secret": {"secretName": "hf-token"}} in pod["volumes"]
-    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in container["env"])
-    values = yaml.safe_load((CHART / "charts" / "serving" / "values.yaml").read_text())
-    assert set(values["hfToken"]) == {"secretName", "key"}, "no field for the token itself"
+    assert fenv["HF_TOKEN_PATH"]["value"] == "/etc/loraplane/hf-token/token"
+    assert {"name": "hf-token", "secret": {"secretName": "hf-token"}} in spec["volumes"]
+    assert not any(
+        "value" in e and "token" in str(e["value"]).lower() and e["name"] != "HF_TOKEN_PATH"
+        for e in fetch["env"]
+    )
+    assert fetch["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values["global"]["models"]["hfToken"]) == {"secretName", "key"}, (
+        "no field for the token itself"
+    )
+
+
+def test_the_fetch_jobs_name_follows_its_pod_template_so_upgrades_never_patch_it() -> None:
+    model = "serving.model=hf://Qwen/Qwen2.5-0.5B@main"
+    first = _fetch_job(_render(model))["metadata"]["name"]
+    assert first == _fetch_job(_render(model, "serving.replicas=3"))["metadata"]["name"], (
+        "nothing in it changed"
+    )
+    for change in (
+        "serving.image.tag=0.2.0",
+        "serving.model=hf://Qwen/Qwen2.5-0.5B@v2",
+        "global.models.hfToken.secretName=t",
+    ):
+        sets = (model, change) if "image" in change or "hfToken" in change else (change,)
+        assert _fetch_job(_render(*sets))["metadata"]["name"] != first, change
+    assert len(first) <= 63
+
+
+def test_an_s3_model_takes_its_credentials_and_endpoint_from_values_and_a_secret() -> None:
+    sets = (
+        "serving.model=s3://models/llama/8b",
+        "global.models.s3.credentialsSecret=s3-creds",
+        "global.models.s3.endpointUrl=http://minio.storage:9000",
+        "global.models.s3.region=eu-west-1",
+    )
+    objs = _render(*sets)
+    (fetch,) = _fetch_job(objs)["spec"]["template"]["spec"]["containers"]
+    assert fetch["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    env = {e["name"]: e.get("value") for e in fetch["env"]}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.storage:9000" and env["AWS_REGION"] == "eu-west-1"
+    # training runs read s3:// (and hf://) base models with the same settings, into the same root
+    trainer = _template_job(objs)["spec"]["template"]["spec"]["containers"][0]
+    tenv = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert (
+        tenv["LORAPLANE_MODELS_ROOT"] == "/data/models"
+        and tenv["AWS_ENDPOINT_URL"] == "http://minio.storage:9000"
+    )
+    assert trainer["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    # a bare hub id is read as hf:// only with modelSource hub
+    legacy = _render("serving.model=org/model", "serving.modelSource=hub")
+    assert "--model=hf://org/model" in _vllm(legacy)[2]["args"]
+    assert _fetch_job(legacy)["metadata"]["annotations"]["loraplane.dev/model"] == "hf://org/model"
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("hf://just-a-name", "is not a model reference loraplane can fetch"),
+        ("s3://Upper/x", "is not a model reference loraplane can fetch"),
+        ("ftp://host/model", "is neither a directory on the shared volume"),
+        ("models/base", "is neither a directory on the shared volume"),
+    ],
+)
+def test_a_model_value_that_names_nothing_fetchable_is_refused_at_render(model: str, message: str) -> None:
+    err = _fails(f"serving.model={model}")
+    assert f'serving.model "{model}" {message}' in err, err
 
 
 # --- trainer ---------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ The same term in the trainer's and serving's helpers: change both.
 {{- define "loraplane-trainer.affinity" -}}
 {{- $affinity := deepCopy (.Values.affinity | default dict) -}}
 {{- if ((.Values.global).storage).singleNode -}}
-{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/instance" .Release.Name) "matchExpressions" (list (dict "key" "app.kubernetes.io/component" "operator" "In" "values" (list "vllm" "trainer" "volume-put")))) -}}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/instance" .Release.Name) "matchExpressions" (list (dict "key" "app.kubernetes.io/component" "operator" "In" "values" (list "vllm" "trainer" "volume-put" "model-fetch")))) -}}
 {{- $pod := $affinity.podAffinity | default dict -}}
 {{- $_ := set $pod "requiredDuringSchedulingIgnoredDuringExecution" (append ($pod.requiredDuringSchedulingIgnoredDuringExecution | default list) $term) -}}
 {{- $_ := set $affinity "podAffinity" $pod -}}

@@ -10,6 +10,7 @@ holding train.yaml), ttl (ttlSecondsAfterFinished, or nil for none). Exit codes
 {{- $t := $root.Values }}
 {{- $fullname := include "loraplane-trainer.fullname" $root }}
 {{- $multi := gt (int $t.nodes) 1 }}
+{{- $m := mergeOverwrite (dict "hfToken" dict "s3" dict) (deepCopy ((($root.Values.global).models) | default dict)) }}
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -104,6 +105,18 @@ spec:
             - {name: HOME, value: /tmp}
             - {name: HF_HOME, value: {{ include "loraplane-trainer.mountPath" $root }}/hf-cache}
             - {name: LORAPLANE_LOG_FORMAT, value: json}
+            # an hf:// or s3:// base_model.path is fetched here (once; the model-fetch Job's place)
+            - {name: LORAPLANE_MODELS_ROOT, value: {{ include "loraplane-trainer.mountPath" $root }}/{{ (($root.Values.global).models).root | default "models" | trimAll "/" }}}
+            {{- with $m.hfToken.secretName }}
+            # the hub token as a mounted file (huggingface_hub reads HF_TOKEN_PATH), never an env value
+            - {name: HF_TOKEN_PATH, value: /etc/loraplane/hf-token/{{ $m.hfToken.key | default "token" }}}
+            {{- end }}
+            {{- with $m.s3.endpointUrl }}
+            - {name: AWS_ENDPOINT_URL, value: {{ . | quote }}}
+            {{- end }}
+            {{- with $m.s3.region }}
+            - {name: AWS_REGION, value: {{ . | quote }}}
+            {{- end }}
             {{- if $multi }}
             - name: JOB_NAME
               valueFrom:
@@ -113,6 +126,11 @@ spec:
             - {name: MASTER_PORT, value: {{ $t.rendezvousPort | quote }}}
             - {name: NNODES, value: {{ $t.nodes | quote }}}
             {{- end }}
+          {{- with $m.s3.credentialsSecret }}
+          # AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3:// models and data
+          envFrom:
+            - secretRef: {name: {{ . }}}
+          {{- end }}
           {{- if $multi }}
           ports:
             - {name: rendezvous, containerPort: {{ $t.rendezvousPort }}}
@@ -126,6 +144,9 @@ spec:
             - {name: run-config, mountPath: /etc/loraplane/run, readOnly: true}
             - {name: tmp, mountPath: /tmp}
             - {name: shm, mountPath: /dev/shm}
+            {{- if $m.hfToken.secretName }}
+            - {name: hf-token, mountPath: /etc/loraplane/hf-token, readOnly: true}
+            {{- end }}
       volumes:
         - name: data
           persistentVolumeClaim:
@@ -136,6 +157,10 @@ spec:
           emptyDir: {}
         - name: shm
           emptyDir: {medium: Memory, sizeLimit: {{ $t.shmSize }}}
+        {{- with $m.hfToken.secretName }}
+        - name: hf-token
+          secret: {secretName: {{ . }}}
+        {{- end }}
       {{- with $t.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
