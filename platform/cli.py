@@ -57,8 +57,12 @@ evals_app = typer.Typer(
 )
 app.add_typer(demo_app, name="demo")
 app.add_typer(evals_app, name="evals")
-data_app = typer.Typer(help="Check training data without training.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Training data: check it without training, push it onto the cluster's volume.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Base models: fetch them from the hub or object storage.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 train_app = typer.Typer(
     help="Training runs: a Job per run on the cluster (from the chart's template), or a local trainer "
     "process with the local registry.",
@@ -1341,6 +1345,127 @@ def data_validate(
                 hint="fix the rows the report lists, or change the limits (--max-seq-length, "
                 "--max-overlength-share, --min-examples)",
             )
+
+    _run(body)
+
+
+@data_app.command("push")
+def data_push(
+    file: Path = typer.Argument(..., help="Training data: JSONL (one example per line) or Parquet."),
+    base_model: str = typer.Option(
+        ..., "--base-model", "-m", help="Base model directory or hub id: its tokenizer and chat template."
+    ),
+    name: str | None = typer.Option(None, help="Dataset name (default: from the file name)."),
+    release: str = _release_option(),
+    max_seq_length: int = typer.Option(1024, help="Longest row in tokens, as in the run's config."),
+    data_format: str | None = typer.Option(
+        None, "--format", help="auto (default), chat, prompt_completion or alpaca."
+    ),
+    revision: str | None = typer.Option(None, help="Hub revision of the base model."),
+    chat_template: Path | None = typer.Option(
+        None, help="Jinja chat template file (as in the run's config)."
+    ),
+    timeout: float = typer.Option(1800.0, help="Seconds the upload may take."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+) -> None:
+    """Check FILE with the trainer's own checks, then put it on the release's shared volume at
+    datasets/NAME/sha256-DIGEST.jsonl: the path names its content, so a run's config (and the
+    adapter's manifest) says exactly what it trained on. Bad data exits 2 and uploads nothing; the same
+    content pushed again is found there.
+
+    \b
+    Example:
+      loraplane -n ml data push train.jsonl -m ./base-model --name support
+      # then in train.yaml: dataset: {path: /data/datasets/support/sha256-....jsonl}
+    """
+
+    def body() -> None:
+        from loraplane.platform.data_push import push_dataset
+
+        with _progress_bar(f"uploading {file.name}") as progress:
+            result = push_dataset(
+                _settings(),
+                file,
+                base_model=base_model,
+                name=name,
+                release=release,
+                max_seq_length=max_seq_length,
+                data_format=data_format,
+                revision=revision,
+                chat_template=chat_template,
+                timeout=timeout,
+                on_progress=progress,
+            )
+        if output == "json":
+            out.print_json(json.dumps(result.to_dict()))
+            return
+        verb = "pushed" if result.uploaded else "already on the volume:"
+        out.print(f"{verb} {file} ({result.rows} usable rows) as {result.name}", highlight=False)
+        out.print(f"  path:   {result.path}\n  sha256: {result.sha256}", highlight=False)
+        out.print(f"  in train.yaml: dataset: {{path: {result.path}}}", highlight=False)
+
+    _run(body)
+
+
+@models_app.command("pull")
+def models_pull(
+    model: str = typer.Argument(..., help="hf://ORG/NAME@REVISION or s3://BUCKET/PREFIX."),
+    release: str = _release_option(),
+    local: bool = typer.Option(
+        False, "--local", help="Fetch onto this machine ($LORAPLANE_MODELS_ROOT or ~/.loraplane/models)."
+    ),
+    hf_token_secret: str | None = typer.Option(
+        None, help="Kubernetes Secret with a hub token (key: --hf-token-key), for gated or private models."
+    ),
+    hf_token_key: str = typer.Option("token", help="Key of the token in --hf-token-secret."),
+    s3_secret: str | None = typer.Option(
+        None, help="Kubernetes Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, for s3:// models."
+    ),
+    s3_endpoint: str | None = typer.Option(
+        None, help="S3 API endpoint for storage other than AWS (MinIO, R2)."
+    ),
+    timeout: float = typer.Option(6 * 3600.0, help="Seconds the fetch may take (running again resumes it)."),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+) -> None:
+    """Fetch a base model once onto the release's shared volume, into models/NAME@REVISION/ (the
+    directory an hf:// serving.model or base_model.path resolves to): staged, resumable, renamed into
+    place when whole, with progress. A wrong id, a missing token or a denied bucket exits 2 naming the
+    value to fix. Tokens come from Kubernetes Secrets you name, never from the command line.
+
+    \b
+    Examples:
+      loraplane -n ml models pull hf://Qwen/Qwen2.5-0.5B-Instruct@main
+      loraplane -n ml models pull hf://meta-llama/Llama-3.1-8B-Instruct --hf-token-secret hf-token
+      loraplane models pull s3://models/llama-8b --local
+    """
+
+    def body() -> None:
+        from loraplane.platform.models_pull import pull_local, pull_to_volume
+        from loraplane.platform.volume import PodSecrets
+
+        def say(line: str) -> None:
+            if output != "json":
+                err.print(line, highlight=False)
+
+        settings = _settings()
+        if local or settings.registry != "kubernetes":
+            result = pull_local(model, say=say)
+        else:
+            secrets = PodSecrets(hf_token_secret, hf_token_key, s3_secret, s3_endpoint)
+            result = pull_to_volume(
+                settings, model, release=release, secrets=secrets, timeout=timeout, say=say
+            )
+        if output == "json":
+            out.print_json(json.dumps(result.to_dict()))
+            return
+        verb = "fetched" if result.fetched else "already there:"
+        out.print(
+            f"{verb} {result.source} at {result.path} ({result.files} files, {result.bytes} bytes)",
+            highlight=False,
+        )
+        out.print(
+            f"  serving.model / base_model.path: {result.source}  (or the directory itself)", highlight=False
+        )
 
     _run(body)
 

@@ -61,6 +61,16 @@ class VolumeTarget:
 
 
 @dataclass(frozen=True)
+class PodSecrets:
+    """Kubernetes Secrets a volume pod reads (``models pull``): never values, only their names."""
+
+    hf_token_secret: str | None = None  # mounted as a file; huggingface_hub reads HF_TOKEN_PATH
+    hf_token_key: str = "token"
+    s3_secret: str | None = None  # its keys become the environment (AWS_ACCESS_KEY_ID, ...)
+    s3_endpoint: str | None = None  # AWS_ENDPOINT_URL, for S3 APIs other than AWS
+
+
+@dataclass(frozen=True)
 class PutResult:
     path: str  # on the volume, relative to its root
     mount_path: str  # where pods see the volume (path == mount_path/path in a pod)
@@ -120,7 +130,9 @@ def volume_target(settings: Settings, release: str) -> VolumeTarget:
     )
 
 
-def upload_pod(name: str, release: str, target: VolumeTarget, *, deadline: int) -> dict[str, Any]:
+def upload_pod(
+    name: str, release: str, target: VolumeTarget, *, deadline: int, secrets: PodSecrets | None = None
+) -> dict[str, Any]:
     """A pod that only holds the volume mounted while ``kubectl exec`` writes to it (``restricted``)."""
     security = {
         "allowPrivilegeEscalation": False,
@@ -174,11 +186,27 @@ def upload_pod(name: str, release: str, target: VolumeTarget, *, deadline: int) 
             ],
         },
     }
+    if secrets is not None:
+        _add_secrets(pod["spec"], secrets)
     if target.pull_secrets:
         pod["spec"]["imagePullSecrets"] = [{"name": s} for s in target.pull_secrets]
     if target.affinity:
         pod["spec"]["affinity"] = target.affinity
     return pod
+
+
+def _add_secrets(spec: dict[str, Any], secrets: PodSecrets) -> None:
+    container = spec["containers"][0]
+    env = container.setdefault("env", [])
+    if secrets.hf_token_secret:
+        mount = "/etc/loraplane/hf-token"
+        env.append({"name": "HF_TOKEN_PATH", "value": f"{mount}/{secrets.hf_token_key}"})
+        container["volumeMounts"].append({"name": "hf-token", "mountPath": mount, "readOnly": True})
+        spec["volumes"].append({"name": "hf-token", "secret": {"secretName": secrets.hf_token_secret}})
+    if secrets.s3_secret:
+        container["envFrom"] = [{"secretRef": {"name": secrets.s3_secret}}]
+    if secrets.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": secrets.s3_endpoint})
 
 
 def _wait_running(core: Any, namespace: str, name: str, timeout: float) -> None:
@@ -215,15 +243,17 @@ def _wait_running(core: Any, namespace: str, name: str, timeout: float) -> None:
 
 
 @contextmanager
-def _upload_pod(settings: Settings, release: str, target: VolumeTarget, timeout: float) -> Iterator[str]:
+def volume_pod(
+    settings: Settings, release: str, target: VolumeTarget, timeout: float, secrets: PodSecrets | None = None
+) -> Iterator[str]:
+    """A running :func:`upload_pod` for the block's duration (deleted whatever happens)."""
     from kubernetes.client.exceptions import ApiException
 
     _, core = _apps_core(settings)
     name = f"{release[:30]}-volume-put-{uuid.uuid4().hex[:6]}"
+    pod = upload_pod(name, release, target, deadline=int(timeout) + 600, secrets=secrets)
     try:
-        core.create_namespaced_pod(
-            settings.namespace, upload_pod(name, release, target, deadline=int(timeout) + 600)
-        )
+        core.create_namespaced_pod(settings.namespace, pod)
     except ApiException as exc:
         raise KubernetesError(
             f"cannot create the upload pod in {settings.namespace!r}: {api_message(exc)}"
@@ -295,6 +325,16 @@ def _write_tar(local: Path, sink: _Sink) -> None:
                 )
 
 
+def kubectl_argv(settings: Settings) -> list[str]:
+    """kubectl with the settings' kubeconfig and context."""
+    argv = [kubectl_executable()]
+    if settings.kubeconfig is not None:
+        argv += ["--kubeconfig", str(settings.kubeconfig)]
+    if settings.kube_context is not None:
+        argv += ["--context", settings.kube_context]
+    return argv
+
+
 def put(
     settings: Settings,
     local: Path,
@@ -316,12 +356,8 @@ def put(
     started = time.monotonic()
     target = volume_target(settings, release)
     digest = _tar_digest(local)
-    argv = [kubectl_executable()]
-    if settings.kubeconfig is not None:
-        argv += ["--kubeconfig", str(settings.kubeconfig)]
-    if settings.kube_context is not None:
-        argv += ["--context", settings.kube_context]
-    with _upload_pod(settings, release, target, timeout) as pod:
+    argv = kubectl_argv(settings)
+    with volume_pod(settings, release, target, timeout) as pod:
         argv += ["-n", settings.namespace, "exec", "-i", pod, "-c", "put", "--"]
         argv += ["python", "-m", "loraplane.platform.volume_receive", "--root", target.mount_path]
         argv += ["--dest", str(relative), "--sha256", digest, *(["--replace"] if replace else [])]

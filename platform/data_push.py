@@ -1,0 +1,111 @@
+"""``loraplane data push``: check a training file with the trainer's own checks, then put it on the
+release's shared volume under a name that is its content.
+
+Bad data exits 2 with the report's reasons and uploads nothing. Good data lands at
+``datasets/<name>/sha256-<digest><suffix>`` (through :func:`loraplane.platform.volume.put`: staged,
+checked and renamed into place), so the path a run's config names says exactly which bytes it
+trained on, and pushing the same file again finds it there instead of uploading it twice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplane.common.errors import InvalidInputError
+from loraplane.common.files import sha256_file
+from loraplane.platform.settings import Settings
+
+NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class DataPushResult:
+    name: str
+    path: str  # where pods read it: <mount>/datasets/<name>/sha256-<digest><suffix>
+    sha256: str
+    rows: int  # usable training rows, as the trainer counts them
+    bytes: int
+    uploaded: bool  # False when the same content was already there
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dataset_name(file: Path, name: str | None) -> str:
+    """``name``, or one made from the file's stem; refused unless it is a lowercase DNS-style label."""
+    chosen = name if name is not None else re.sub(r"[^a-z0-9._-]+", "-", file.stem.lower()).strip("-._")
+    if not NAME.match(chosen):
+        raise InvalidInputError(
+            f"--name {chosen!r}: not a dataset name",
+            hint="use lowercase letters, digits, '.', '_' and '-' (at most 63, starting and ending with a "
+            "letter or digit), e.g. --name support-chats",
+        )
+    return chosen
+
+
+def destination(name: str, digest: str, suffix: str) -> str:
+    return f"datasets/{name}/sha256-{digest}{suffix}"
+
+
+def push_dataset(
+    settings: Settings,
+    file: Path,
+    *,
+    base_model: str,
+    name: str | None = None,
+    release: str = "platform",
+    max_seq_length: int = 1024,
+    data_format: str | None = None,
+    revision: str | None = None,
+    chat_template: Path | None = None,
+    timeout: float = 1800.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> DataPushResult:
+    """Validate ``file`` against ``base_model``'s tokenizer, then put it on the volume; see the module."""
+    from pydantic import ValidationError
+
+    from loraplane.common.errors import format_validation_error
+    from loraplane.common.jsonl import DatasetError
+    from loraplane.platform.volume import VolumeRefused, put, volume_target
+    from loraplane.trainer.config import BaseModelSpec, DatasetSpec
+    from loraplane.trainer.data import load_tokenizer, validate_dataset
+
+    chosen = dataset_name(file, name)
+    if not file.is_file():
+        raise InvalidInputError(f"{file}: no such file", hint="give a JSONL or Parquet training file")
+    try:
+        dataset = DatasetSpec.model_validate(
+            {"path": file, **({"format": data_format} if data_format else {})}
+        )
+        model = BaseModelSpec.model_validate(
+            {"path": base_model, "revision": revision, "chat_template": chat_template}
+        )
+    except ValidationError as exc:
+        raise format_validation_error(exc, source="the data push options") from None
+    prepared = validate_dataset(
+        dataset, load_tokenizer(model), max_seq_length=max_seq_length, assistant_only_loss=True, seed=0
+    )
+    reasons = prepared.failures()
+    if reasons:
+        raise DatasetError(
+            f"{file} is not usable for training; nothing was uploaded:\n"
+            + "\n".join(f"  - {r}" for r in reasons),
+            hint=f"see `loraplane data validate {file} -m {base_model}` for the whole report",
+        )
+    digest = sha256_file(file)
+    dest = destination(chosen, digest, file.suffix)
+    rows = len(prepared.train.usable)
+    size = file.stat().st_size
+    try:
+        result = put(settings, file, dest, release=release, timeout=timeout, on_progress=on_progress)
+    except VolumeRefused as exc:
+        if "already exists" not in str(exc):
+            raise
+        # the name is the content: the same bytes are there already
+        mount = volume_target(settings, release).mount_path
+        return DataPushResult(chosen, f"{mount}/{dest}", digest, rows, size, uploaded=False)
+    return DataPushResult(chosen, f"{result.mount_path}/{result.path}", digest, rows, size, uploaded=True)
