@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from loraplane.common.files import staged_directory
 
@@ -50,6 +51,20 @@ class DemoModelSpec:
     # perfectly trained adapter could not make a confident prediction on the demo model.
     initializer_range: float = 0.1
     seed: int = 0
+    # For benchmark-sized models (bench/gpu_train.py); the defaults build the demo model as always.
+    num_key_value_heads: int | None = None  # grouped-query attention; None: one KV head per head
+    padded_vocab_size: int | None = None  # embedding rows beyond the tokenizer's (real models pad too)
+    tie_word_embeddings: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the weights written
+
+
+# Written into loraplane-demo.json only when changed, so the demo model's files stay as they were.
+_BENCH_FIELDS: dict[str, object] = {
+    "num_key_value_heads": None,
+    "padded_vocab_size": None,
+    "tie_word_embeddings": False,
+    "dtype": "float32",
+}
 
 
 def _corpus_text() -> str:
@@ -82,6 +97,10 @@ def _train_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
     )
 
 
+def _recorded(spec: DemoModelSpec) -> dict[str, object]:
+    return {k: v for k, v in spec.__dict__.items() if k not in _BENCH_FIELDS or v != _BENCH_FIELDS[k]}
+
+
 def build_demo_model(out_dir: Path, spec: DemoModelSpec | None = None) -> Path:
     """Write the demo base model into ``out_dir`` (which must not exist) and return it."""
     import torch
@@ -97,27 +116,32 @@ def build_demo_model(out_dir: Path, spec: DemoModelSpec | None = None) -> Path:
         tokenizer.save_pretrained(staging)
         end_id = tokenizer.convert_tokens_to_ids("<|end|>")
         pad_id = tokenizer.convert_tokens_to_ids("<|pad|>")
+        vocab_size = len(tokenizer)
+        if spec.padded_vocab_size is not None:
+            if spec.padded_vocab_size < vocab_size:
+                raise ValueError(f"padded_vocab_size {spec.padded_vocab_size} < the tokenizer's {vocab_size}")
+            vocab_size = spec.padded_vocab_size
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             hidden_size=spec.hidden_size,
             intermediate_size=spec.intermediate_size,
             num_hidden_layers=spec.num_hidden_layers,
             num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads or spec.num_attention_heads,
             head_dim=spec.head_dim,
             max_position_embeddings=spec.max_position_embeddings,
             bos_token_id=None,
             eos_token_id=end_id,
             pad_token_id=pad_id,
-            tie_word_embeddings=False,
+            tie_word_embeddings=spec.tie_word_embeddings,
             initializer_range=spec.initializer_range,
-            dtype="float32",
+            dtype=spec.dtype,
         )
         torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
         model.generation_config = GenerationConfig(eos_token_id=end_id, pad_token_id=pad_id)
         model.save_pretrained(staging, safe_serialization=True)
         (staging / "loraplane-demo.json").write_text(
-            json.dumps({"builder": "loraplane.trainer.demo_model", "spec": spec.__dict__}, indent=2) + "\n"
+            json.dumps({"builder": "loraplane.trainer.demo_model", "spec": _recorded(spec)}, indent=2) + "\n"
         )
     return out_dir
