@@ -19,7 +19,9 @@ from loraplane.common.errors import InvalidInputError
 from loraplane.common.files import sha256_file
 from loraplane.platform.settings import Settings
 
-NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,44}[a-z0-9])?$")  # also a ConfigMap name's suffix
+INDEX_PREFIX = "loraplane-dataset-"  # one ConfigMap per pushed name: what `dataset.pushed` resolves to
+DATASET_LABEL = "loraplane.dev/dataset"
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,12 @@ class DataPushResult:
 
 def dataset_name(file: Path, name: str | None) -> str:
     """``name``, or one made from the file's stem; refused unless it is a lowercase DNS-style label."""
-    chosen = name if name is not None else re.sub(r"[^a-z0-9._-]+", "-", file.stem.lower()).strip("-._")
+    chosen = name if name is not None else re.sub(r"[^a-z0-9-]+", "-", file.stem.lower()).strip("-")[:46]
     if not NAME.match(chosen):
         raise InvalidInputError(
             f"--name {chosen!r}: not a dataset name",
-            hint="use lowercase letters, digits, '.', '_' and '-' (at most 63, starting and ending with a "
-            "letter or digit), e.g. --name support-chats",
+            hint="use lowercase letters, digits and '-' (at most 46, starting and ending with a letter or "
+            "digit), e.g. --name support-chats",
         )
     return chosen
 
@@ -101,11 +103,90 @@ def push_dataset(
     rows = len(prepared.train.usable)
     size = file.stat().st_size
     try:
-        result = put(settings, file, dest, release=release, timeout=timeout, on_progress=on_progress)
+        put_result = put(settings, file, dest, release=release, timeout=timeout, on_progress=on_progress)
+        result = DataPushResult(
+            chosen, f"{put_result.mount_path}/{put_result.path}", digest, rows, size, uploaded=True
+        )
     except VolumeRefused as exc:
         if "already exists" not in str(exc):
             raise
         # the name is the content: the same bytes are there already
         mount = volume_target(settings, release).mount_path
-        return DataPushResult(chosen, f"{mount}/{dest}", digest, rows, size, uploaded=False)
-    return DataPushResult(chosen, f"{result.mount_path}/{result.path}", digest, rows, size, uploaded=True)
+        result = DataPushResult(chosen, f"{mount}/{dest}", digest, rows, size, uploaded=False)
+    record_push(settings, result, file=file, release=release)
+    return result
+
+
+def _index_map(result: DataPushResult, *, file: Path, release: str) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": INDEX_PREFIX + result.name,
+            "labels": {
+                "app.kubernetes.io/managed-by": "loraplane",
+                "app.kubernetes.io/instance": release,
+                DATASET_LABEL: result.name,
+            },
+        },
+        "data": {
+            "path": result.path,
+            "sha256": result.sha256,
+            "rows": str(result.rows),
+            "bytes": str(result.bytes),
+            "file": file.name,
+            "pushed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def record_push(settings: Settings, result: DataPushResult, *, file: Path, release: str) -> None:
+    """Remember ``result`` as the newest file pushed under its name (a ConfigMap in the namespace, kept
+    across uninstalls like the volume), for ``dataset.pushed`` in a run's config."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from loraplane.platform.kube import KubernetesError, api_client, api_message
+
+    core: Any = client.CoreV1Api(api_client(settings))
+    body = _index_map(result, file=file, release=release)
+    name = body["metadata"]["name"]
+    try:
+        try:
+            core.create_namespaced_config_map(settings.namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            core.replace_namespaced_config_map(name, settings.namespace, body)
+    except ApiException as exc:
+        raise KubernetesError(
+            f"{result.path} is on the volume, but its name {result.name!r} could not be recorded: "
+            f"{api_message(exc)}",
+            hint=f"name the file in dataset.path instead: {result.path}",
+        ) from None
+
+
+def resolve_pushed(settings: Settings, name: str) -> dict[str, str]:
+    """The newest file pushed as ``name`` (its ``path``, ``sha256``, ``rows``, ...)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from loraplane.platform.kube import KubernetesError, api_client, api_message
+
+    core: Any = client.CoreV1Api(api_client(settings))
+    try:
+        found = core.read_namespaced_config_map(INDEX_PREFIX + name, settings.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise InvalidInputError(
+                f"dataset.pushed: no dataset {name!r} was pushed to namespace {settings.namespace!r}",
+                hint=f"push it first: loraplane -n {settings.namespace} data push FILE -m BASE_MODEL "
+                f"--name {name}",
+            ) from None
+        raise KubernetesError(f"cannot read the pushed dataset {name!r}: {api_message(exc)}") from None
+    data: dict[str, str] = dict(found.data or {})
+    if "path" not in data:
+        raise InvalidInputError(f"dataset.pushed: the record of {name!r} names no path; push it again")
+    return data

@@ -143,6 +143,12 @@ def submit_training(
 
     _check_cluster_paths(config_path)
     config = load_config(config_path, overrides)  # every value checked before the cluster sees it
+    if config.dataset.pushed is not None:  # the run's stored config names the exact file
+        from loraplane.platform.data_push import resolve_pushed
+
+        pushed = resolve_pushed(settings, config.dataset.pushed)
+        dataset = config.dataset.model_copy(update={"pushed": None, "path": Path(pushed["path"])})
+        config = config.model_copy(update={"dataset": dataset})
     api = api_client(settings)
     core: Any = client.CoreV1Api(api)
     batch: Any = client.BatchV1Api(api)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplane.common.errors import ConfigError
+from loraplane.common.errors import ConfigError, InvalidInputError
 from loraplane.trainer.config import load_config
 
 BASE = [
@@ -77,3 +77,17 @@ def test_next_version_counts_up_past_gaps_and_ignores_staging_dirs(tmp_path: Pat
     (root / "bot" / "v7").mkdir()
     (root / "bot" / ".v8.staging-x").mkdir()  # an interrupted publish does not take a version
     assert next_version(root, "bot") == "v8"
+
+
+def test_a_dataset_comes_from_exactly_one_source_and_a_pushed_name_needs_train_submit() -> None:
+    from loraplane.trainer.config import DatasetSpec
+    from loraplane.trainer.data import validate_dataset
+
+    one = r"exactly one of dataset\.path .*, dataset\.hub or dataset\.pushed"
+    for sources in ({}, {"path": "/d/train.jsonl", "pushed": "support"}, {"hub": "org/x", "pushed": "s"}):
+        with pytest.raises(ValueError, match=one):
+            DatasetSpec.model_validate(sources)
+    pushed = DatasetSpec.model_validate({"pushed": "support"})
+    with pytest.raises(InvalidInputError, match="`loraplane train submit` resolves it") as err:
+        validate_dataset(pushed, tokenizer=None, max_seq_length=64, assistant_only_loss=True, seed=0)
+    assert "name the file in dataset.path" in str(err.value)

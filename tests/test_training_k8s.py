@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import ROOT, Cluster
 
+from loraplane.platform.settings import Settings
+
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 
 CHART = ROOT / "charts" / "loraplane"
@@ -322,3 +324,40 @@ def test_train_logs_of_an_unknown_job_is_a_clear_error(k8s_cluster: Cluster, rel
     result = _cli(k8s_cluster, release, "train", "logs", "train-nope-12345")
     assert result.returncode == 2 and "no training Job 'train-nope-12345'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_names_a_pushed_dataset_and_its_job_trains_on_that_exact_file(
+    k8s_cluster: Cluster, release: str, tmp_path: Path
+) -> None:
+    """``dataset.pushed: NAME`` is what ``loraplane data push --name NAME`` recorded (a ConfigMap per
+    name, newest push wins): the run's stored config names the content-addressed path instead."""
+    from loraplane.platform.data_push import DataPushResult, record_push
+
+    ns = release
+    settings = Settings(
+        home=tmp_path / "home", registry="kubernetes", namespace=ns, kubeconfig=k8s_cluster.kubeconfig
+    )
+    file = tmp_path / "support.jsonl"
+    for digest in ("a" * 64, "b" * 64):  # pushed twice: the newest content wins
+        path = f"/data/datasets/support/sha256-{digest}.jsonl"
+        record_push(
+            settings, DataPushResult("support", path, digest, 12, 3400, True), file=file, release=RELEASE
+        )
+    config = tmp_path / "pushed.yaml"
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    raw["dataset"] = {"pushed": "support"}
+    config.write_text(yaml.safe_dump(raw))
+    job = _submit(k8s_cluster, ns, config)
+    cm = json.loads(k8s_cluster.kubectl("-n", ns, "get", "configmap", job, "-o", "json").stdout)
+    dataset = yaml.safe_load(cm["data"]["train.yaml"])["dataset"]
+    assert dataset["path"] == f"/data/datasets/support/sha256-{'b' * 64}.jsonl" and "pushed" not in dataset
+    assert _cli(k8s_cluster, ns, "train", "cancel", job).returncode == 0
+
+    raw["dataset"] = {"pushed": "never-pushed"}
+    config.write_text(yaml.safe_dump(raw))
+    before = k8s_cluster.kubectl("-n", ns, "get", "jobs", "-o", "name").stdout
+    unknown = _cli(k8s_cluster, ns, "train", "submit", str(config))
+    assert unknown.returncode == 2, unknown.stderr
+    assert "dataset.pushed: no dataset 'never-pushed' was pushed to namespace" in unknown.stderr
+    assert "data push FILE -m BASE_MODEL --name never-pushed" in unknown.stderr
+    assert k8s_cluster.kubectl("-n", ns, "get", "jobs", "-o", "name").stdout == before

@@ -56,6 +56,11 @@ class DatasetSpec(_Strict):
         description="Training data file: JSONL (one example per line) or Parquet (one example per row).",
     )
     hub: str | None = Field(default=None, description="Or a `datasets` hub name, e.g. 'org/my-chats'.")
+    pushed: str | None = Field(
+        default=None,
+        description="Or the name a file was given by `loraplane data push` (cluster runs): `train submit` "
+        "replaces it by the newest pushed file's content-addressed path.",
+    )
     split: str = Field(default="train", description="Split of the hub dataset to train on.")
     eval_path: Path | None = Field(default=None, description="Optional held-out file in the same format.")
     eval_split: str | None = Field(default=None, description="Held-out split of the hub dataset.")
@@ -77,8 +82,10 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of dataset.path (a JSONL/Parquet file) or dataset.hub")
+        if sum(v is not None for v in (self.path, self.hub, self.pushed)) != 1:
+            raise ValueError(
+                "give exactly one of dataset.path (a JSONL/Parquet file), dataset.hub or dataset.pushed"
+            )
         for field, value in (("path", self.path), ("eval_path", self.eval_path)):
             if value is not None and value.suffix.lower() not in DATA_SUFFIXES:
                 raise ValueError(

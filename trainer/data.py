@@ -415,6 +415,13 @@ def validate_dataset(
     Raises only for what is not the data's fault: a chat template that cannot be used
     (:class:`InvalidInputError`). The caller decides what to do with ``PreparedData.failures()``.
     """
+    if dataset.pushed is not None:
+        raise InvalidInputError(
+            f"dataset.pushed: {dataset.pushed!r} names a file pushed to a cluster's volume; "
+            "`loraplane train submit` resolves it to its path",
+            hint="submit the run with `loraplane --registry kubernetes train submit`, or name the file in "
+            "dataset.path",
+        )
     renderer = ChatRenderer(tokenizer, assistant_only_loss=assistant_only_loss)
 
     def check(raw: RawSource, role: str) -> DataReport:
