@@ -1057,12 +1057,42 @@ def _deploy(
     wait: bool,
     timeout: str,
 ) -> Any:
+    from loraplane.common.errors import LoraplaneError
     from loraplane.platform.helm_release import deploy, load_values
+    from loraplane.platform.storage_check import wait_for_claim
 
     merged = load_values(values or [], sets or [])
-    return deploy(
-        _settings(), upgrade=upgrade, release=release, chart=chart, values=merged, wait=wait, timeout=timeout
-    )
+    settings = _settings()
+    try:
+        info = deploy(
+            settings, upgrade=upgrade, release=release, chart=chart, values=merged, wait=wait, timeout=timeout
+        )
+    except LoraplaneError as exc:
+        # a wait that timed out: a claim that never bound is the usual reason, and helm does not say it
+        report = _claim_problem(settings, release) if wait else None
+        if report is None:
+            raise
+        raise LoraplaneError(f"{exc.message}\n{report}", hint=exc.hint) from None
+    # the claim binds (or waits for its first pod) within seconds, or says why it never will
+    try:
+        storage = wait_for_claim(settings, release)
+    except LoraplaneError as exc:
+        err.print(f"warning: cannot check the shared volume's claim: {_escape(str(exc))}", highlight=False)
+    else:
+        if storage is not None and storage.problem:
+            err.print(f"warning: {_escape(storage.problem)}", highlight=False)
+    return info
+
+
+def _claim_problem(settings: Any, release: str) -> str | None:
+    from loraplane.common.errors import LoraplaneError
+    from loraplane.platform.storage_check import check_claim, release_claim
+
+    try:
+        claim = release_claim(settings, release)
+        return check_claim(settings, claim).problem if claim else None
+    except LoraplaneError:
+        return None
 
 
 _VALUES_HELP = "Values file (YAML); repeat to layer several, later ones win."
@@ -1211,6 +1241,13 @@ def status(
             )
         for rep in found.vllm:
             out.print(f"vLLM {rep.deployment}: {rep.ready}/{rep.desired} ready", highlight=False)
+        if found.storage is not None:
+            st = found.storage
+            out.print(f"volume {st.claim}: {st.phase} ({st.storage_class or 'no class'})", highlight=False)
+            if st.problem:
+                out.print(f"  problem: {_escape(st.problem)}", highlight=False)
+        elif found.storage_error:
+            out.print(f"volume: unknown ({_escape(found.storage_error)})", highlight=False)
         if found.loaded_error:
             out.print(f"loaded adapters: unknown ({_escape(found.loaded_error)})", highlight=False)
         else:
@@ -1371,12 +1408,14 @@ def data_push(
     """Check FILE with the trainer's own checks, then put it on the release's shared volume at
     datasets/NAME/sha256-DIGEST.jsonl: the path names its content, so a run's config (and the
     adapter's manifest) says exactly what it trained on. Bad data exits 2 and uploads nothing; the same
-    content pushed again is found there.
+    content pushed again is found there. The newest push of NAME is recorded (a ConfigMap
+    loraplane-dataset-NAME): `dataset: {pushed: NAME}` in a run's config is replaced by its path when
+    `train submit` creates the Job.
 
     \b
     Example:
       loraplane -n ml data push train.jsonl -m ./base-model --name support
-      # then in train.yaml: dataset: {path: /data/datasets/support/sha256-....jsonl}
+      # then in train.yaml: dataset: {pushed: support}  (train submit names the exact file)
     """
 
     def body() -> None:
@@ -1402,7 +1441,11 @@ def data_push(
         verb = "pushed" if result.uploaded else "already on the volume:"
         out.print(f"{verb} {file} ({result.rows} usable rows) as {result.name}", highlight=False)
         out.print(f"  path:   {result.path}\n  sha256: {result.sha256}", highlight=False)
-        out.print(f"  in train.yaml: dataset: {{path: {result.path}}}", highlight=False)
+        out.print(
+            f"  in train.yaml: dataset: {{pushed: {result.name}}}  "
+            f"(the newest push; or {{path: {result.path}}})",
+            highlight=False,
+        )
 
     _run(body)
 

@@ -14,6 +14,7 @@ from loraplane.common.errors import LoraplaneError
 from loraplane.platform.helm_release import DEFAULT_RELEASE, ReleaseInfo, release_status
 from loraplane.platform.kube import KubernetesError, api_client, api_message
 from loraplane.platform.settings import Settings
+from loraplane.platform.storage_check import StorageReport, check_claim, release_claim
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ClusterStatus:
     loaded_error: str | None = None
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)
     aliases_error: str | None = None
+    storage: StorageReport | None = None  # the shared volume's claim: bound, or why not
+    storage_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +80,11 @@ def cluster_status(settings: Settings, release: str = DEFAULT_RELEASE) -> Cluste
 
     status = ClusterStatus(namespace=settings.namespace, release=release_status(settings, release))
     status.vllm = vllm_replicas(settings, release)
+    try:
+        claim = release_claim(settings, release)
+        status.storage = check_claim(settings, claim) if claim else None
+    except LoraplaneError as exc:
+        status.storage_error = str(exc)
     if any(r.ready for r in status.vllm):
         try:
             with vllm_admin(settings, release=release) as forwarded:
