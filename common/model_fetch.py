@@ -163,6 +163,7 @@ def _hub_error(ref: ModelRef, field: str, exc: Exception) -> LoraplaneError:
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -175,6 +176,12 @@ def _hub_error(ref: ModelRef, field: str, exc: Exception) -> LoraplaneError:
         "--hf-token-secret",
         "HF_TOKEN",
     )
+    if isinstance(exc, OfflineModeIsEnabled):  # the image's default: vLLM and training never download
+        return ModelFetchError(
+            f"{field}: {ref} is not on the volume yet, and this process may not download (HF_HUB_OFFLINE=1)",
+            hint=f"let the chart fetch it (serving.model: {ref}) or run `loraplane models pull {ref}` first; "
+            "a process meant to download sets HF_HUB_OFFLINE=0",
+        )
     if isinstance(exc, GatedRepoError):
         return ModelFetchError(
             f"{field}: {ref} is a gated repository and the token given cannot read it (none given, or its "

@@ -54,7 +54,9 @@ def pull_to_volume(
     root = f"{target.mount_path.rstrip('/')}/{models_dir.strip('/')}"
     with volume_pod(settings, release, target, timeout, secrets) as pod:
         argv = [*kubectl_argv(settings), "-n", settings.namespace, "exec", pod, "-c", "put", "--"]
-        argv += ["python", "-m", "loraplane.common.model_fetch", str(ref), f"--models-root={root}"]
+        # the image is offline by default (vLLM and training never download); this process downloads
+        argv += ["env", "HF_HUB_OFFLINE=0", "python", "-m", "loraplane.common.model_fetch", str(ref)]
+        argv += [f"--models-root={root}"]
         argv += ["--field=MODEL"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stderr is not None

@@ -1155,6 +1155,7 @@ def test_a_hub_model_is_fetched_once_by_a_job_with_the_token_and_vllm_waits_for_
     assert fetch["command"] == [*module, ref, "--models-root=/data/models", "--field=serving.model"]
     assert fetch["terminationMessagePolicy"] == "FallbackToLogsOnError"
     fenv = {e["name"]: e for e in fetch["env"]}
+    assert fenv["HF_HUB_OFFLINE"]["value"] == "0", "the image is offline by default; this pod downloads"
     # The token is a mounted file, never an env value or a chart value.
     assert fenv["HF_TOKEN_PATH"]["value"] == "/etc/loraplane/hf-token/token"
     assert {"name": "hf-token", "secret": {"secretName": "hf-token"}} in spec["volumes"]

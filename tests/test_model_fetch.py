@@ -200,6 +200,19 @@ def test_the_fetch_command_exits_2_with_the_message_and_0_with_a_json_result(
     assert wait.returncode == 0, wait.stderr
 
 
+def test_an_offline_process_names_who_fetches_instead(hub_env: HubServer, tmp_path: Path) -> None:
+    """The image is offline by default (vLLM and training pods never download): a training run on a
+    reference nobody fetched yet says how to get it there."""
+    env = {**os.environ, "HF_ENDPOINT": hub_env.url, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "loraplane.common.model_fetch", "hf://org/tiny", f"--models-root={tmp_path}"]
+    done = subprocess.run(
+        [*cmd, "--field=base_model.path"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "base_model.path: hf://org/tiny@main is not on the volume yet" in done.stderr
+    assert "`loraplane models pull hf://org/tiny@main`" in done.stderr
+
+
 def test_vllms_entry_point_serves_the_fetched_directory(tmp_path: Path) -> None:
     argv = [
         sys.executable,

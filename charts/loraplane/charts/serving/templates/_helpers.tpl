@@ -172,6 +172,8 @@ spec:
       env:
         - {name: HOME, value: /tmp}
         - {name: HF_HOME, value: /tmp/hf}
+        # the image is offline by default (vLLM and training never download); this pod's job is to
+        - {name: HF_HUB_OFFLINE, value: "0"}
         - {name: LORAPLANE_LOG_FORMAT, value: json}
         {{- if .hfSecret }}
         # the hub token as a mounted file (huggingface_hub reads HF_TOKEN_PATH), never an env value
