@@ -290,6 +290,11 @@ def _s3_error(ref: ModelRef, field: str, exc: Exception) -> LoraplaneError:
                 "AWS_ENDPOINT_URL) "
                 "for storage other than AWS",
             )
+        if code in {"NoSuchKey", "404"}:  # a HEAD's 404 has no body: the bucket or the key is missing
+            return ModelFetchError(
+                f"{field}: nothing at {ref} ({endpoint}): no such object, or no such bucket",
+                hint="check the bucket and key (aws s3 ls s3://BUCKET/PREFIX)",
+            )
         if code in {"AccessDenied", "403", "AllAccessDisabled"}:
             return ModelFetchError(
                 f"{field}: access to {ref} denied at {endpoint} ({code})",
@@ -350,6 +355,36 @@ def _fetch_s3(ref: ModelRef, staging: Path, say: Say, field: str) -> tuple[str, 
     except Exception as exc:  # botocore's errors, sorted by _s3_error
         raise _s3_error(ref, field, exc) from exc
     return "s3", len(relative), total
+
+
+def fetch_object(url: str, dest_dir: Path, *, field: str = "dataset.url", say: Say = _quiet) -> Path:
+    """Download one ``s3://BUCKET/KEY`` object into ``dest_dir/<etag>/<name>`` (renamed into place
+    when whole; found there when the object did not change), with the same errors as a model."""
+    import boto3
+
+    body = url.removeprefix("s3://")
+    bucket, _, key = body.partition("/")
+    name = key.rsplit("/", 1)[-1]
+    if not url.startswith("s3://") or not bucket or not key or key.endswith("/") or name in {".", ".."}:
+        raise ModelFetchError(f"{field}: {url!r} does not name an object", hint="write s3://BUCKET/KEY")
+    ref = ModelRef("s3", f"{bucket}/{key}")
+    try:
+        s3 = boto3.session.Session().client("s3")
+        head = s3.head_object(Bucket=bucket, Key=key)
+        etag = str(head.get("ETag", "")).strip('"').replace("/", "_") or "unversioned"
+        final = dest_dir / etag / name
+        if final.is_file() and final.stat().st_size == int(head.get("ContentLength", -1)):
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        part = final.with_name(f".{name}.incomplete")
+        say(f"fetching {url} ({_gb(int(head.get('ContentLength', 0)))})")
+        s3.download_file(bucket, key, str(part))
+        os.replace(part, final)
+    except LoraplaneError:
+        raise
+    except Exception as exc:  # botocore's errors, sorted as for a model
+        raise _s3_error(ref, field, exc) from exc
+    return final
 
 
 # --- the whole fetch ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import yaml
 from hub_server import HubServer
 from s3_server import S3Server
 
+from loraplane.common.errors import ConfigError
 from loraplane.common.model_fetch import (
     MARKER,
     ModelFetchError,
@@ -334,3 +336,45 @@ def test_a_training_run_on_an_hf_reference_fetches_it_and_names_it_in_the_manife
     assert len(manifest["base_model"]["commit"]) == 40
     adapter_config = json.loads((Path(published.path) / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(local), "vLLM's base-model check compares this"
+
+
+def test_a_training_run_reads_its_dataset_from_an_s3_object(
+    s3_env: S3Server, demo_model: Path, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from loraplane.trainer.config import load_config
+    from loraplane.trainer.demo_tasks import TASKS, write_task_files
+    from loraplane.trainer.train import train_and_publish
+
+    train = write_task_files(TASKS["sentiment"], tmp_path)[0]
+    s3_env.put_object("models", "data/sentiment-train.jsonl", train.read_bytes())
+    config = {
+        "base_model": {"path": str(demo_model)},
+        "dataset": {"url": "s3://models/data/sentiment-train.jsonl"},
+        "lora": {"r": 8, "alpha": 16},
+        "training": {"max_steps": 2, "batch_size": 4, "max_seq_length": 128},
+        "output": {
+            "adapters_root": str(tmp_path / "adapters"),
+            "name": "bot",
+            "run_dir": str(tmp_path / "run"),
+        },
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    published = train_and_publish(load_config(path))
+    data = published.manifest["dataset"]
+    assert data["sha256"] == hashlib.sha256(train.read_bytes()).hexdigest(), "the object's exact bytes"
+    assert data["source"].startswith(str(tmp_path / "run" / "data")) and data["examples"] > 0
+
+    config["dataset"] = {"url": "s3://missing-bucket/x.jsonl"}
+    config["output"]["run_dir"] = str(tmp_path / "run2")
+    path.write_text(yaml.safe_dump(config))
+    missing = re.escape("dataset.url: nothing at s3://missing-bucket/x.jsonl")
+    with pytest.raises(ModelFetchError, match=missing) as err:
+        train_and_publish(load_config(path))
+    assert err.value.exit_code == 2
+    with pytest.raises(
+        ConfigError, match=re.escape("dataset.url: 'https://x/y.jsonl' is not an s3:// object")
+    ):
+        load_config(path, ["dataset.url=https://x/y.jsonl"])

@@ -83,7 +83,7 @@ def test_a_dataset_comes_from_exactly_one_source_and_a_pushed_name_needs_train_s
     from loraplane.trainer.config import DatasetSpec
     from loraplane.trainer.data import validate_dataset
 
-    one = r"exactly one of dataset\.path .*, dataset\.hub or dataset\.pushed"
+    one = r"exactly one of dataset\.path .*, dataset\.hub, dataset\.url or dataset\.pushed"
     for sources in ({}, {"path": "/d/train.jsonl", "pushed": "support"}, {"hub": "org/x", "pushed": "s"}):
         with pytest.raises(ValueError, match=one):
             DatasetSpec.model_validate(sources)

@@ -56,6 +56,11 @@ class DatasetSpec(_Strict):
         description="Training data file: JSONL (one example per line) or Parquet (one example per row).",
     )
     hub: str | None = Field(default=None, description="Or a `datasets` hub name, e.g. 'org/my-chats'.")
+    url: str | None = Field(
+        default=None,
+        description="Or an object in object storage, s3://BUCKET/KEY.jsonl (read with the pod's AWS_* "
+        "credentials); the trainer downloads it next to its run and records its sha256 like a file's.",
+    )
     pushed: str | None = Field(
         default=None,
         description="Or the name a file was given by `loraplane data push` (cluster runs): `train submit` "
@@ -82,9 +87,17 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if sum(v is not None for v in (self.path, self.hub, self.pushed)) != 1:
+        if sum(v is not None for v in (self.path, self.hub, self.url, self.pushed)) != 1:
             raise ValueError(
-                "give exactly one of dataset.path (a JSONL/Parquet file), dataset.hub or dataset.pushed"
+                "give exactly one of dataset.path (a JSONL/Parquet file), dataset.hub, dataset.url or "
+                "dataset.pushed"
+            )
+        if self.url is not None and (
+            not self.url.startswith("s3://") or not self.url.lower().endswith(DATA_SUFFIXES)
+        ):
+            raise ValueError(
+                f"dataset.url: {self.url!r} is not an s3:// object ending in .jsonl or .parquet "
+                "(a hub dataset is dataset.hub: ORG/NAME)"
             )
         for field, value in (("path", self.path), ("eval_path", self.eval_path)):
             if value is not None and value.suffix.lower() not in DATA_SUFFIXES:

@@ -415,6 +415,11 @@ def validate_dataset(
     Raises only for what is not the data's fault: a chat template that cannot be used
     (:class:`InvalidInputError`). The caller decides what to do with ``PreparedData.failures()``.
     """
+    if dataset.url is not None:
+        raise InvalidInputError(
+            f"dataset.url: {dataset.url!r} is downloaded by the trainer when a run starts",
+            hint="to check the data first, download it and run `loraplane data validate FILE`",
+        )
     if dataset.pushed is not None:
         raise InvalidInputError(
             f"dataset.pushed: {dataset.pushed!r} names a file pushed to a cluster's volume; "

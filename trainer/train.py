@@ -240,6 +240,19 @@ def _with_local_base_model(config: TrainJobConfig) -> TrainJobConfig:
     return config.model_copy(update={"base_model": spec.model_copy(update={"path": local})})
 
 
+def _with_local_dataset(config: TrainJobConfig) -> TrainJobConfig:
+    """An ``s3://`` dataset.url is downloaded next to the run (``RUN_DIR/data/<etag>/``, found there
+    on a resume) and trained from that file; its sha256 is recorded like any file's."""
+    url = config.dataset.url
+    if url is None:
+        return config
+    from loraplane.common.model_fetch import fetch_object
+
+    local = fetch_object(url, config.output.resolved_run_dir / "data", field="dataset.url", say=log.info)
+    dataset = config.dataset.model_copy(update={"url": None, "path": local})
+    return config.model_copy(update={"dataset": dataset})
+
+
 def train_and_publish(
     config: TrainJobConfig, *, on_log: Any = None, handle_sigterm: bool = True
 ) -> PublishedAdapter:
@@ -252,6 +265,7 @@ def train_and_publish(
     rank, world_size = _world()
     is_main = rank == 0
     config = _with_local_base_model(config)
+    config = _with_local_dataset(config)
     # The heavy imports come after the cheap config checks of the caller, not at module import.
     from loraplane.trainer.sft import check_hardware
 
