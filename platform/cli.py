@@ -1467,7 +1467,12 @@ def models_pull(
     s3_endpoint: str | None = typer.Option(
         None, help="S3 API endpoint for storage other than AWS (MinIO, R2)."
     ),
-    timeout: float = typer.Option(6 * 3600.0, help="Seconds the fetch may take (running again resumes it)."),
+    hf_endpoint: str | None = typer.Option(
+        None, help="Hugging Face hub endpoint (a mirror; default: HF_ENDPOINT here, else huggingface.co)."
+    ),
+    timeout: float = typer.Option(
+        6 * 3600.0, help="Seconds the fetch may take (running again keeps the files already downloaded)."
+    ),
     output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Fetch a base model once onto the release's shared volume, into models/NAME@REVISION/ (the
@@ -1495,8 +1500,15 @@ def models_pull(
             result = pull_local(model, say=say)
         else:
             secrets = PodSecrets(hf_token_secret, hf_token_key, s3_secret, s3_endpoint)
+            endpoint = hf_endpoint or os.environ.get("HF_ENDPOINT")
             result = pull_to_volume(
-                settings, model, release=release, secrets=secrets, timeout=timeout, say=say
+                settings,
+                model,
+                release=release,
+                secrets=secrets,
+                timeout=timeout,
+                say=say,
+                hf_endpoint=endpoint,
             )
         if output == "json":
             out.print_json(json.dumps(result.to_dict()))

@@ -39,6 +39,7 @@ def pull_to_volume(
     release: str = "platform",
     secrets: PodSecrets | None = None,
     models_dir: str = "models",
+    hf_endpoint: str | None = None,
     timeout: float = 6 * 3600.0,
     say: Say,
 ) -> FetchResult:
@@ -55,7 +56,14 @@ def pull_to_volume(
     with volume_pod(settings, release, target, timeout, secrets) as pod:
         argv = [*kubectl_argv(settings), "-n", settings.namespace, "exec", pod, "-c", "put", "--"]
         # the image is offline by default (vLLM and training never download); this process downloads
-        argv += ["env", "HF_HUB_OFFLINE=0", "python", "-m", "loraplane.common.model_fetch", str(ref)]
+        argv += [
+            "env",
+            "HF_HUB_OFFLINE=0",
+            "HOME=/tmp",
+            "HF_HOME=/tmp/hf",
+        ]  # the root filesystem is read-only
+        argv += [f"HF_ENDPOINT={hf_endpoint}"] if hf_endpoint else []
+        argv += ["python", "-m", "loraplane.common.model_fetch", str(ref)]
         argv += [f"--models-root={root}"]
         argv += ["--field=MODEL"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -78,7 +86,7 @@ def pull_to_volume(
             proc.wait()
             raise VolumeError(
                 f"the fetch of {ref} did not finish within {timeout:.0f}s",
-                hint="running `loraplane models pull` again resumes it",
+                hint="running `loraplane models pull` again keeps the files already downloaded",
             ) from None
         reader.join(timeout=10)
     if proc.returncode != 0:
@@ -93,7 +101,7 @@ def pull_to_volume(
         if proc.returncode == 2:
             raise InvalidInputError(detail)
         raise LoraplaneError(
-            f"the fetch of {ref} failed: {detail}", hint="running it again resumes the download"
+            f"the fetch of {ref} failed: {detail}", hint="running it again keeps the files already downloaded"
         )
     result = json.loads(stdout.strip().splitlines()[-1])
     return FetchResult(**result)
