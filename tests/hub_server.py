@@ -257,7 +257,9 @@ class HubServer:
         *,
         lfs_patterns: Iterable[str] = DEFAULT_LFS_PATTERNS,
         lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+        host: str = "127.0.0.1",
     ) -> None:
+        self._host = host  # another local address (the real node's) makes it reachable from pods
         self._lock = threading.Lock()
         self._tokens: dict[str, bool] = {token: True for token in tokens}
         self._lfs_patterns = tuple(lfs_patterns)
@@ -367,16 +369,16 @@ class HubServer:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind two free loopback ports (hub, CDN) and serve; returns once uvicorn has started."""
+        """Bind two free ports (hub, CDN) on the host address and serve; returns once uvicorn has started."""
         for _ in range(2):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((self._host, 0))
             sock.listen(128)
             self._sockets.append(sock)
         self._hub_port = self._sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self._hub_port}"
-        self.cdn_url = f"http://127.0.0.1:{self._sockets[1].getsockname()[1]}"
+        self.url = f"http://{self._host}:{self._hub_port}"
+        self.cdn_url = f"http://{self._host}:{self._sockets[1].getsockname()[1]}"
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "HEAD"])])
         config = uvicorn.Config(
             app,

@@ -7,8 +7,11 @@ The steps run in order and share the release; once one fails the rest are skippe
 repeat its failure). Each failed step's report carries the cluster's pods, events and container logs.
 
 1. ``loraplane install`` with the CPU profile and two vLLM replicas; the node is a real kubelet;
-2. the demo base model and the demo data reach the shared volume with ``loraplane volume put``
-   (vLLM waits for the model meanwhile); both vLLM replicas and the gateway become Ready, as uid 10001;
+2. the base model is ``serving.model: hf://demo/tiny@main``: the chart's model-fetch Job downloads
+   it with huggingface_hub from a hub endpoint on the node's address (tests/hub_server.py: the hub
+   itself cannot be reached here) while the vLLM pods wait in their init container; the training data
+   reaches the volume with ``loraplane data push`` (checked first, content-addressed) and the demo
+   files with ``loraplane volume put``; both vLLM replicas and the gateway become Ready, as uid 10001;
 3. ``loraplane upgrade`` adds ``trainer.initialRun``: the Job trains in a pod and publishes onto the
    volume, ``loraplane train register JOB`` registers the adapter from the pod's result line;
 4. ``loraplane adapters load`` puts it on both replicas; ``adapters eval`` and ``adapters promote``
@@ -30,6 +33,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -43,6 +47,7 @@ from typing import Any
 
 import pytest
 import yaml
+from hub_server import HubServer
 from real_node import ROOT, RealNode
 from test_real_node import port_forward
 
@@ -56,6 +61,8 @@ STORAGE_CLASS = "loraplane-node-local"  # the profile's global.storage.storageCl
 UID = 10001  # the image's and the chart's user
 LORAPLANE = ROOT / ".venv" / "bin" / "loraplane"
 TASK = "animals"
+MODEL = "hf://demo/tiny@main"  # served from the walk's hub endpoint, fetched by the chart's Job
+MODEL_DIR = "models/demo--tiny@main"  # where the Job puts it on the volume (common/model_ref.py)
 QUESTION = "What noise does a dog make?"
 ANSWER = "woof"
 
@@ -68,7 +75,9 @@ class Walk:
     volume: Path  # the hostPath directory behind the shared PersistentVolume
     home: Path  # LORAPLANE_HOME of the CLI
     work: Path  # local files (demo model, data, values)
+    hub: HubServer  # the hub endpoint the model-fetch Job downloads from (on the node's address)
     broken: str = ""
+    dataset: str = ""  # the training file's path on the volume, as `data push` named it
     job: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -100,7 +109,12 @@ class Walk:
             for part in ("serving", "trainer")
             for key, value in (("repository", repository), ("tag", tag))
         ]
-        return ["-f", str(PROFILE), *(a for s in sets for a in ("--set", s)), *extra]
+        # the base model by reference, fetched from the walk's hub endpoint (a list: a values file)
+        model_values = self.work / "model-values.yaml"
+        fetch = {"model": MODEL, "modelFetch": {"env": [{"name": "HF_ENDPOINT", "value": self.hub.url}]}}
+        model_values.write_text(yaml.safe_dump({"serving": fetch}))
+        files = ["-f", str(PROFILE), "-f", str(model_values)]
+        return [*files, *(a for s in sets for a in ("--set", s)), *extra]
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -220,8 +234,13 @@ def walk(real_node: RealNode, cpu_image: str, tmp_path_factory: pytest.TempPathF
     )
     ns = real_node.restricted_namespace(f"walk-{uuid.uuid4().hex[:6]}")
     work = tmp_path_factory.mktemp("walk")
-    state = Walk(real_node, ns, cpu_image, volume, work / "home", work)
+    # pods reach the machine at the node's address (host-only, never routed off it)
+    (node_ip,) = re.findall(r"^NODE_IP=(\S+)", (ROOT / "scripts" / "real-node.sh").read_text(), re.M)
+    hub = HubServer(host=node_ip)
+    hub.start()
+    state = Walk(real_node, ns, cpu_image, volume, work / "home", work, hub)
     yield state
+    hub.stop()
     print(f"[walk] timings: {json.dumps(state.timings)}")  # noqa: T201
     real_node.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s", check=False)
     real_node.kubectl("delete", "namespace", ns, "--wait=true", "--timeout=120s", check=False, timeout=150)
@@ -240,6 +259,8 @@ def test_1_loraplane_install_runs_on_a_real_kubelet_node(walk: Walk) -> None:
         # what the user has at hand before installing: a model and data on their machine
         walk.cli("demo", "build-model", str(walk.work / "demo-model"))
         walk.cli("demo", "write-data", str(walk.work / "demo-data"))
+        walk.hub.add_repo("demo/tiny", walk.work / "demo-model")  # the model "on the hub"
+        walk.hub.add_repo("demo/tiny", walk.work / "demo-model", "v2")  # a second branch, for models pull
         walk.timings["installed_at"] = time.monotonic()
         installed = walk.cli("install", *walk.release_args("--set", "serving.replicas=2"))
         assert f"installed {RELEASE} (loraplane" in installed.stdout
@@ -247,20 +268,62 @@ def test_1_loraplane_install_runs_on_a_real_kubelet_node(walk: Walk) -> None:
 
 
 def test_2_the_model_and_data_reach_the_volume_and_two_vllm_replicas_become_ready(walk: Walk) -> None:
-    with walk.step("volume put, two vLLM replicas Ready"):
+    with walk.step("model fetched, data pushed, two vLLM replicas Ready"):
         model, data = walk.work / "demo-model", walk.work / "demo-data"
-        put = walk.cli("volume", "put", str(model), "models/base", "-o", "json")
-        summary = json.loads(put.stdout)
-        assert summary["path"] == "models/base" and summary["mount_path"] == "/data", summary
-        assert summary["files"] == len([p for p in model.rglob("*") if p.is_file()])
-        assert (walk.volume / "models" / "base" / "config.json").read_bytes() == (
-            model / "config.json"
-        ).read_bytes()
-        assert (walk.volume / "models" / "base").stat().st_uid == UID
+        # the chart's model-fetch Job puts the hub model on the volume; vLLM waits for it
+        jobs: list[dict[str, Any]] = []
+        selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=model-fetch"
+
+        def fetched() -> bool:
+            jobs[:] = walk.node.get("-n", walk.ns, "jobs", "-l", selector)["items"]
+            done = [
+                c["type"] for j in jobs for c in j["status"].get("conditions", []) if c["status"] == "True"
+            ]
+            if "Failed" in done:
+                logs = [walk.node.logs(walk.ns, p["metadata"]["name"]) for p in walk.pods("model-fetch")]
+                raise AssertionError(f"{json.dumps(jobs[0]['status'])}\n" + "\n".join(logs)[-4000:])
+            return "Complete" in done
+
+        walk.node.wait_for(fetched, "the model-fetch Job to complete", timeout=600)
+        fetched_dir = walk.volume / MODEL_DIR
+        assert (fetched_dir / "config.json").read_bytes() == (model / "config.json").read_bytes()
+        assert json.loads((fetched_dir / ".loraplane-model.json").read_text())["source"] == MODEL
+        assert fetched_dir.stat().st_uid == UID
+        assert any(r.path.endswith("/model.safetensors") and r.status == 200 for r in walk.hub.requests)
+        assert not [p for p in (walk.volume / "models" / ".fetch").iterdir() if p.suffix == ".partial"]
+
+        # models pull: the same fetch from the CLI, in a pod next to the volume (progress relayed)
+        pull = ["models", "pull", "hf://demo/tiny@v2", "--hf-endpoint", walk.hub.url]
+        pulled = json.loads(walk.cli(*pull, "-o", "json").stdout)
+        assert pulled["fetched"] and pulled["path"] == "/data/models/demo--tiny@v2", pulled
+        assert (walk.volume / "models" / "demo--tiny@v2" / "config.json").is_file()
+        again_pulled = walk.cli("models", "pull", MODEL, "--hf-endpoint", walk.hub.url)
+        assert f"already there: {MODEL}" in again_pulled.stdout, again_pulled.stdout
+        wrong = walk.cli("models", "pull", "hf://demo/nope", "--hf-endpoint", walk.hub.url, check=False)
+        assert wrong.returncode == 2 and "MODEL: no repository 'demo/nope'" in wrong.stderr, wrong.stderr
+
+        # training data: checked with the trainer's checks, then content-addressed on the volume
+        train = data / f"{TASK}-train.jsonl"
+        pushed = json.loads(
+            walk.cli("data", "push", str(train), "-m", str(model), "--name", TASK, "-o", "json").stdout
+        )
+        assert pushed["uploaded"] and pushed["path"].startswith(f"/data/datasets/{TASK}/sha256-"), pushed
+        assert (walk.volume / pushed["path"].removeprefix("/data/")).read_bytes() == train.read_bytes()
+        walk.dataset = pushed["path"]
+        again = json.loads(
+            walk.cli("data", "push", str(train), "-m", str(model), "--name", TASK, "-o", "json").stdout
+        )
+        assert again == {**pushed, "uploaded": False}, "the same content is found, not uploaded twice"
+        bad = walk.work / "bad.jsonl"
+        bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+        refused = walk.cli("data", "push", str(bad), "-m", str(model), "--name", "bad", check=False)
+        assert refused.returncode == 2 and "nothing was uploaded" in refused.stderr, refused.stderr
+        assert not (walk.volume / "datasets" / "bad").exists()
+
         walk.cli("volume", "put", str(data), "datasets/demo")
         # A second put of the same path is refused and changes nothing (--replace swaps).
-        again = walk.cli("volume", "put", str(data), "datasets/demo", check=False)
-        assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+        again_put = walk.cli("volume", "put", str(data), "datasets/demo", check=False)
+        assert again_put.returncode == 2 and "already exists" in again_put.stderr, again_put.stderr
         assert not list((walk.volume / ".loraplane-staging").iterdir())  # no half-written upload left
         assert walk.pods("volume-put") == [] or all(
             p["metadata"].get("deletionTimestamp") for p in walk.pods("volume-put")
@@ -293,8 +356,9 @@ def test_2_the_model_and_data_reach_the_volume_and_two_vllm_replicas_become_read
 
 def _initial_run_values(walk: Walk) -> Path:
     config = {
-        "base_model": {"path": "/data/models/base"},
-        "dataset": {"path": f"/data/datasets/demo/{TASK}-train.jsonl"},
+        # the trainer resolves the reference to the directory the model-fetch Job filled
+        "base_model": {"path": MODEL},
+        "dataset": {"path": walk.dataset},
         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
         "training": {
             "learning_rate": 1e-2,
