@@ -301,6 +301,21 @@ def test_an_s3_model_that_cannot_be_read_fails_for_good_naming_the_value(
     assert not parse_model_ref(model).local_dir(tmp_path).exists()
 
 
+def _tiny_run(work: Path, base_model: dict[str, str], dataset: dict[str, str]) -> Path:
+    """A two-step training config in ``work``: what the tests vary is where the model and data are."""
+    config = {
+        "base_model": base_model,
+        "dataset": dataset,
+        "lora": {"r": 8, "alpha": 16},
+        "training": {"max_steps": 2, "batch_size": 4, "max_seq_length": 128},
+        "output": {"adapters_root": str(work / "adapters"), "name": "bot", "run_dir": str(work / "run")},
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 # --- the trainer ------------------------------------------------------------------------------------
 
 
@@ -314,19 +329,7 @@ def test_a_training_run_on_an_hf_reference_fetches_it_and_names_it_in_the_manife
     hub_env.add_repo("org/demo", demo_model)
     monkeypatch.setenv("LORAPLANE_MODELS_ROOT", str(tmp_path / "models"))
     train = write_task_files(TASKS["sentiment"], tmp_path)[0]
-    config = {
-        "base_model": {"path": "hf://org/demo@main"},
-        "dataset": {"path": str(train)},
-        "lora": {"r": 8, "alpha": 16},
-        "training": {"max_steps": 2, "batch_size": 4, "max_seq_length": 128},
-        "output": {
-            "adapters_root": str(tmp_path / "adapters"),
-            "name": "bot",
-            "run_dir": str(tmp_path / "run"),
-        },
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _tiny_run(tmp_path, {"path": "hf://org/demo@main"}, {"path": str(train)})
     published = train_and_publish(load_config(path))
     local = tmp_path / "models" / "org--demo@main"
     assert (local / "config.json").is_file()
@@ -349,27 +352,13 @@ def test_a_training_run_reads_its_dataset_from_an_s3_object(
 
     train = write_task_files(TASKS["sentiment"], tmp_path)[0]
     s3_env.put_object("models", "data/sentiment-train.jsonl", train.read_bytes())
-    config = {
-        "base_model": {"path": str(demo_model)},
-        "dataset": {"url": "s3://models/data/sentiment-train.jsonl"},
-        "lora": {"r": 8, "alpha": 16},
-        "training": {"max_steps": 2, "batch_size": 4, "max_seq_length": 128},
-        "output": {
-            "adapters_root": str(tmp_path / "adapters"),
-            "name": "bot",
-            "run_dir": str(tmp_path / "run"),
-        },
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _tiny_run(tmp_path, {"path": str(demo_model)}, {"url": "s3://models/data/sentiment-train.jsonl"})
     published = train_and_publish(load_config(path))
     data = published.manifest["dataset"]
     assert data["sha256"] == hashlib.sha256(train.read_bytes()).hexdigest(), "the object's exact bytes"
     assert data["source"].startswith(str(tmp_path / "run" / "data")) and data["examples"] > 0
 
-    config["dataset"] = {"url": "s3://missing-bucket/x.jsonl"}
-    config["output"]["run_dir"] = str(tmp_path / "run2")
-    path.write_text(yaml.safe_dump(config))
+    path = _tiny_run(tmp_path / "again", {"path": str(demo_model)}, {"url": "s3://missing-bucket/x.jsonl"})
     missing = re.escape("dataset.url: nothing at s3://missing-bucket/x.jsonl")
     with pytest.raises(ModelFetchError, match=missing) as err:
         train_and_publish(load_config(path))
