@@ -36,7 +36,7 @@ COPY trainer trainer
 RUN python3 -m pip install --no-deps . \
  && python3 -m pip install -c requirements/lock.txt \
       kubernetes pyhelm3 httpx openai pydantic pyyaml typer rich filelock jsonschema rouge-score \
-      matplotlib fastapi starlette uvicorn anyio aiohttp prometheus-client peft \
+      matplotlib fastapi starlette uvicorn anyio aiohttp prometheus-client peft boto3 botocore \
  && python3 -c "import loraplane.serving.gateway, loraplane.serving.__main__"
 
 # The chart runs `python -m ...` (vLLM, the gateway, the readiness probe, the helm test): vLLM's image
