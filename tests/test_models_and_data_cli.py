@@ -49,7 +49,7 @@ def test_bad_data_is_refused_with_the_trainers_reasons_before_anything_is_upload
 
 
 def test_dataset_names_are_labels_and_paths_name_the_content() -> None:
-    assert dataset_name(Path("Support Chats.v2.jsonl"), None) == "support-chats.v2"
+    assert dataset_name(Path("Support Chats.v2.jsonl"), None) == "support-chats-v2"
     assert dataset_name(Path("x.jsonl"), "support") == "support"
     with pytest.raises(InvalidInputError, match="--name 'Bad/Name': not a dataset name"):
         dataset_name(Path("x.jsonl"), "Bad/Name")
