@@ -1063,6 +1063,7 @@ def _deploy(
 
     merged = load_values(values or [], sets or [])
     settings = _settings()
+    _update_crds(settings, chart)
     try:
         info = deploy(
             settings, upgrade=upgrade, release=release, chart=chart, values=merged, wait=wait, timeout=timeout
@@ -1082,6 +1083,18 @@ def _deploy(
         if storage is not None and storage.problem:
             err.print(f"warning: {_escape(storage.problem)}", highlight=False)
     return info
+
+
+def _update_crds(settings: Any, chart: Path | None) -> None:
+    """Helm never updates a chart's CRDs after the first install: bring them to the chart's first."""
+    from loraplane.platform.crds import apply_crds
+    from loraplane.platform.helm_release import default_chart
+
+    result = apply_crds(settings, chart or default_chart())
+    for name in result.replaced:
+        err.print(f"updated the CustomResourceDefinition {name} to the chart's", highlight=False)
+    if result.refused:
+        err.print(f"warning: {_escape(result.refused)}", highlight=False)
 
 
 def _claim_problem(settings: Any, release: str) -> str | None:
