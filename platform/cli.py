@@ -1254,6 +1254,10 @@ def status(
             )
         for rep in found.vllm:
             out.print(f"vLLM {rep.deployment}: {rep.ready}/{rep.desired} ready", highlight=False)
+        for fetch in found.model_fetch:
+            out.print(f"model {fetch.model}: fetch {fetch.state} (job {fetch.job})", highlight=False)
+            if fetch.message:
+                out.print(f"  reason: {_escape(fetch.message)}", highlight=False)
         if found.storage is not None:
             st = found.storage
             out.print(f"volume {st.claim}: {st.phase} ({st.storage_class or 'no class'})", highlight=False)

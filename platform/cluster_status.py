@@ -25,6 +25,48 @@ class Replicas:
 
 
 @dataclass
+class ModelFetch:
+    job: str
+    model: str  # the reference it fetches (its loraplane.dev/model annotation)
+    state: str  # Running, Complete or Failed
+    message: str | None = None  # a failed pod's termination message: the value to fix
+
+
+def model_fetches(settings: Settings, release: str) -> list[ModelFetch]:
+    """The release's model-fetch Jobs, and for a failed one the reason its pod gave."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = api_client(settings)
+    batch: Any = client.BatchV1Api(api)
+    core: Any = client.CoreV1Api(api)
+    selector = f"app.kubernetes.io/component=model-fetch,app.kubernetes.io/instance={release}"
+    try:
+        jobs = batch.list_namespaced_job(settings.namespace, label_selector=selector).items
+        found = []
+        for job in sorted(jobs, key=lambda j: j.metadata.name):
+            conditions = {c.type for c in job.status.conditions or [] if c.status == "True"}
+            state = (
+                "Complete" if "Complete" in conditions else "Failed" if "Failed" in conditions else "Running"
+            )
+            message = None
+            if state == "Failed":
+                pods = core.list_namespaced_pod(
+                    settings.namespace, label_selector=f"job-name={job.metadata.name}"
+                ).items
+                for pod in pods:
+                    for cs in pod.status.container_statuses or []:
+                        term = cs.state.terminated if cs.state else None
+                        if term is not None and term.message:
+                            message = term.message.strip()
+            model = (job.metadata.annotations or {}).get("loraplane.dev/model", "")
+            found.append(ModelFetch(job.metadata.name, model, state, message))
+    except ApiException as exc:
+        raise KubernetesError(f"cannot read the model-fetch Jobs: {api_message(exc)}") from None
+    return found
+
+
+@dataclass
 class ClusterStatus:
     namespace: str
     release: ReleaseInfo | None
@@ -36,6 +78,7 @@ class ClusterStatus:
     aliases_error: str | None = None
     storage: StorageReport | None = None  # the shared volume's claim: bound, or why not
     storage_error: str | None = None
+    model_fetch: list[ModelFetch] = field(default_factory=list)  # the chart's model-fetch Jobs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +123,10 @@ def cluster_status(settings: Settings, release: str = DEFAULT_RELEASE) -> Cluste
 
     status = ClusterStatus(namespace=settings.namespace, release=release_status(settings, release))
     status.vllm = vllm_replicas(settings, release)
+    try:
+        status.model_fetch = model_fetches(settings, release)
+    except LoraplaneError as exc:
+        status.storage_error = status.storage_error or str(exc)
     try:
         claim = release_claim(settings, release)
         status.storage = check_claim(settings, claim) if claim else None

@@ -354,6 +354,44 @@ def test_2_the_model_and_data_reach_the_volume_and_two_vllm_replicas_become_read
         assert "serving 0 registered adapter version(s)" in log, log[-3000:]
 
 
+def test_2b_a_model_that_cannot_be_fetched_fails_its_job_at_once_and_status_says_why(walk: Walk) -> None:
+    with walk.step("a wrong model id fails its fetch Job at once"):
+        status = json.loads(walk.cli("status", "-o", "json").stdout)
+        assert [(f["model"], f["state"]) for f in status["model_fetch"]] == [(MODEL, "Complete")], status
+        # the chart's fetch Job for a model the hub does not have (only that Job: vLLM keeps serving)
+        args = [
+            "template",
+            RELEASE,
+            str(CHART),
+            "-n",
+            walk.ns,
+            "--show-only",
+            "charts/serving/templates/model-fetch.yaml",
+        ]
+        args += walk.release_args("--set", "serving.model=hf://demo/nope")
+        rendered = walk.node.helm(*args).stdout
+        (job,) = [d for d in yaml.safe_load_all(rendered) if d]
+        walk.node.apply(walk.ns, job)
+        name = job["metadata"]["name"]
+
+        def failed() -> bool:
+            conditions = walk.node.get("-n", walk.ns, "job", name)["status"].get("conditions", [])
+            return any(c["type"] == "Failed" and c["status"] == "True" for c in conditions)
+
+        walk.node.wait_for(failed, "the bad model's fetch Job to fail", timeout=180)
+        found = walk.node.get("-n", walk.ns, "job", name)["status"]
+        assert found.get("failed") == 1, f"exit 2 fails the Job at once, no retries: {found}"
+        status = json.loads(walk.cli("status", "-o", "json").stdout)
+        (bad,) = [f for f in status["model_fetch"] if f["job"] == name]
+        assert bad["state"] == "Failed" and "serving.model: no repository 'demo/nope'" in bad["message"], bad
+        text = walk.cli("status").stdout
+        assert (
+            "model hf://demo/nope@main: fetch Failed" in text
+            and "reason: serving.model: no repository" in text
+        )
+        walk.node.kubectl("-n", walk.ns, "delete", "job", name, "--cascade=foreground")
+
+
 def _initial_run_values(walk: Walk) -> Path:
     config = {
         # the trainer resolves the reference to the directory the model-fetch Job filled
