@@ -40,8 +40,14 @@ def apply_crds(settings: Settings, chart_dir: Path) -> CrdResult:
     """Create each CRD of the chart that is missing and replace each whose spec differs."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     api: Any = client.ApiextensionsV1Api(api_client(settings))
+    try:
+        api.get_api_resources(_request_timeout=10)
+    except (HTTPError, OSError):
+        # an API server that cannot be reached: Helm's own error says so next, in one line
+        return CrdResult([], [], [])
     created: list[str] = []
     replaced: list[str] = []
     unchanged: list[str] = []

@@ -69,6 +69,7 @@ def pull_to_volume(
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stderr is not None
         lines: list[str] = []
+        out: list[str] = []
 
         def relay(stream: IO[str]) -> None:
             for line in stream:
@@ -77,10 +78,17 @@ def pull_to_volume(
                 if text.startswith(PREFIX) and not text.startswith(f"{PREFIX}error: "):
                     say(text.removeprefix(PREFIX))
 
-        reader = threading.Thread(target=relay, args=(proc.stderr,), daemon=True)
-        reader.start()
+        # one reader per pipe (communicate() would read stderr too, racing the relay for its lines)
+        readers = [
+            threading.Thread(target=relay, args=(proc.stderr,), daemon=True),
+            threading.Thread(
+                target=lambda: out.append(proc.stdout.read() if proc.stdout else ""), daemon=True
+            ),
+        ]
+        for reader in readers:
+            reader.start()
         try:
-            stdout, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -88,10 +96,17 @@ def pull_to_volume(
                 f"the fetch of {ref} did not finish within {timeout:.0f}s",
                 hint="running `loraplane models pull` again keeps the files already downloaded",
             ) from None
-        reader.join(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
+    stdout = "".join(out)
     if proc.returncode != 0:
-        error = [
-            line.removeprefix(f"{PREFIX}error: ") for line in lines if line.startswith(f"{PREFIX}error: ")
+        # the fetch's error line and the lines it continues on (its hint)
+        start = next((i for i, line in enumerate(lines) if line.startswith(f"{PREFIX}error: ")), len(lines))
+        error = [lines[start].removeprefix(f"{PREFIX}error: ")] if start < len(lines) else []
+        error += [
+            line
+            for line in lines[start + 1 :]
+            if not line.startswith(PREFIX) and not line.startswith("command terminated")
         ]
         detail = (
             "\n".join(error)
