@@ -385,10 +385,7 @@ def test_2b_a_model_that_cannot_be_fetched_fails_its_job_at_once_and_status_says
         (bad,) = [f for f in status["model_fetch"] if f["job"] == name]
         assert bad["state"] == "Failed" and "serving.model: no repository 'demo/nope'" in bad["message"], bad
         text = walk.cli("status").stdout
-        assert (
-            "model hf://demo/nope@main: fetch Failed" in text
-            and "reason: serving.model: no repository" in text
-        )
+        assert "model hf://demo/nope: fetch Failed" in text and "reason: serving.model: no repository" in text
         walk.node.kubectl("-n", walk.ns, "delete", "job", name, "--cascade=foreground")
 
 
