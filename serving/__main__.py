@@ -111,10 +111,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _resolve_model(args: argparse.Namespace) -> Callable[[], str | None] | None:
-    """Replace an hf:// or s3:// ``--model`` by the directory it is fetched to; return how to read
-    why its fetch failed (for the wait's messages), or None for a directory or a hub id."""
-    from loraplane.common.model_fetch import fetch_error, models_root_default
+def _resolve_model(args: argparse.Namespace) -> Callable[[float, Callable[[str], None]], bool] | None:
+    """Replace an hf:// or s3:// ``--model`` by the directory it is fetched to, and return how to wait
+    for it (loraplane.common.model_fetch.wait_for_model, which names a failed fetch); None for a
+    directory or a hub id."""
+    from loraplane.common.model_fetch import models_root_default, wait_for_model
     from loraplane.common.model_ref import is_reference, parse_model_ref
 
     if not is_reference(args.model):
@@ -122,7 +123,7 @@ def _resolve_model(args: argparse.Namespace) -> Callable[[], str | None] | None:
     ref = parse_model_ref(args.model, field="--model")
     root = args.models_root or models_root_default()
     args.model = str(ref.local_dir(root))
-    return lambda: fetch_error(ref, root)
+    return lambda timeout, say: wait_for_model(ref, root, timeout=timeout, say=say)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parse(argv)
     try:
-        fetch_failure = _resolve_model(args)
+        wait_for_reference = _resolve_model(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
@@ -142,13 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         def say(message: str) -> None:
             print(f"[loraplane.serving] {message}", file=sys.stderr, flush=True)  # noqa: T201
 
-        if not wait_for_model_dir(
-            args.model, timeout=args.wait_for_model, say=say, fetch_failure=fetch_failure
-        ):
-            failure = fetch_failure() if fetch_failure else None
+        if wait_for_reference is not None:
+            there = wait_for_reference(args.wait_for_model, say)
+        else:
+            there = wait_for_model_dir(args.model, timeout=args.wait_for_model, say=say)
+        if not there:
             say(f"error: no base model at {args.model} after {args.wait_for_model:.0f}s")
-            if failure:
-                say(f"its fetch failed: {failure}")
             return 2
     api_key = os.environ.get("LORAPLANE_API_KEY")
     if args.api_key_file is not None:

@@ -216,21 +216,14 @@ def compare_base_names(adapter_base: str, base: BaseModelFacts) -> str | None:
 
 
 def wait_for_model_dir(
-    source: str,
-    *,
-    timeout: float,
-    say: Callable[[str], None],
-    every: float = 30.0,
-    poll: float = 1.0,
-    fetch_failure: Callable[[], str | None] | None = None,
+    source: str, *, timeout: float, say: Callable[[str], None], every: float = 30.0, poll: float = 1.0
 ) -> bool:
     """Wait until the base model directory ``source`` (an absolute path) holds a ``config.json``.
 
     For a model on a shared volume that is not there yet (``loraplane volume put`` renames a complete
     upload into place, so the file appearing means the model is whole). Says what it waits for at
     once and every ``every`` seconds. True once the model is there (at once when ``source`` is not
-    an absolute path: a hub id), False when ``timeout`` passes first. ``fetch_failure`` says why the
-    model's fetch Job failed, if it did: that is shown instead of the generic hint."""
+    an absolute path: a hub id), False when ``timeout`` passes first."""
     import time
 
     directory = Path(source)
@@ -243,17 +236,11 @@ def wait_for_model_dir(
         if now >= deadline:
             return False
         if now >= next_say:
-            failure = fetch_failure() if fetch_failure is not None else None
-            if failure:
-                say(f"waiting for the base model at {directory}: its fetch failed: {failure}")
-            elif fetch_failure is not None:
-                say(f"waiting for the base model at {directory}: the model-fetch Job is putting it there")
-            else:
-                say(
-                    f"waiting for the base model at {directory} (no config.json there yet): put it on the "
-                    "shared volume with `loraplane volume put ./MODEL_DIR PATH` (PATH below the volume's "
-                    "mount: models/base for /data/models/base), or fix serving.model"
-                )
+            say(
+                f"waiting for the base model at {directory} (no config.json there yet): put it on the "
+                "shared volume with `loraplane volume put ./MODEL_DIR PATH` (PATH below the volume's "
+                "mount: models/base for /data/models/base), or fix serving.model"
+            )
             next_say = now + every
         time.sleep(min(poll, max(deadline - now, 0.0)))
     return True
