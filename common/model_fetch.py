@@ -200,7 +200,8 @@ def _hub_error(ref: ModelRef, field: str, exc: Exception) -> LoraplaneError:
             hint=f"check the id (hf://ORG/NAME); for a private repository {token_hint}",
         )
     if isinstance(exc, EntryNotFoundError):
-        return ModelFetchError(
+        # a commit's files never change: a missing one is the server's fault, worth a retry (exit 1)
+        return ModelSourceUnavailable(
             f"{field}: a file of {ref} vanished during the download: {exc}", hint="run again"
         )
     status = getattr(getattr(exc, "response", None), "status_code", None)

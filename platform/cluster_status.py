@@ -79,6 +79,7 @@ class ClusterStatus:
     storage: StorageReport | None = None  # the shared volume's claim: bound, or why not
     storage_error: str | None = None
     model_fetch: list[ModelFetch] = field(default_factory=list)  # the chart's model-fetch Jobs
+    model_fetch_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +127,7 @@ def cluster_status(settings: Settings, release: str = DEFAULT_RELEASE) -> Cluste
     try:
         status.model_fetch = model_fetches(settings, release)
     except LoraplaneError as exc:
-        status.storage_error = status.storage_error or str(exc)
+        status.model_fetch_error = str(exc)
     try:
         claim = release_claim(settings, release)
         status.storage = check_claim(settings, claim) if claim else None
