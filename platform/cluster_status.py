@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loraplane.common.errors import LoraplaneError
+from loraplane.platform.gpu_check import GpuReport, release_gpu_report
 from loraplane.platform.helm_release import DEFAULT_RELEASE, ReleaseInfo, release_status
 from loraplane.platform.kube import KubernetesError, api_client, api_message
 from loraplane.platform.settings import Settings
@@ -80,6 +81,8 @@ class ClusterStatus:
     storage_error: str | None = None
     model_fetch: list[ModelFetch] = field(default_factory=list)  # the chart's model-fetch Jobs
     model_fetch_error: str | None = None
+    gpu: GpuReport | None = None  # whether nodes offer the GPUs the release asks for (gpu_check)
+    gpu_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +127,11 @@ def cluster_status(settings: Settings, release: str = DEFAULT_RELEASE) -> Cluste
 
     status = ClusterStatus(namespace=settings.namespace, release=release_status(settings, release))
     status.vllm = vllm_replicas(settings, release)
+    if status.release is not None:
+        try:
+            status.gpu = release_gpu_report(settings, release)
+        except LoraplaneError as exc:
+            status.gpu_error = str(exc)
     try:
         status.model_fetch = model_fetches(settings, release)
     except LoraplaneError as exc:

@@ -122,6 +122,8 @@ if [ ! -x "$HELM_DIR/helm" ]; then
 fi
 mkdir -p "$VENV/bin"
 ln -sfn "$HELM_DIR/helm" "$VENV/bin/helm"
+# The chart's declared dependency (NVIDIA's gpu-operator chart): helm renders nothing without it.
+LORAPLANE_HELM="$VENV/bin/helm" bash "$ROOT/scripts/chart-deps.sh"
 
 # --- checkov (the chart's third-party Kubernetes linter), in a virtualenv of its own -----------------
 # Its dependency tree is large and unrelated to ours: it never shares loraplane's environment.

@@ -29,6 +29,7 @@ import httpx
 import openai
 import pytest
 from conftest import API_KEY, BASE, ROOT, Live, engine_core, http, vllm_generated_tokens, wait_until
+from kube_client import helm_args
 from openai import OpenAI
 from test_gateway import metric, raw_post, serve
 
@@ -441,10 +442,10 @@ def _helm_test_job() -> tuple[list[str], dict[str, str]]:
     """The chart's `helm test` Pod: its command and environment, as rendered."""
     import yaml
 
+    args = helm_args(("template", "platform", str(ROOT / "charts" / "loraplane")))
     rendered = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "helm"), "template", "platform", str(ROOT / "charts" / "loraplane")],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [str(ROOT / ".venv" / "bin" / "helm"), *args], capture_output=True, text=True, check=True
+    ).stdout
     (pod,) = [
         d for d in yaml.safe_load_all(rendered)
         if d and d["kind"] == "Pod" and d["metadata"]["name"].endswith("-test-models")

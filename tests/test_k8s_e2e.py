@@ -326,29 +326,7 @@ def test_the_cluster_fails_job_pods_with_a_chosen_exit_code_for_pod_failure_poli
     assert failed("preempted") is None and status.get("failed", 0) == 0, status
 
 
-def test_the_gpu_preflight_fails_the_install_with_its_message_when_no_node_has_the_gpu(
-    k8s_cluster: Cluster, tmp_path: Path
-) -> None:
-    """The fake GPU nodes advertise nvidia.com/gpu only: asking for AMD GPUs must stop the install."""
-    ns = k8s_cluster.restricted_namespace("lp-preflight")
-    values = _values_file(tmp_path, {**GPU_VALUES, "gpu": {"resourceName": "amd.com/gpu"}})
-    install = k8s_cluster.helm("install", RELEASE, str(CHART), "-n", ns, "-f", values, check=False)
-    assert install.returncode != 0
-    assert "GPU preflight failed: none of the cluster's 3 nodes advertises amd.com/gpu" in install.stderr
-    assert (
-        "loraplane install --gpu-operator" in install.stderr
-        and "gpu.preflight.enabled=false" in install.stderr
-    )
-    listed = k8s_cluster.helm("list", "-n", ns, "-a", "-q").stdout.split()
-    assert listed == [], "nothing was installed"
-    assert k8s_cluster.kubectl("-n", ns, "get", "all,pvc", "-o", "name").stdout == ""
-
-    # Turned off (a CPU-only cluster), the same install goes through the preflight.
-    off = _values_file(
-        tmp_path, {**GPU_VALUES, "gpu": {"resourceName": "amd.com/gpu", "preflight": {"enabled": False}}}
-    )
-    k8s_cluster.helm("install", RELEASE, str(CHART), "-n", ns, "-f", off, "--set", "serving.enabled=false")
-    k8s_cluster.helm("uninstall", RELEASE, "-n", ns)
+# The GPU preflight (what blocks, what warns): tests/test_chart_gpu_k8s.py.
 
 
 def test_a_multi_node_initial_run_is_an_indexed_job_whose_pods_find_pod_0_by_name(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ROOT, Cluster
+from kube_client import helm_args
 
 from loraplane.platform.settings import Settings
 from loraplane.serving.replicas import list_vllm_pods, vllm_selector
@@ -28,7 +29,7 @@ def _chart_vllm_deployment(release: str, *sets: str) -> dict[str, Any]:
     helm = str(ROOT / ".venv" / "bin" / "helm")
     extra = [arg for s in sets for arg in ("--set", s)]
     rendered = subprocess.run(
-        [helm, "template", release, str(CHART), "--set", "serving.port=8123", *extra],
+        [helm, *helm_args(("template", release, str(CHART), "--set", "serving.port=8123", *extra))],
         capture_output=True,
         text=True,
         check=True,
