@@ -2,9 +2,10 @@
 
 ``submit_training`` validates the run's config here (the trainer's own checks of every value, before
 anything reaches the cluster), reads the template ConfigMap of the Helm release, and creates the Job
-and a ConfigMap with the run's config owned by the Job (deleted with it). ``training_status`` reads
-the Job's conditions and its pods' exit codes and says what they mean; ``cancel_training`` deletes
-the Job (its pods get SIGTERM: the trainer saves a checkpoint and exits 75).
+and a ConfigMap with the run's config owned by the Job (deleted with it). A multi-node template may
+be a JobSet (trainer.gang.backend): the same steps, on the JobSet and its one replicated Job's pods.
+``training_status`` reads the Job's conditions and its pods' exit codes and says what they mean;
+``cancel_training`` deletes the Job (its pods get SIGTERM: the trainer saves a checkpoint and exits 75).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from loraplane.common.errors import ConfigError, InvalidInputError, LoraplaneErr
 from loraplane.platform.kube import KubernetesError, api_client, api_message
 from loraplane.platform.settings import Settings
 from loraplane.trainer.config import load_config
-from loraplane.trainer.exit_codes import DO_NOT_RETRY, FAILED, PREEMPTED, SUCCESS
+from loraplane.trainer.exit_codes import DO_NOT_RETRY, FAILED, PEER_LOST, PREEMPTED, SUCCESS
 
 TEMPLATE_COMPONENT = "trainer-template"
 RUN_CONFIG_VOLUME = "run-config"
@@ -32,12 +33,16 @@ ADAPTER_LABEL = "loraplane.dev/adapter"
 TRAINER_CONTAINER = "trainer"
 TRAINER_MODULE = "loraplane.trainer"
 REPORT_MODULE = "loraplane.platform.run_report"
+JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 EXIT_MEANINGS = {
     SUCCESS: "published",
     FAILED: "failed; a retry may fix it (Job retries up to backoffLimit)",
     DO_NOT_RETRY: "do not retry: the data, config or base model is wrong (the log says which)",
     PREEMPTED: "preempted: a checkpoint was saved; the next attempt resumes from it",
+    PEER_LOST: "lost pod 0 (the rendezvous host): the whole gang restarts (not counted)",
     137: "killed (SIGKILL: out of memory, or the grace period ran out)",
     143: "terminated (SIGTERM) before the trainer could save",
 }
@@ -66,6 +71,7 @@ class PodState:
     node: str | None
     exit_code: int | None
     meaning: str | None
+    index: int | None = None  # the node rank slot of a multi-node run (JOB_COMPLETION_INDEX)
 
 
 @dataclass
@@ -80,6 +86,9 @@ class RunStatus:
     succeeded: int
     failed: int
     pods: list[PodState] = field(default_factory=list)
+    kind: str = "Job"  # or JobSet (a multi-node run with trainer.gang.backend=jobset)
+    nodes: int = 1
+    restarts: int = 0  # JobSet: whole-gang restarts so far
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,9 +118,31 @@ def _check_cluster_paths(config_path: Path) -> None:
         )
 
 
-def _job_name(adapter: str) -> str:
+def _job_name(adapter: str, *, jobset: bool = False) -> str:
+    """A Job's pods are NAME-INDEX-xxxxx, hostnamed NAME-INDEX; a JobSet's NAME-node-0-INDEX: a DNS label."""
     suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
-    return f"train-{adapter[:46].rstrip('-')}-{suffix}"
+    return f"train-{adapter[: 36 if jobset else 46].rstrip('-')}-{suffix}"
+
+
+def _is_jobset(obj: dict[str, Any]) -> bool:
+    return obj.get("kind") == "JobSet"
+
+
+def _pod_template(obj: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of a Job, or of a JobSet's (one) replicated Job."""
+    if _is_jobset(obj):
+        template: dict[str, Any] = obj["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        return template
+    pod: dict[str, Any] = obj["spec"]["template"]
+    return pod
+
+
+def _with_report(command: list[str]) -> list[str]:
+    """The trainer's ``-m loraplane.trainer`` (also behind torchrun's launcher) through run_report."""
+    for i in range(len(command) - 1):
+        if command[i : i + 2] == ["-m", TRAINER_MODULE]:
+            return [*command[: i + 1], REPORT_MODULE, *command[i + 2 :]]
+    return command
 
 
 def _template(core: Any, namespace: str, release: str) -> dict[str, Any]:
@@ -154,11 +185,12 @@ def submit_training(
     batch: Any = client.BatchV1Api(api)
     namespace = settings.namespace
     job = _template(core, namespace, release)
-    name = _job_name(config.output.name)
+    jobset = _is_jobset(job)
+    name = _job_name(config.output.name, jobset=jobset)
     job["metadata"]["name"] = name
     job["metadata"]["namespace"] = namespace
     job["metadata"].setdefault("labels", {})[ADAPTER_LABEL] = config.output.name
-    pod = job["spec"]["template"]
+    pod = _pod_template(job)
     pod["metadata"].setdefault("labels", {})[ADAPTER_LABEL] = config.output.name
     for container in pod["spec"]["containers"]:  # quantities are strings in the API ("1", not 1)
         for kind in ("limits", "requests"):
@@ -166,10 +198,8 @@ def submit_training(
             container["resources"][kind] = {k: str(v) for k, v in amounts.items()} if amounts else None
             if container["resources"][kind] is None:
                 del container["resources"][kind]
-    for container in pod["spec"]["containers"]:
-        command = container.get("command") or []
-        if command[1:3] == ["-m", TRAINER_MODULE]:  # the trainer, reporting what it published
-            container["command"] = [command[0], "-m", REPORT_MODULE, *command[3:]]
+    for container in pod["spec"]["containers"]:  # the trainer, reporting what it published
+        container["command"] = _with_report(container.get("command") or [])
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     if RUN_CONFIG_VOLUME not in volumes:
         raise InvalidInputError(
@@ -178,10 +208,21 @@ def submit_training(
     volumes[RUN_CONFIG_VOLUME]["configMap"]["name"] = name
     run_config = yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
     try:
-        created = batch.create_namespaced_job(namespace, job)
+        if jobset:
+            custom: Any = client.CustomObjectsApi(api)
+            created = custom.create_namespaced_custom_object(
+                JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, job
+            )
+            uid = created["metadata"]["uid"]
+        else:
+            uid = batch.create_namespaced_job(namespace, job).metadata.uid
     except ApiException as exc:
-        raise KubernetesError(f"the API server refused the training Job {name}: {api_message(exc)}") from None
-    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": created.metadata.uid}
+        kind = "JobSet" if jobset else "Job"
+        hint = "is JobSet installed? (trainer.gang.backend=job renders an Indexed Job)" if jobset else None
+        raise KubernetesError(
+            f"the API server refused the training {kind} {name}: {api_message(exc)}", hint=hint
+        ) from None
+    owner = {"apiVersion": job["apiVersion"], "kind": job["kind"], "name": name, "uid": uid}
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -191,7 +232,7 @@ def submit_training(
     try:
         core.create_namespaced_config_map(namespace, config_map)
     except ApiException as exc:
-        batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        _delete_run(api, namespace, name, propagation="Background")
         raise KubernetesError(f"cannot store the run's config for {name}: {api_message(exc)}") from None
     return SubmittedRun(job=name, namespace=namespace, adapter=config.output.name)
 
@@ -201,13 +242,60 @@ def _pod_state(pod: Any) -> PodState:
     for status in pod.status.container_statuses or []:
         if status.name == "trainer" and status.state and status.state.terminated:
             code = int(status.state.terminated.exit_code)
+    index = (pod.metadata.annotations or {}).get(INDEX_ANNOTATION)
     return PodState(
         name=pod.metadata.name,
         phase=pod.status.phase or "Unknown",
         node=pod.spec.node_name,
         exit_code=code,
         meaning=EXIT_MEANINGS.get(code) if code is not None else None,
+        index=int(index) if index is not None and index.isdigit() else None,
     )
+
+
+def _no_run(job_name: str, namespace: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"no training Job {job_name!r} in namespace {namespace!r}",
+        hint="list runs with: kubectl get jobs,jobsets -l app.kubernetes.io/component=trainer",
+    )
+
+
+def _read_run(api: Any, namespace: str, job_name: str) -> tuple[str, dict[str, Any]]:
+    """``(kind, object as a dict)`` of the run named ``job_name``: its Job, else its JobSet."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        job = client.BatchV1Api(api).read_namespaced_job(job_name, namespace)
+        found: dict[str, Any] = api.sanitize_for_serialization(job)
+        return "Job", found
+    except ApiException as exc:
+        if exc.status != 404:
+            raise KubernetesError(f"cannot read Job {job_name}: {api_message(exc)}") from None
+    try:
+        custom: Any = client.CustomObjectsApi(api)
+        jobset: dict[str, Any] = custom.get_namespaced_custom_object(
+            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, job_name
+        )
+    except ApiException as exc:
+        if exc.status == 404:  # also: no JobSet API on this cluster
+            raise _no_run(job_name, namespace) from None
+        raise KubernetesError(f"cannot read JobSet {job_name}: {api_message(exc)}") from None
+    return "JobSet", jobset
+
+
+def _pod_selector(kind: str, job_name: str) -> str:
+    return f"{JOBSET_NAME_LABEL}={job_name}" if kind == "JobSet" else f"job-name={job_name}"
+
+
+def _run_state(kind: str, obj: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    done = {"Job": {"Complete": "Succeeded", "Failed": "Failed"}, "JobSet": {"Completed": "Succeeded"}}
+    done["JobSet"]["Failed"] = "Failed"
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        state = done[kind].get(condition.get("type", ""))
+        if condition.get("status") == "True" and state:
+            return state, condition.get("reason"), condition.get("message")
+    return "Running", None, None
 
 
 def training_status(settings: Settings, job_name: str) -> RunStatus:
@@ -216,61 +304,74 @@ def training_status(settings: Settings, job_name: str) -> RunStatus:
 
     api = api_client(settings)
     core: Any = client.CoreV1Api(api)
-    batch: Any = client.BatchV1Api(api)
     namespace = settings.namespace
+    kind, obj = _read_run(api, namespace, job_name)
     try:
-        job: Any = batch.read_namespaced_job(job_name, namespace)
-        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+        pods = core.list_namespaced_pod(namespace, label_selector=_pod_selector(kind, job_name)).items
     except ApiException as exc:
-        if exc.status == 404:
-            raise InvalidInputError(
-                f"no training Job {job_name!r} in namespace {namespace!r}",
-                hint="list runs with: kubectl get jobs -l app.kubernetes.io/component=trainer",
-            ) from None
-        raise KubernetesError(f"cannot read Job {job_name}: {api_message(exc)}") from None
-    state, reason, message = "Running", None, None
-    for condition in job.status.conditions or []:
-        if condition.status == "True" and condition.type in ("Complete", "Failed"):
-            state = "Succeeded" if condition.type == "Complete" else "Failed"
-            reason, message = condition.reason, condition.message
+        raise KubernetesError(f"cannot list the pods of {kind} {job_name}: {api_message(exc)}") from None
+    state, reason, message = _run_state(kind, obj)
+    status = obj.get("status") or {}
+    if kind == "JobSet":
+        spec = obj["spec"]["replicatedJobs"][0]["template"]["spec"]
+        phases = [p.status.phase for p in pods]
+        counts = (phases.count("Running") + phases.count("Pending"), phases.count("Succeeded"))
+        failed = phases.count("Failed")
+    else:
+        spec = obj["spec"]
+        counts = (status.get("active") or 0, status.get("succeeded") or 0)
+        failed = status.get("failed") or 0
     return RunStatus(
         job=job_name,
         namespace=namespace,
-        adapter=(job.metadata.labels or {}).get(ADAPTER_LABEL),
+        adapter=(obj["metadata"].get("labels") or {}).get(ADAPTER_LABEL),
         state=state,
         reason=reason,
         message=message,
-        active=job.status.active or 0,
-        succeeded=job.status.succeeded or 0,
-        failed=job.status.failed or 0,
+        active=counts[0],
+        succeeded=counts[1],
+        failed=failed,
         pods=sorted((_pod_state(p) for p in pods), key=lambda p: p.name),
+        kind=kind,
+        nodes=int(spec.get("completions") or 1),
+        restarts=int(status.get("restarts") or 0),
     )
 
 
-def cancel_training(settings: Settings, job_name: str) -> None:
-    """Delete the Job; its pods get SIGTERM (the trainer checkpoints and exits 75), then go."""
+def _delete_run(api: Any, namespace: str, job_name: str, *, propagation: str) -> str:
+    """Delete the run's Job (or JobSet); its kind. InvalidInputError when there is neither."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     try:
-        client.BatchV1Api(api_client(settings)).delete_namespaced_job(
-            job_name, settings.namespace, propagation_policy="Foreground"
+        client.BatchV1Api(api).delete_namespaced_job(job_name, namespace, propagation_policy=propagation)
+        return "Job"
+    except ApiException as exc:
+        if exc.status != 404:
+            raise KubernetesError(f"cannot delete Job {job_name}: {api_message(exc)}") from None
+    try:
+        client.CustomObjectsApi(api).delete_namespaced_custom_object(
+            JOBSET_GROUP, JOBSET_VERSION, namespace, JOBSET_PLURAL, job_name, propagation_policy=propagation
         )
     except ApiException as exc:
         if exc.status == 404:
-            raise InvalidInputError(
-                f"no training Job {job_name!r} in namespace {settings.namespace!r}"
-            ) from None
-        raise KubernetesError(f"cannot delete Job {job_name}: {api_message(exc)}") from None
+            raise _no_run(job_name, namespace) from None
+        raise KubernetesError(f"cannot delete JobSet {job_name}: {api_message(exc)}") from None
+    return "JobSet"
 
 
-def _job_pods(core: Any, namespace: str, job_name: str) -> list[Any]:
+def cancel_training(settings: Settings, job_name: str) -> None:
+    """Delete the Job (or JobSet); its pods get SIGTERM (the trainer checkpoints and exits 75), then go."""
+    _delete_run(api_client(settings), settings.namespace, job_name, propagation="Foreground")
+
+
+def _job_pods(core: Any, namespace: str, job_name: str, kind: str = "Job") -> list[Any]:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+        pods = core.list_namespaced_pod(namespace, label_selector=_pod_selector(kind, job_name)).items
     except ApiException as exc:
-        raise KubernetesError(f"cannot list the pods of Job {job_name}: {api_message(exc)}") from None
+        raise KubernetesError(f"cannot list the pods of {kind} {job_name}: {api_message(exc)}") from None
     return sorted(pods, key=lambda p: (p.metadata.creation_timestamp, p.metadata.name))
 
 
@@ -281,23 +382,27 @@ def training_logs(
 
     A pod that has not started yet is waited for (up to ``wait_seconds``)."""
     from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
 
     core: Any = client.CoreV1Api(api_client(settings))
     namespace = settings.namespace
-    training_status(settings, job_name)  # a clear error for an unknown Job
+    kind = training_status(settings, job_name).kind  # a clear error for an unknown Job
     deadline = time.monotonic() + wait_seconds
     while True:
-        pods = [p for p in _job_pods(core, namespace, job_name) if p.status.phase != "Pending"]
+        pods = [p for p in _job_pods(core, namespace, job_name, kind) if p.status.phase != "Pending"]
         if pods:
             break
         if time.monotonic() > deadline:
             raise InvalidInputError(
                 f"no started pod of Job {job_name!r} after {wait_seconds:.0f} s",
-                hint=f"see why: kubectl -n {namespace} describe pods -l job-name={job_name}",
+                hint=f"see why: kubectl -n {namespace} describe pods -l {_pod_selector(kind, job_name)}",
             )
         time.sleep(0.5)
-    pod = pods[-1].metadata.name
+    yield from _pod_log(core, namespace, pods[-1].metadata.name, follow=follow)
+
+
+def _pod_log(core: Any, namespace: str, pod: str, *, follow: bool = False) -> Iterator[str]:
+    from kubernetes.client.exceptions import ApiException
+
     try:
         response = core.read_namespaced_pod_log(
             pod, namespace, container=TRAINER_CONTAINER, follow=follow, _preload_content=False
@@ -328,9 +433,19 @@ def published_result(settings: Settings, job_name: str) -> dict[str, Any]:
     from loraplane.platform.run_report import RESULT_PREFIX
 
     result = None
-    for line in training_logs(settings, job_name):
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX) :])
+    if status.nodes > 1:  # the pod of global rank 0 printed it: any pod of the run
+        from kubernetes import client
+
+        core: Any = client.CoreV1Api(api_client(settings))
+        for pod in reversed(status.pods):
+            if pod.phase == "Succeeded" and result is None:
+                for line in _pod_log(core, settings.namespace, pod.name):
+                    if line.startswith(RESULT_PREFIX):
+                        result = json.loads(line[len(RESULT_PREFIX) :])
+    else:
+        for line in training_logs(settings, job_name):
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX) :])
     if not isinstance(result, dict):
         raise InvalidInputError(
             f"the log of Job {job_name!r} has no '{RESULT_PREFIX.strip()}' line: the adapter it published "

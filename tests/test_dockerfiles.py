@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kube_client import helm_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -256,9 +257,13 @@ def test_every_command_the_chart_runs_is_in_its_image() -> None:
     helm = shutil.which("helm") or str(ROOT / ".venv" / "bin" / "helm")
     multi = CHART / "ci" / "02-multi-node-training-values.yaml"
     commands: dict[str, set[str]] = {}
-    for extra in ([], ["-f", str(multi)]):
+    one_node_gpus = ["--set", "trainer.gpusPerNode=2", "--set", "trainer.resources.limits.nvidia\\.com/gpu=2"]
+    for extra in ([], ["-f", str(multi)], one_node_gpus):
         out = subprocess.run(
-            [helm, "template", "p", str(CHART), *extra], capture_output=True, text=True, check=True
+            [helm, *helm_args(("template", "p", str(CHART), *extra))],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         docs = [d for d in yaml.safe_load_all(out) if d]
         docs += [yaml.safe_load(d["data"]["job.yaml"]) for d in docs if "job.yaml" in d.get("data", {})]

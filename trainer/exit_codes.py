@@ -5,7 +5,11 @@
 - ``2``  DO NOT RETRY: the data, the configuration or the base model is wrong, or the run directory holds
   checkpoints of a different run. The same input fails the same way; the chart maps it to ``FailJob``;
 - ``75`` preempted (SIGTERM): a complete checkpoint was saved and the next attempt resumes from it
-  (``EX_TEMPFAIL`` from sysexits.h: "temporary failure; the user is invited to retry").
+  (``EX_TEMPFAIL`` from sysexits.h: "temporary failure; the user is invited to retry");
+- ``76`` a multi-node run lost its rendezvous host (pod 0, which holds torchrun's c10d store): this
+  pod's own work was fine; it stops so that the gang restarts with a new pod 0 and resumes from the
+  newest complete checkpoint. Written by ``loraplane.trainer.elastic``, the launcher of multi-node
+  pods; the chart ignores it in the retry budget (pod 0's own failure is counted, or not, by its rule).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ SUCCESS = 0
 FAILED = 1
 DO_NOT_RETRY = InvalidInputError.exit_code  # 2, the same code every loraplane command uses for bad input
 PREEMPTED = 75
+PEER_LOST = 76
 
 
 class PreemptedError(LoraplaneError):
