@@ -34,7 +34,7 @@ RUN python -m pip install --no-deps . \
  && python -m pip install -c requirements/lock.txt \
       transformers peft trl datasets accelerate safetensors tokenizers numpy pydantic pyyaml httpx \
       filelock matplotlib rich typer jsonschema rouge-score kubernetes pyhelm3 openai jinja2 pyarrow \
-      huggingface-hub boto3 botocore \
+      huggingface-hub boto3 botocore prometheus-client \
       "bitsandbytes==${BITSANDBYTES_VERSION}" \
  && (python -m pip uninstall -y torchvision torchaudio torchcodec || true) \
  && python -c "import loraplane.trainer.train, peft, trl"

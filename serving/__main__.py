@@ -107,6 +107,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="when --model is a directory that is not there yet (a shared volume the model is still "
         "being put on), wait this long for its config.json before giving up (default: 0, fail at once)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="with the Kubernetes registry: serve the reconciler's Prometheus metrics (adapters wanted, "
+        "loaded, failed, missing on this replica) on this port, beside vLLM's /metrics (default: 0, off)",
+    )
     p.add_argument("--print-argv", action="store_true", help="print the vLLM command line and exit")
     return p.parse_args(argv)
 
@@ -233,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             base=base,
             startup_timeout=args.startup_timeout,
             stop_grace=float(args.shutdown_timeout or 0) + 10.0,
+            metrics_port=args.metrics_port,
         )
     if (
         args.print_argv

@@ -114,6 +114,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         registry = PollingRegistryWatcher(open_registry(settings), interval=config.registry_poll_s)
     else:
         registry = RegistryWatcher(config.home, check_interval=config.registry_check_interval_s)
+    metrics.watch_registry(registry)
     resolver = ModelResolver(
         registry, UpstreamModels(upstream), cache_s=config.models_cache_s, canaries=config.canaries
     )

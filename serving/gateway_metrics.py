@@ -5,15 +5,90 @@ Labels: ``route`` (the path), ``model`` (what the client asked for: ``support-bo
 ``model`` and ``served`` are empty when the request never got that far (bad key, unknown model): a
 caller's free-form input never becomes a label, so a client cannot blow up the series count.
 Each app gets its own :class:`CollectorRegistry`, so several apps can live in one process.
+
+The gateway also reads the registry (to resolve names), so it exports what the registry says at each
+scrape (:class:`RegistryCollector`): ``loraplane_registry_alias_version{adapter, alias, version}`` (1
+for the version each alias points at: which version serves ``support-bot:prod``) and
+``loraplane_registry_alias_changes_total{adapter, alias, action}`` (promotions and rollbacks, counted
+from the registry's history) and ``loraplane_registry_alias_change_timestamp_seconds{adapter, alias,
+action, version}`` (when the last of each happened: the dashboard's annotations).
 """
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from loraplane.platform.registry import HistoryEvent, RegistryState
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _StateSource(Protocol):
+    def state(self) -> RegistryState: ...
+
+
+class RegistryCollector(Collector):
+    """Aliases and their promotions and rollbacks, read from the registry the gateway resolves with."""
+
+    def __init__(self, source: _StateSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.source.state()
+        version = GaugeMetricFamily(
+            "loraplane_registry_alias_version",
+            "1 for the adapter version each alias points at, as the gateway reads the registry.",
+            labels=["adapter", "alias", "version"],
+        )
+        for adapter in sorted(state.adapters.values(), key=lambda a: a.name):
+            for alias, ver in sorted(adapter.aliases.items()):
+                version.add_metric([adapter.name, alias, ver], 1)
+        yield version
+        changes = CounterMetricFamily(
+            "loraplane_registry_alias_changes",
+            "Promotions and rollbacks of each alias, counted from the registry's history.",
+            labels=["adapter", "alias", "action"],
+        )
+        tally = Tally(
+            (e.adapter, e.alias or "prod", e.action)
+            for e in state.history
+            if e.action in ("promote", "rollback")
+        )
+        for labels, count in sorted(tally.items()):
+            changes.add_metric(list(labels), count)
+        yield changes
+        last = GaugeMetricFamily(
+            "loraplane_registry_alias_change_timestamp_seconds",
+            "Unix time of the last promotion and of the last rollback of each alias, with the version "
+            "it moved to (the dashboard draws them as annotations at that time).",
+            labels=["adapter", "alias", "action", "version"],
+        )
+        latest: dict[tuple[str, str, str], HistoryEvent] = {}
+        for e in state.history:
+            if e.action in ("promote", "rollback"):
+                latest[(e.adapter, e.alias or "prod", e.action)] = e
+        for (name, alias, action), event in sorted(latest.items()):
+            at = _timestamp(event.at)
+            if at is not None:
+                last.add_metric([name, alias, action, event.version or ""], at)
+        yield last
+
+
+def _timestamp(at: str) -> float | None:
+    try:
+        moment = datetime.fromisoformat(at)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 class GatewayMetrics:
@@ -77,6 +152,10 @@ class GatewayMetrics:
             value = usage.get(f"{kind}_tokens", usage.get(responses_name))
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 self.tokens.labels(model, served, kind).inc(value)
+
+    def watch_registry(self, source: _StateSource) -> None:
+        """Export the aliases and their changes as ``source`` (the gateway's registry) reads them."""
+        self.registry.register(RegistryCollector(source))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

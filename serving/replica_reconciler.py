@@ -42,6 +42,7 @@ from loraplane.platform.registry_k8s import (
 )
 from loraplane.platform.settings import Settings
 from loraplane.serving.reconcile import ReplicaReport, servable_versions, sync_replica
+from loraplane.serving.replica_metrics import ReplicaMetrics
 from loraplane.serving.server_state import ServerState
 
 log = logging.getLogger("loraplane.serving")
@@ -77,6 +78,7 @@ class ReplicaReconciler:
         resync_s: int = RESYNC_S,
         prune_unknown: bool = True,
         on_first_pass: Callable[[Served], None] | None = None,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -87,6 +89,7 @@ class ReplicaReconciler:
         self.resync_s = resync_s
         self.prune_unknown = prune_unknown  # False: leave adapters the registry does not know alone
         self.on_first_pass = on_first_pass  # told what the pod serves once everything was tried
+        self.metrics = metrics  # Prometheus metrics of what this server serves (replica_metrics.py)
         self.served = Served()
         # served name -> (generation of its object when it failed, why): not retried until that changes
         self._failed: dict[str, tuple[int, str]] = {}
@@ -120,9 +123,11 @@ class ReplicaReconciler:
             log.warning("cannot reconcile this server", extra={"server": self.url, "why": report.error})
             return report
         by_name = {e.served_name: e for e in wanted}
+        new_failures: list[str] = []
         for name, why in {**report.skipped, **report.failed}.items():
             if name in by_name:  # a failed unload of an unwanted adapter is not a version's failure
                 self._failed[name] = (generation.get(by_name[name].name, 0), why)
+                new_failures.append(name)
                 log.warning(f"not serving {name}: {why}", extra={"adapter": name, "why": why})
         if self.stopped:  # the server is going: its final state is the supervisor's to write
             return report
@@ -140,6 +145,14 @@ class ReplicaReconciler:
         self.state.phase = "ready"
         self.state.write(self.state_path)
         self.passes += 1
+        if self.metrics is not None:
+            self.metrics.observe_pass(
+                wanted=wanted_names,
+                loaded=self.served.loaded,
+                failed=self.served.failed,
+                new_failures=new_failures,
+            )
+            self.metrics.ready.set(1)
         if self.passes == 1 and self.on_first_pass is not None:
             self.on_first_pass(self.served)
         self._report(objects, wanted_names, generation)
@@ -172,6 +185,8 @@ class ReplicaReconciler:
     def withdraw(self) -> None:
         """Remove this pod's reports (when it stops); best effort: the CLI only waits on Ready pods."""
         self.stopped = True
+        if self.metrics is not None:
+            self.metrics.ready.set(0)
         for name in sorted(self.known):
             with contextlib.suppress(LoraplaneError):
                 self.registry.report_server(name, self.pod, None)
@@ -234,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-file", type=Path, required=True, help="where to write what this server serves")
     p.add_argument("--resync", type=int, default=RESYNC_S, help="seconds between full lists")
     p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve the reconciler's Prometheus metrics here (0: off)"
+    )
+    p.add_argument(
         "--keep-unknown", action="store_true", help="never unload adapters the registry does not know"
     )
     args = p.parse_args(argv)
@@ -266,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         state_path=args.state_file,
         resync_s=args.resync,
         prune_unknown=not args.keep_unknown,
+        metrics=ReplicaMetrics() if args.metrics_port else None,
     )
+    if reconciler.metrics is not None:
+        reconciler.metrics.serve(args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -34,6 +34,7 @@ from loraplane.serving.base_model import BaseModelFacts
 from loraplane.serving.launcher import VLLMServerConfig
 from loraplane.serving.process_group import ProcessGroup, start_watchdog
 from loraplane.serving.rehydrate import rehydrate_at_runtime
+from loraplane.serving.replica_metrics import ReplicaMetrics
 from loraplane.serving.replica_reconciler import ReplicaReconciler
 from loraplane.serving.replica_reconciler import start as start_reconciler
 from loraplane.serving.server_state import ServerLimits, ServerState
@@ -71,8 +72,13 @@ def supervise(
     base: BaseModelFacts | None,
     startup_timeout: float = 1800.0,
     stop_grace: float = 30.0,
+    metrics_port: int = 0,
 ) -> int:
-    """Run vLLM per ``config`` and serve the registry's adapters (``settings``); return vLLM's exit code."""
+    """Run vLLM per ``config`` and serve the registry's adapters (``settings``); return vLLM's exit code.
+
+    ``metrics_port``: with the Kubernetes registry, serve the reconciler's Prometheus metrics
+    (``replica_metrics.py``) on ``config.host:metrics_port`` from the start (0: not served).
+    """
     local_url = f"http://127.0.0.1:{config.port}" if config.host in ("0.0.0.0", "::") else config.url
     state = ServerState(
         url=local_url,
@@ -98,6 +104,10 @@ def supervise(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     code: int | None = None
     reconciler: ReplicaReconciler | None = None
+    metrics: ReplicaMetrics | None = None
+    if metrics_port and settings.registry == "kubernetes":
+        metrics = ReplicaMetrics()  # served before vLLM is up: loraplane_replica_ready 0 says it is not
+        metrics.serve(metrics_port, host=config.host)
     try:
         healthy = _wait_healthy(group, local_url, stopping, startup_timeout)
         if healthy and settings.registry == "kubernetes":
@@ -114,6 +124,7 @@ def supervise(
                     + "".join(f"\n  not serving {name}: {why}" for name, why in served.failed.items())
                     + "; watching the registry for changes"
                 ),
+                metrics=metrics,
             )
             start_reconciler(reconciler, stopping)
         elif healthy:
@@ -140,6 +151,9 @@ def supervise(
             code = group.stop(grace=stop_grace)
         if reconciler is not None:
             reconciler.withdraw()
+        if metrics is not None:
+            metrics.ready.set(0)
+            metrics.close()
         group.reap()  # the engine core and helpers of a vLLM that exited or was killed
         watchdog.close()
         for s, handler in previous.items():

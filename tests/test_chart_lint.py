@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kube_client import helm_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "loraplane"
@@ -29,6 +30,7 @@ SETS = {
     "no-gateway": ["gateway.enabled=false"],
     "training-only": ["serving.enabled=false", "gpu.enabled=false"],
     "replicas": ["serving.replicas=2", "gateway.replicas=3", "serving.rehydrate=false"],
+    "monitoring": ["monitoring.dashboards.enabled=true", "monitoring.rules.enabled=true"],
 }
 PROFILES: dict[str, list[str]] = {
     **{name: ["-f", str(path)] for name, path in CI_PROFILES.items()},
@@ -37,7 +39,7 @@ PROFILES: dict[str, list[str]] = {
 
 
 def _manifests(path: Path, extra: list[str]) -> Path:
-    args = [HELM, "template", "platform", str(CHART), "-n", "ml", *extra]
+    args = [HELM, *helm_args(("template", "platform", str(CHART), "-n", "ml", *extra))]
     rendered = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     templates = [

@@ -44,11 +44,42 @@ def _progress_bar() -> tuple[Callable[[dict[str, float]], None], Callable[[], No
     return update, close
 
 
+def _with_metrics(
+    port: int | None, on_log: Callable[[dict[str, float]], None] | None, close: Callable[[], None]
+) -> tuple[Callable[[dict[str, float]], None] | None, Callable[[], None]]:
+    """``on_log`` and ``close`` extended with the training metrics' server, when a port is set."""
+    from loraplane.trainer.metrics import TrainingMetrics, metrics_port_from_env
+
+    port = metrics_port_from_env() if port is None else port
+    if not port:
+        return on_log, close
+    metrics = TrainingMetrics()
+    metrics.serve(port)
+
+    def both(event: dict[str, float]) -> None:
+        metrics(event)
+        if on_log is not None:
+            on_log(event)
+
+    def close_both() -> None:
+        close()
+        metrics.close()
+
+    return both, close_both
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loraplane.trainer", description=__doc__)
     parser.add_argument("--config", type=Path, required=True, help="YAML training config")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.epochs=3")
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve loss, learning rate and throughput as Prometheus metrics on this port while training "
+        "(rank 0; default: $LORAPLANE_TRAINER_METRICS_PORT, else off)",
+    )
     args = parser.parse_args(argv)
     interactive = sys.stderr.isatty()
     if not interactive:
@@ -57,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose if interactive else max(args.verbose, 1))
     rank = int(os.environ.get("RANK", "0"))
     on_log, close = _progress_bar() if interactive and rank == 0 else (None, lambda: None)
+    if rank == 0:
+        on_log, close = _with_metrics(args.metrics_port, on_log, close)
     from loraplane.trainer.config import load_config
 
     try:
