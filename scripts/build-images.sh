@@ -67,8 +67,8 @@ HEAVY=(torch vllm transformers)
 log() { printf '[build-images %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "$*"; exit 1; }
 
-VERSION="$(awk -F'"' '/^version *=/ {print $2; exit}' "$ROOT/pyproject.toml")"
-[ -n "$VERSION" ] || die "cannot read the project version from pyproject.toml"
+VERSION="$(awk -F'"' '/^__version__ *=/ {print $2; exit}' "$ROOT/__init__.py")"
+[ -n "$VERSION" ] || die "cannot read the project version (__version__ in __init__.py)"
 
 name() {   # IMAGE
   case "$1" in
