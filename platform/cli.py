@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ import typer.core
 from rich.console import Console, ConsoleDimensions
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.platform.helm_release import GPU_OPERATOR_REPO, GPU_OPERATOR_VERSION
 
 T = TypeVar("T")
 
@@ -112,6 +114,14 @@ class _State:
 _state = _State()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from loraplane import __version__
+
+        out.print(f"loraplane {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     home: Path | None = typer.Option(
@@ -142,6 +152,9 @@ def _global(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logs on stderr."),
     debug: bool = typer.Option(
         False, "--debug", envvar="LORAPLANE_DEBUG", help="Show the traceback of an unexpected error."
+    ),
+    version: bool = typer.Option(
+        False, "--version", help="Print loraplane's version and exit.", is_eager=True, callback=_print_version
     ),
 ) -> None:
     from loraplane.common.logs import configure_logging
@@ -225,6 +238,14 @@ def _run(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise  # a command's own exit code (e.g. evals run --check: 3)
+    except ModuleNotFoundError as exc:
+        from loraplane.common.extras import missing_extra
+
+        needed = missing_extra(exc)
+        if needed is None or _state.debug:
+            raise
+        err.print("[red]error:[/] " + _escape(str(needed)), highlight=False)
+        raise typer.Exit(needed.exit_code) from None
     except Exception as exc:
         if _state.debug:
             raise
@@ -477,21 +498,38 @@ def adapters_show(
         from rich.table import Table
 
         from loraplane.platform.registry import open_registry
+        from loraplane.trainer.metrics import loss_curve
 
         state = open_registry(_settings()).read()
         adapter = state.adapter(name)
         history = [e for e in state.history if e.adapter == name]
+        # The training curve published next to each version's weights (metrics.jsonl), where readable.
+        curves = {v.version: loss_curve(v.path) for v in adapter.versions.values()}
         if output == "json":
             dumped = [e.model_dump(mode="json") for e in history]
-            out.print_json(json.dumps({"adapter": adapter.model_dump(mode="json"), "history": dumped}))
+            curves_json = {ver: curve.to_dict() for ver, curve in curves.items()}
+            payload = {
+                "adapter": adapter.model_dump(mode="json"),
+                "history": dumped,
+                "loss_curves": curves_json,
+            }
+            out.print_json(json.dumps(payload))
             return
         versions = Table(title=f"{name}: versions")
-        for col in ("version", "served name", "state", "aliases", "latest eval", "path"):
+        for col in ("version", "served name", "state", "aliases", "latest eval", "training loss", "path"):
             versions.add_column(col)
         for v in adapter.versions.values():
             aliases = ", ".join(a for a, ver in adapter.aliases.items() if ver == v.version)
             ev = v.latest_eval()
-            versions.add_row(v.version, v.served_name, v.state, aliases, ev.summary() if ev else "", v.path)
+            versions.add_row(
+                v.version,
+                v.served_name,
+                v.state,
+                aliases,
+                ev.summary() if ev else "",
+                curves[v.version].summary(),
+                v.path,
+            )
         out.print(versions)
         events = Table(title=f"{name}: history")
         for col in ("at", "who", "action", "version", "alias", "previous", "reason"):
@@ -926,6 +964,18 @@ def train_submit(
     _run(body)
 
 
+def _training_progress(settings: Any, job: str) -> dict[str, float] | None:
+    """The run's last ``train progress`` step (loss, learning rate) from its newest started pod's log;
+    None when no pod started or the log cannot be read (the status stands without it)."""
+    from loraplane.platform.training_k8s import training_logs
+    from loraplane.trainer.metrics import last_progress
+
+    try:
+        return last_progress(training_logs(settings, job, wait_seconds=0))
+    except LoraplaneError:
+        return None
+
+
 @train_app.command("status")
 def train_status(
     job: str = typer.Argument(..., help="Job name printed by train submit."),
@@ -955,11 +1005,16 @@ def train_status(
             except LoraplaneError as exc:  # the status stands; registering is retried by the next call
                 registered = {"error": str(exc)}
                 err.print(f"[yellow]warning:[/] not registered: {_escape(str(exc))}", highlight=False)
+        progress = _training_progress(settings, job)
         if output == "json":
-            out.print_json(json.dumps({**status.to_dict(), "registered": registered}))
+            out.print_json(json.dumps({**status.to_dict(), "registered": registered, "progress": progress}))
             return
         why = f": {status.reason}: {status.message}" if status.reason else ""
         out.print(f"{status.job} ({status.adapter or '?'}): {status.state}{why}", highlight=False)
+        if progress is not None:
+            from loraplane.trainer.metrics import progress_summary
+
+            out.print(f"training: {progress_summary(progress)}", highlight=False)
         table = Table()
         for col in ("pod", "phase", "node", "exit code", "meaning"):
             table.add_column(col)
@@ -1108,9 +1163,57 @@ def _claim_problem(settings: Any, release: str) -> str | None:
         return None
 
 
+GPU_MODES = ("none", "device-plugin", "operator")
+
+
+def _gpu_mode_choice(value: str | None) -> str | None:
+    if value is not None and value not in GPU_MODES:
+        raise typer.BadParameter(f"{value!r}: use one of {', '.join(GPU_MODES)}")
+    return value
+
+
+def _gpu_mode_sets(gpu_mode: str | None, *, label: bool = True) -> list[str]:
+    """--gpu-mode as chart values: the mode and the operator dependency's condition, which must agree.
+    For the operator (whose driver and toolkit pods run in the release's namespace and need the
+    host) the namespace is labelled to admit them first (``label``)."""
+    if gpu_mode is None:
+        return []
+    if gpu_mode == "operator" and label:
+        from loraplane.platform.helm_release import OPERATOR_IN_RELEASE_LABELS, label_privileged_namespace
+
+        settings = _settings()
+        label_privileged_namespace(settings, settings.namespace, OPERATOR_IN_RELEASE_LABELS)
+    enable_operator = "true" if gpu_mode == "operator" else "false"
+    return [f"gpu.mode={gpu_mode}", f"gpu-operator.enabled={enable_operator}"]
+
+
+def _gpu_mode_option() -> Any:
+    return typer.Option(
+        None,
+        "--gpu-mode",
+        help="How GPUs become schedulable: none | device-plugin | operator (sets gpu.mode; operator also "
+        "sets gpu-operator.enabled and labels the namespace Pod Security privileged). Default: the "
+        "values' gpu.mode.",
+        callback=_gpu_mode_choice,
+    )
+
+
 _VALUES_HELP = "Values file (YAML); repeat to layer several, later ones win."
 _SET_HELP = "KEY=VALUE on the command line (e.g. serving.replicas=2); repeatable; applied after -f."
 _WAIT_HELP = "Wait until every pod is Ready and every hook Job is done (up to --timeout)."
+
+
+def _render_release(values: list[Path] | None, sets: list[str], release: str, chart: Path | None) -> None:
+    """--dry-run: the manifests on stdout, for which Kubernetes version on stderr; nothing changes."""
+    from loraplane.platform.helm_release import load_values, render
+
+    rendered = render(_settings(), release=release, chart=chart, values=load_values(values or [], sets))
+    err.print(
+        f"rendered {release} for Kubernetes {rendered.kube_version} ({rendered.kube_version_from}); "
+        "nothing was installed",
+        highlight=False,
+    )
+    sys.stdout.write(rendered.manifests)
 
 
 @app.command()
@@ -1121,14 +1224,22 @@ def install(
     chart: Path | None = typer.Option(None, help="Chart directory (default: the loraplane chart)."),
     wait: bool = typer.Option(False, "--wait", help=_WAIT_HELP),
     timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration: 90s, 10m)."),
+    gpu_mode: str | None = _gpu_mode_option(),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the manifests the release would create (helm template, for the cluster's Kubernetes "
+        "version when one answers, else the chart's minimum); change nothing.",
+    ),
     gpu_operator: bool = typer.Option(
-        False, "--gpu-operator", help="First install NVIDIA's GPU operator chart from its repository."
+        False,
+        "--gpu-operator",
+        help="First install NVIDIA's GPU operator chart from its repository as a release of its own, in "
+        "its own privileged namespace (the alternative to --gpu-mode operator).",
     ),
-    gpu_operator_repo: str = typer.Option(
-        "https://helm.ngc.nvidia.com/nvidia", help="Chart repository of the GPU operator."
-    ),
+    gpu_operator_repo: str = typer.Option(GPU_OPERATOR_REPO, help="Chart repository of the GPU operator."),
     gpu_operator_version: str | None = typer.Option(
-        "v24.9.0", help="GPU operator chart version ('' for the repository's latest)."
+        GPU_OPERATOR_VERSION, help="GPU operator chart version ('' for the repository's latest)."
     ),
     gpu_operator_namespace: str = typer.Option(
         "gpu-operator", help="Namespace of the GPU operator (labelled Pod Security privileged)."
@@ -1140,12 +1251,20 @@ def install(
     \b
     Examples:
       loraplane -n ml install -f my-values.yaml --set serving.replicas=2 --wait
-      loraplane -n ml install --gpu-operator --wait
+      loraplane -n ml install --gpu-mode device-plugin --wait
+      loraplane -n ml-gpu install --gpu-mode operator --wait
+      loraplane -n ml install --dry-run -f my-values.yaml > manifests.yaml
     """
+    if dry_run and gpu_operator:
+        raise typer.BadParameter("--dry-run renders this chart only; --gpu-operator installs another release")
 
     def body() -> None:
         from loraplane.platform.helm_release import GpuOperator, install_gpu_operator
 
+        if dry_run:
+            _render_release(values, [*_gpu_mode_sets(gpu_mode, label=False), *(sets or [])], release, chart)
+            return
+        mode_sets = _gpu_mode_sets(gpu_mode)
         operator_info = None
         if gpu_operator:
             operator = GpuOperator(
@@ -1157,7 +1276,13 @@ def install(
             if output != "json":
                 _print_release("installed", operator_info, output)
         info = _deploy(
-            upgrade=False, values=values, sets=sets, release=release, chart=chart, wait=wait, timeout=timeout
+            upgrade=False,
+            values=values,
+            sets=[*mode_sets, *(sets or [])],
+            release=release,
+            chart=chart,
+            wait=wait,
+            timeout=timeout,
         )
         if output == "json":
             both = {"release": info.to_dict()}
@@ -1179,10 +1304,11 @@ def upgrade(
     chart: Path | None = typer.Option(None, help="Chart directory (default: the loraplane chart)."),
     wait: bool = typer.Option(False, "--wait", help=_WAIT_HELP),
     timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration: 90s, 10m)."),
+    gpu_mode: str | None = _gpu_mode_option(),
     output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
 ) -> None:
     """Upgrade the installed release with new values or a new chart (values not given reset to the
-    chart's defaults, as `helm upgrade` does).
+    chart's defaults, as `helm upgrade` does: pass --gpu-mode again, or keep it in a values file).
 
     \b
     Example:
@@ -1191,7 +1317,13 @@ def upgrade(
 
     def body() -> None:
         info = _deploy(
-            upgrade=True, values=values, sets=sets, release=release, chart=chart, wait=wait, timeout=timeout
+            upgrade=True,
+            values=values,
+            sets=[*_gpu_mode_sets(gpu_mode), *(sets or [])],
+            release=release,
+            chart=chart,
+            wait=wait,
+            timeout=timeout,
         )
         _print_release("upgraded", info, output)
 
@@ -1254,6 +1386,17 @@ def status(
             )
         for rep in found.vllm:
             out.print(f"vLLM {rep.deployment}: {rep.ready}/{rep.desired} ready", highlight=False)
+        if found.gpu is not None:
+            g = found.gpu
+            out.print(
+                f"GPUs ({g.mode}): {g.advertising}/{g.nodes} nodes offer {g.resource}"
+                + (f", {g.gpu_labelled} GPU-labelled" if g.resource == "nvidia.com/gpu" else ""),
+                highlight=False,
+            )
+            if g.warning:
+                out.print(f"  warning: {_escape(g.warning)}", highlight=False)
+        elif found.gpu_error:
+            out.print(f"GPUs: unknown ({_escape(found.gpu_error)})", highlight=False)
         for fetch in found.model_fetch:
             out.print(f"model {fetch.model}: fetch {fetch.state} (job {fetch.job})", highlight=False)
             if fetch.message:

@@ -29,10 +29,17 @@ T = TypeVar("T")
 DEFAULT_RELEASE = "platform"
 GPU_OPERATOR_REPO = "https://helm.ngc.nvidia.com/nvidia"
 GPU_OPERATOR_CHART = "gpu-operator"
-GPU_OPERATOR_VERSION = "v24.9.0"
+GPU_OPERATOR_VERSION = "v25.10.0"
 GPU_OPERATOR_NAMESPACE = "gpu-operator"
 PRIVILEGED_LABELS = {
     f"pod-security.kubernetes.io/{mode}": "privileged" for mode in ("enforce", "audit", "warn")
+}
+# A release with gpu.mode=operator: NVIDIA's privileged pods share the namespace with the platform's,
+# so it enforces `privileged` but still audits and warns at `restricted` (the platform's own pods pass).
+OPERATOR_IN_RELEASE_LABELS = {
+    "pod-security.kubernetes.io/enforce": "privileged",
+    "pod-security.kubernetes.io/audit": "restricted",
+    "pod-security.kubernetes.io/warn": "restricted",
 }
 
 
@@ -235,6 +242,85 @@ def release_status(settings: Settings, release: str = DEFAULT_RELEASE) -> Releas
     return _run(go(), f"helm status {release}")
 
 
+def _chart_min_kube_version(chart_dir: Path) -> str | None:
+    """The lowest version the chart's ``kubeVersion`` admits (``>=1.31.0-0`` -> ``1.31.0``)."""
+    meta = yaml.safe_load((chart_dir / "Chart.yaml").read_text()) or {}
+    constraint = str(meta.get("kubeVersion") or "")
+    for part in constraint.replace(",", " ").split():
+        if part.startswith(">="):
+            return part[2:].split("-")[0]
+    return None
+
+
+def cluster_kube_version(settings: Settings) -> str | None:
+    """The API server's version, or None when no cluster answers (no kubeconfig, unreachable)."""
+    try:
+        from kubernetes import client
+
+        from loraplane.platform.kube import api_client
+
+        info = client.VersionApi(api_client(settings)).get_code(_request_timeout=5)
+        return str(info.git_version).lstrip("v") or None
+    except Exception:  # no kubeconfig, no cluster: a client-side render
+        return None
+
+
+@dataclass
+class Rendered:
+    manifests: str  # what the release would create, as `helm template` prints it
+    kube_version: str  # the Kubernetes version it was rendered for
+    kube_version_from: str  # "cluster" or "chart minimum"
+
+
+def render(
+    settings: Settings,
+    *,
+    release: str = DEFAULT_RELEASE,
+    chart: Path | None = None,
+    values: dict[str, Any] | None = None,
+) -> Rendered:
+    """The release's manifests without installing anything (``helm template``), for the cluster's
+    Kubernetes version when one answers, else the lowest the chart admits. CRDs included."""
+    import subprocess
+    import tempfile
+
+    chart_dir = chart or default_chart()
+    if not (chart_dir / "Chart.yaml").is_file():
+        raise InvalidInputError(
+            f"no Helm chart at {chart_dir}", hint="pass --chart DIR (the loraplane chart directory)"
+        )
+    version, source = cluster_kube_version(settings), "cluster"
+    if version is None:
+        version, source = _chart_min_kube_version(chart_dir) or "1.31.0", "chart minimum"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as values_file:
+        yaml.safe_dump(values or {}, values_file)
+        values_file.flush()
+        argv = [
+            helm_executable(), "template", release, str(chart_dir), "--namespace", settings.namespace,
+            "--include-crds", "--kube-version", version, "-f", values_file.name,
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        message = _helm_message(done)  # type: ignore[arg-type]
+        error = HelmValuesError if "schema" in message.lower() else HelmError
+        raise error(f"helm template {release}: {message}", hint=_hint(message))
+    return Rendered(done.stdout, version, source)
+
+
+def release_values(settings: Settings, release: str = DEFAULT_RELEASE) -> dict[str, Any] | None:
+    """The current revision's computed values (the chart's defaults with the user's on top), or None
+    when the release is not installed in the namespace."""
+
+    async def go() -> dict[str, Any] | None:
+        client = _client(settings)
+        revision = await _current(client, release, settings.namespace)
+        if revision is None:
+            return None
+        return dict(await revision.values(computed=True))
+
+    return _run(go(), f"helm get values {release}")
+
+
 def deploy(
     settings: Settings,
     *,
@@ -307,23 +393,26 @@ class GpuOperator:
     values: dict[str, Any] | None = None
 
 
-def label_privileged_namespace(settings: Settings, namespace: str) -> None:
-    """Create ``namespace`` (or relabel it) with Pod Security ``privileged``: the operator's driver
-    and toolkit DaemonSets need host access, so they live apart from the platform's restricted pods."""
+def label_privileged_namespace(
+    settings: Settings, namespace: str, labels: dict[str, str] | None = None
+) -> None:
+    """Create ``namespace`` (or relabel it) with Pod Security ``privileged`` (``labels``, default
+    PRIVILEGED_LABELS): the operator's driver and toolkit DaemonSets need host access."""
+    labels = labels or PRIVILEGED_LABELS
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     from loraplane.platform.kube import KubernetesError, api_client, api_message
 
     core: Any = client.CoreV1Api(api_client(settings))
-    body = {"metadata": {"name": namespace, "labels": PRIVILEGED_LABELS}}
+    body = {"metadata": {"name": namespace, "labels": labels}}
     try:
         core.create_namespace(body)
     except ApiException as exc:
         if exc.status != 409:
             raise KubernetesError(f"cannot create namespace {namespace!r}: {api_message(exc)}") from None
         try:
-            core.patch_namespace(namespace, {"metadata": {"labels": PRIVILEGED_LABELS}})
+            core.patch_namespace(namespace, {"metadata": {"labels": labels}})
         except ApiException as exc2:
             raise KubernetesError(
                 f"cannot label namespace {namespace!r} privileged: {api_message(exc2)}"
