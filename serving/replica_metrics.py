@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.exposition import generate_latest
+from prometheus_client import Counter, Gauge
+
+from loraplane.common.metrics_endpoint import MetricsEndpoint
 
 STATES = ("wanted", "loaded", "failed", "missing")
 
 
-class ReplicaMetrics:
+class ReplicaMetrics(MetricsEndpoint):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.ready = Gauge(
             "loraplane_replica_ready",
             "1 once the reconciler's first pass tried every servable version, 0 before and while stopping.",
@@ -73,8 +72,6 @@ class ReplicaMetrics:
             self.adapters.labels(state).set(0)
         self.ready.set(0)
         self._loaded: set[str] = set()
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
 
     def observe_pass(
         self,
@@ -99,17 +96,3 @@ class ReplicaMetrics:
             self.load_failures.labels(served.split("@", 1)[0]).inc()
         self.passes.inc()
         self.last_pass.set(time.time())
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` on ``host:port`` in a daemon thread; returns the port (0 picks a free one)."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -18,8 +18,8 @@ from typing import IO, Any
 
 import psutil
 import pytest
-import yaml
 from conftest import wait_until
+from test_trainer_runs import _config as trainer_config
 
 from loraplane.platform.quickstart import free_port
 from loraplane.trainer.checkpoints import scan
@@ -33,25 +33,9 @@ STEPS = 150
 
 
 def _config(work: Path, demo_model: Path) -> Path:
+    """The trainer tests' config (tests/test_trainer_runs.py), longer, with a checkpoint every 2 steps."""
     train = write_task_files(TASKS["sentiment"], work / "data")[0]
-    data: dict[str, Any] = {
-        "base_model": {"path": str(demo_model)},
-        "dataset": {"path": str(train)},
-        "lora": {"r": 8, "alpha": 16},
-        "training": {
-            "learning_rate": 5e-3,
-            "max_steps": STEPS,
-            "batch_size": 4,
-            "max_seq_length": 128,
-            "logging_steps": 1,
-            "seed": 3,
-        },
-        "checkpoints": {"every_steps": 2, "keep_last": 2},
-        "output": {"adapters_root": str(work / "adapters"), "name": "bot", "run_dir": str(work / "run")},
-    }
-    path = work / "train.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return trainer_config(work, demo_model, train, max_steps=STEPS, every=2)
 
 
 class Pod:

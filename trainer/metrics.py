@@ -23,11 +23,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.exposition import generate_latest
+from loraplane.common.metrics_endpoint import MetricsEndpoint
 
 METRICS_PORT_ENV = "LORAPLANE_TRAINER_METRICS_PORT"
 
@@ -47,11 +44,13 @@ _GAUGES = {
 }
 
 
-class TrainingMetrics:
+class TrainingMetrics(MetricsEndpoint):
     """A progress sink (``ProgressReporter``'s ``on_log``) that keeps the last values as gauges."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        from prometheus_client import Gauge  # here: `adapters show` reads loss curves from this module
+
+        super().__init__()
         self.gauges = {key: Gauge(name, doc, registry=self.registry) for key, (name, doc) in _GAUGES.items()}
         self.tokens_per_second = Gauge(
             "loraplane_trainer_tokens_per_second",
@@ -59,8 +58,6 @@ class TrainingMetrics:
             registry=self.registry,
         )
         self._last: tuple[float, float] | None = None  # (monotonic time, tokens seen)
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
 
     def __call__(self, event: dict[str, float]) -> None:
         for key, value in event.items():
@@ -72,20 +69,6 @@ class TrainingMetrics:
             if self._last is not None and now > self._last[0] and tokens >= self._last[1]:
                 self.tokens_per_second.set((tokens - self._last[1]) / (now - self._last[0]))
             self._last = (now, tokens)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` in a daemon thread; returns the port (0 picks a free one)."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 def metrics_port_from_env(environ: dict[str, str] | None = None) -> int:
