@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches third-party CRDs the chart's optional objects need, for tests against the kwok cluster:
-# - prometheus-operator's ServiceMonitor CRD (monitoring.coreos.com/v1), from the operator's Go module
-#   source zip (example/prometheus-operator-crd/);
+# - prometheus-operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs (monitoring.coreos.com/v1),
+#   from the operator's Go module source zip (example/prometheus-operator-crd/);
 # - the Gateway API's HTTPRoute CRD (gateway.networking.k8s.io/v1, standard channel), from the
 #   sigs.k8s.io/gateway-api module source zip (config/crd/standard/).
 # Both come from the Go module proxy, verified by go.sum's checksum database like any module. Cached
@@ -39,7 +39,9 @@ fetch() {
   echo "$out/$file"
 }
 
-fetch github.com/prometheus-operator/prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" \
-  example/prometheus-operator-crd monitoring.coreos.com_servicemonitors.yaml prometheus-operator
+for kind in servicemonitors podmonitors prometheusrules; do
+  fetch github.com/prometheus-operator/prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" \
+    example/prometheus-operator-crd "monitoring.coreos.com_$kind.yaml" prometheus-operator
+done
 fetch sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION" \
   config/crd/standard gateway.networking.k8s.io_httproutes.yaml gateway-api

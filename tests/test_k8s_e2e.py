@@ -46,7 +46,7 @@ PROFILES = sorted((CHART / "ci").glob("*-values.yaml"))
 @pytest.fixture(scope="module")
 def third_party_crds(k8s_cluster: Cluster) -> None:
     """The real third-party CRDs the profiles use, from their Go modules' source zips (cached):
-    prometheus-operator's ServiceMonitor and the Gateway API's HTTPRoute."""
+    prometheus-operator's ServiceMonitor, PodMonitor and PrometheusRule, the Gateway API's HTTPRoute."""
     import subprocess
 
     fetched = subprocess.run(
@@ -54,10 +54,11 @@ def third_party_crds(k8s_cluster: Cluster) -> None:
     )
     assert fetched.returncode == 0, fetched.stderr[-2000:]
     crds = fetched.stdout.split()
-    assert len(crds) == 2, fetched.stdout
+    assert len(crds) == 4, fetched.stdout
     for crd in crds:
         k8s_cluster.kubectl("apply", "--server-side", "-f", crd)
-    for name in ("servicemonitors.monitoring.coreos.com", "httproutes.gateway.networking.k8s.io"):
+    monitoring = [f"{kind}.monitoring.coreos.com" for kind in ("servicemonitors", "podmonitors", "prometheusrules")]
+    for name in (*monitoring, "httproutes.gateway.networking.k8s.io"):
         k8s_cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}")
 
 

@@ -487,3 +487,31 @@ def test_adapters_show_prints_each_versions_loss_curve(settings: Settings, fake_
     assert json.loads(shown.stdout)["loss_curves"]["v1"]["train"] == [[2, 8.0], [4, 1.5]]
     table = _cli(settings, "adapters", "show", "demo")
     assert table.returncode == 0 and "8 -> 1.5 (min 1.5) over 4 steps" in table.stdout, table.stdout
+
+
+def test_training_pods_serve_their_metrics_and_a_pod_monitor_scrapes_them() -> None:
+    from test_chart import _profile, _render, _template_job
+
+    objs = _render(files=(_profile("autoscaling-monitoring"),))
+    job = _template_job(objs)
+    pod = job["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LORAPLANE_TRAINER_METRICS_PORT"] == "9402", "what trainer/__main__.py reads"
+    assert {"name": "metrics", "containerPort": 9402} in container["ports"]
+    monitor = objs["PodMonitor/platform-loraplane-trainer"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items(), "the PodMonitor selects the run's pods"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    ingress = objs["NetworkPolicy/platform-loraplane-trainer"]["spec"]["ingress"]
+    assert [rule["ports"] for rule in ingress if "ports" in rule] == [
+        [{"port": "metrics", "protocol": "TCP"}]
+    ]
+
+    # off: no port, no env, no PodMonitor, no ingress for scrapers
+    off = _render("trainer.metrics.enabled=false")
+    (plain,) = _template_job(off)["spec"]["template"]["spec"]["containers"]
+    assert "ports" not in plain and "LORAPLANE_TRAINER_METRICS_PORT" not in {e["name"] for e in plain["env"]}
+    assert "PodMonitor/platform-loraplane-trainer" not in off
+    assert "ingress" not in off["NetworkPolicy/platform-loraplane-trainer"]["spec"]

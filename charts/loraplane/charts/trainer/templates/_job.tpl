@@ -167,14 +167,23 @@ spec:
             - {name: MASTER_PORT, value: {{ $t.rendezvousPort | quote }}}
             - {name: NNODES, value: {{ $t.nodes | quote }}}
             {{- end }}
+            {{- if ($t.metrics).enabled }}
+            # loss, learning rate, throughput on /metrics (rank 0 serves them; trainer/metrics.py)
+            - {name: LORAPLANE_TRAINER_METRICS_PORT, value: {{ $t.metrics.port | quote }}}
+            {{- end }}
           {{- with $m.s3.credentialsSecret }}
           # AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3:// models and data
           envFrom:
             - secretRef: {name: {{ . }}}
           {{- end }}
-          {{- if $multi }}
+          {{- if or $multi ($t.metrics).enabled }}
           ports:
+            {{- if $multi }}
             - {name: rendezvous, containerPort: {{ $t.rendezvousPort }}}
+            {{- end }}
+            {{- if ($t.metrics).enabled }}
+            - {name: metrics, containerPort: {{ $t.metrics.port }}}
+            {{- end }}
           {{- end }}
           resources:
             {{- toYaml $t.resources | nindent 12 }}
