@@ -56,8 +56,9 @@ e2e-cluster:
 	@bash scripts/prepare-tests.sh
 	$(PY) -m pytest -p no:cacheprovider -rA tests/test_cluster_walk.py
 
+# Everything that needs no real server, training, control plane or node: a few minutes after setup.
 test-fast: setup
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest -m "not e2e and not k8s and not node"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -134,15 +134,27 @@ start() {
   # --kubeconfig '': leave ~/.kube/config alone; the cluster's own kubeconfig is $KUBECONFIG_PATH.
   # kwokctl runs `kubectl` from PATH (else kubectlBinary) to wait for readiness: $BIN goes first.
   # On failure kwokctl leaves the processes running: keep the logs, then stop them.
-  if ! { PATH="$BIN:$PATH" "$BIN/kwokctl" --config "$config" create cluster --name "$NAME" \
+  # kwokctl picks free ports, then starts etcd and the rest on them: a cluster starting at the same
+  # moment (another test session on this machine) can take one in between. That start fails with
+  # "address already in use" in a component's log; it is tried again (three times at most).
+  local attempt
+  for attempt in 1 2 3; do
+    if { PATH="$BIN:$PATH" "$BIN/kwokctl" --config "$config" create cluster --name "$NAME" \
            --kubeconfig '' --wait 120s >&2 &&
          nodes | kubectl apply -f - >&2 &&
          kubectl wait --for=condition=Ready node --all --timeout=120s >&2; }; then
+      break
+    fi
     rm -rf "$KWOK_WORKDIR/$NAME-logs" && cp -r "$CLUSTER_DIR/logs" "$KWOK_WORKDIR/$NAME-logs" 2>/dev/null || true
+    if [ "$attempt" -lt 3 ] && grep -qs "address already in use" "$KWOK_WORKDIR/$NAME-logs"/*.log; then
+      log "start failed on a port another process took (attempt $attempt); trying again"
+      stop
+      continue
+    fi
     log "start failed; component logs kept in $KWOK_WORKDIR/$NAME-logs"
     stop
     exit 1
-  fi
+  done
   log "cluster $NAME up in $((SECONDS - t0)) s; export KUBECONFIG=$KUBECONFIG_PATH"
 }
 

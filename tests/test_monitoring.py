@@ -149,6 +149,7 @@ def _series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
     return {"series": f"{name}{{{inner}}}", "values": values}
 
 
+@pytest.mark.e2e  # a real Prometheus (scripts/prometheus-tools.sh builds it)
 def test_promtool_checks_the_rules_and_unit_tests_each_alert(tmp_path: Path) -> None:
     """Each alert with series that make it fire and series that must not (promtool test rules)."""
     rules_file = tmp_path / "rules.yaml"
@@ -363,6 +364,7 @@ def test_replica_metrics_say_what_is_wanted_loaded_failed_and_missing() -> None:
     assert loaded == {"a@v1"}, "an unloaded version's series goes away"
 
 
+@pytest.mark.e2e  # a real Prometheus (scripts/prometheus-tools.sh builds it)
 def test_training_metrics_and_the_published_loss_curve(tmp_path: Path) -> None:
     """The trainer's metrics server, fed the events a run logs, scraped by a real Prometheus; and the
     curve `adapters show` reads from metrics.jsonl."""
@@ -417,6 +419,7 @@ def test_training_metrics_and_the_published_loss_curve(tmp_path: Path) -> None:
     assert loss_curve(tmp_path / "nothing").summary() == ""
 
 
+@pytest.mark.e2e  # a real Prometheus (scripts/prometheus-tools.sh builds it)
 def test_every_dashboard_query_and_alert_expression_is_valid_promql(tmp_path: Path) -> None:
     """Prometheus parses each query (empty TSDB: no data is expected here; the e2e test wants data)."""
     from prom_server import grafana_expand

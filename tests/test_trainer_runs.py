@@ -25,6 +25,8 @@ from loraplane.trainer.config import load_config
 from loraplane.trainer.demo_tasks import TASKS, write_task_files
 from loraplane.trainer.exit_codes import PREEMPTED
 
+pytestmark = pytest.mark.e2e  # real training: the trainer as a process, torchrun
+
 DEADLINE_S = 240.0
 
 
