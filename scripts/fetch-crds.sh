@@ -7,10 +7,14 @@
 # Both come from the Go module proxy, verified by go.sum's checksum database like any module. Cached
 # outside the clone (LORAPLANE_CACHE, default ~/.cache/loraplane); nothing large is committed.
 # Prints each CRD file's path on stdout, one per line.
+#   scripts/fetch-crds.sh        the CRDs above
+#   scripts/fetch-crds.sh argo   Argo Workflows' Workflow CRD and its published JSON schema
+#                                (api/jsonschema/schema.json), for `loraplane pipeline export --format argo`
 set -euo pipefail
 
 PROMETHEUS_OPERATOR_VERSION="v0.85.0"
 GATEWAY_API_VERSION="v1.4.1"
+ARGO_WORKFLOWS_VERSION="v4.0.5"   # only its CRD and schema files are used: no Argo code is built or run
 CACHE="${LORAPLANE_CACHE:-$HOME/.cache/loraplane}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -39,6 +43,13 @@ fetch() {
   echo "$out/$file"
 }
 
+if [ "${1:-}" = argo ]; then
+  fetch github.com/argoproj/argo-workflows/v4 "$ARGO_WORKFLOWS_VERSION" \
+    manifests/base/crds/full argoproj.io_workflows.yaml argo-workflows
+  fetch github.com/argoproj/argo-workflows/v4 "$ARGO_WORKFLOWS_VERSION" \
+    api/jsonschema schema.json argo-workflows
+  exit 0
+fi
 for kind in servicemonitors podmonitors prometheusrules; do
   fetch github.com/prometheus-operator/prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" \
     example/prometheus-operator-crd "monitoring.coreos.com_$kind.yaml" prometheus-operator

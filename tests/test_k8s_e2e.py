@@ -57,9 +57,17 @@ def third_party_crds(k8s_cluster: Cluster) -> None:
     assert len(crds) == 4, fetched.stdout
     for crd in crds:
         k8s_cluster.kubectl("apply", "--server-side", "-f", crd)
-    monitoring = [f"{kind}.monitoring.coreos.com" for kind in ("servicemonitors", "podmonitors", "prometheusrules")]
+    kinds = ("servicemonitors", "podmonitors", "prometheusrules")
+    monitoring = [f"{kind}.monitoring.coreos.com" for kind in kinds]
     for name in (*monitoring, "httproutes.gateway.networking.k8s.io"):
-        k8s_cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}")
+        # `kubectl wait` fails at once while a new CRD has no conditions yet: poll instead
+        k8s_cluster.wait_for(lambda name=name: _established(k8s_cluster, name), what=f"{name} established")
+
+
+def _established(cluster: Cluster, crd: str) -> bool:
+    found = json.loads(cluster.kubectl("get", f"crd/{crd}", "-o", "json").stdout)
+    conditions = found.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=[p.name.removesuffix("-values.yaml") for p in PROFILES])
