@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -90,3 +91,41 @@ class PreemptionHandler(TrainerCallback):  # type: ignore[misc]
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class TrainingClock(TrainerCallback):  # type: ignore[misc]
+    """The training wall time of a run across its attempts (``loraplane.trainer.cost``).
+
+    ``seconds_before``/``attempts_before`` come from the checkpoint the run resumes from; each
+    checkpoint this attempt saves records the total so far, on the main process."""
+
+    def __init__(self, *, is_main: bool, seconds_before: float = 0.0, attempts_before: int = 0) -> None:
+        self.is_main = is_main
+        self.seconds_before = seconds_before
+        self.attempts = attempts_before + 1
+        self._started: float | None = None
+
+    @property
+    def attempt_seconds(self) -> float:
+        return 0.0 if self._started is None else time.monotonic() - self._started
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds_before + self.attempt_seconds
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._started = time.monotonic()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not self.is_main:
+            return
+        from pathlib import Path
+
+        from loraplane.trainer.cost import write_checkpoint_cost
+
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():  # best effort: a missing record only undercounts a resumed run
+            try:
+                write_checkpoint_cost(checkpoint, train_seconds=self.total_seconds, attempts=self.attempts)
+            except OSError as exc:
+                log.warning("cannot record the training time in the checkpoint", extra={"error": str(exc)})

@@ -53,6 +53,9 @@ class Fingerprint:
     base_files: str  # sha256 over config.json and the weight files' names and sizes (local models)
     lora: dict[str, Any]
     dataset_sha256: str
+    # Defaults: run directories written before DPO existed are SFT runs from a fresh LoRA.
+    method: str = "sft"
+    base_adapter: str = ""  # NAME@vN the run started from (method: dpo)
 
     def differences(self, other: Fingerprint) -> list[str]:
         labels = {
@@ -61,6 +64,8 @@ class Fingerprint:
             "base_files": "base model files",
             "lora": "LoRA shape",
             "dataset_sha256": "dataset (sha256)",
+            "method": "training method",
+            "base_adapter": "base adapter",
         }
         mine, theirs = asdict(self), asdict(other)
         return [
@@ -98,6 +103,8 @@ def fingerprint_for(config: TrainJobConfig, dataset_sha256: str) -> Fingerprint:
         base_files=base_model_files_digest(config.base_model.path),
         lora={"r": lora.r, "alpha": lora.alpha, "target_modules": targets, "use_rslora": lora.use_rslora},
         dataset_sha256=dataset_sha256,
+        method=config.method,
+        base_adapter=config.base_adapter or "",
     )
 
 

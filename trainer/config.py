@@ -72,9 +72,10 @@ class DatasetSpec(_Strict):
     eval_fraction: Annotated[float, Field(ge=0, lt=0.5)] = Field(
         default=0.0, description="Or hold out this share of the training rows (seeded) for evaluation."
     )
-    format: Literal["auto", "chat", "prompt_completion", "alpaca"] = Field(
+    format: Literal["auto", "chat", "prompt_completion", "alpaca", "preference", "openai_preference"] = Field(
         default="auto",
-        description="Row format; 'auto' recognises each row by its keys (messages / prompt / instruction).",
+        description="Row format; 'auto' recognises each row by its keys (messages / prompt / instruction; "
+        "for method: dpo, prompt + chosen + rejected / input + preferred_output + non_preferred_output).",
     )
     min_examples: Annotated[int, Field(ge=1)] = Field(
         default=10, description="Fewer usable training examples than this fails the run (OpenAI's minimum)."
@@ -215,14 +216,84 @@ class OutputSpec(_Strict):
         return self.run_dir or self.adapters_root.parent / "runs" / self.name
 
 
+PREFERENCE_FORMATS = ("preference", "openai_preference")
+ADAPTER_REF_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?@v[0-9]{1,6}$"
+
+
+class DpoSpec(_Strict):
+    """Direct Preference Optimization (trl's DPOTrainer); used when ``method`` is ``dpo``."""
+
+    beta: Annotated[float, Field(gt=0, le=10)] = Field(
+        default=0.1,
+        description="How far the tuned model may move from the reference (the SFT adapter, or the base "
+        "model): higher stays closer. 0.1 is the DPO paper's default.",
+    )
+    # trl's loss types that need nothing but preference pairs (no extra settings, no reward model).
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
+    ] = Field(default="sigmoid", description="trl's loss: sigmoid is the DPO paper's loss; ipo is IPO.")
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        default=0.0, description="Assumed share of flipped preference labels (robust / cDPO losses)."
+    )
+
+
 class TrainJobConfig(_Strict):
+    method: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description="sft: supervised fine-tuning on conversations; dpo: preference tuning on "
+        "chosen/rejected pairs (trl's DPOTrainer).",
+    )
     base_model: BaseModelSpec
+    base_adapter: Annotated[str, Field(pattern=ADAPTER_REF_PATTERN)] | None = Field(
+        default=None,
+        description="method: dpo only: start from this registered adapter version (NAME@vN, e.g. an SFT "
+        "adapter); it is also the DPO reference model. Its LoRA shape is used.",
+    )
     dataset: DatasetSpec
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
+    dpo: DpoSpec = DpoSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()
     distributed: DistributedSpec = DistributedSpec()
     output: OutputSpec
+
+    @field_validator("base_adapter", mode="before")
+    @classmethod
+    def _adapter_ref(cls, v: Any) -> Any:
+        if isinstance(v, str) and "@v" not in v:
+            raise ValueError(
+                "name an exact registered version, NAME@vN (e.g. support-bot@v3): an alias or a bare name "
+                "could point at another version when the run resumes"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> TrainJobConfig:
+        fmt = self.dataset.format
+        if self.method == "sft":
+            if fmt in PREFERENCE_FORMATS:
+                raise ValueError(
+                    f"dataset.format: {fmt!r} is preference data; set method: dpo to train on it"
+                )
+            if "dpo" in self.model_fields_set:
+                raise ValueError("dpo: these settings apply to method: dpo; set method: dpo or remove them")
+            if self.base_adapter is not None:
+                raise ValueError(
+                    f"base_adapter: {self.base_adapter!r} is supported with method: dpo only; "
+                    "remove it or set method: dpo"
+                )
+            return self
+        if fmt not in ("auto", *PREFERENCE_FORMATS):
+            raise ValueError(
+                f"dataset.format: {fmt!r} is supervised data; method: dpo needs preference pairs: use "
+                "auto, preference (prompt/chosen/rejected) or openai_preference"
+            )
+        if self.training.batching == "packed":
+            raise ValueError(
+                "training.batching: 'packed' is not available with method: dpo (each pair is two sequences "
+                "trained together); use grouped or padded"
+            )
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:

@@ -58,6 +58,10 @@ class TokenizedExample:
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
+    @property
+    def total_tokens(self) -> int:
+        return len(self.input_ids)
+
 
 @dataclass
 class ErrorSummary:
@@ -135,7 +139,7 @@ class DataReport:
     @property
     def total_tokens(self) -> int:
         """Tokens per epoch: every usable row once (before padding or packing)."""
-        return sum(len(e.input_ids) for e in self.usable)
+        return sum(e.total_tokens for e in self.usable)
 
     @property
     def trained_tokens(self) -> int:
@@ -388,6 +392,20 @@ def _check_rows(raw: RawSource, fmt: str, renderer: ChatRenderer, max_seq_length
     return report
 
 
+def _check_preference_rows(
+    raw: RawSource, fmt: str, renderer: ChatRenderer, max_seq_length: int
+) -> DataReport:
+    from loraplane.trainer.preference_data import check_preference_rows
+
+    report = DataReport(
+        source=raw.name, rows=raw.rows, sha256=raw.sha256, unit=raw.unit, max_seq_length=max_seq_length
+    )
+    for err in raw.errors:
+        report.add_error(err.kind, err.row, err.message)
+    report.usable.extend(check_preference_rows(raw.records, fmt, renderer, max_seq_length, report.add_error))
+    return report
+
+
 def _hold_out(train: DataReport, fraction: float, seed: int) -> DataReport:
     """Move ``fraction`` of the usable rows (at least one; a seeded shuffle) into an eval report."""
     n = len(train.usable)
@@ -408,9 +426,18 @@ def _hold_out(train: DataReport, fraction: float, seed: int) -> DataReport:
 
 
 def validate_dataset(
-    dataset: DatasetSpec, tokenizer: Any, *, max_seq_length: int, assistant_only_loss: bool, seed: int
+    dataset: DatasetSpec,
+    tokenizer: Any,
+    *,
+    max_seq_length: int,
+    assistant_only_loss: bool,
+    seed: int,
+    method: str = "sft",
 ) -> PreparedData:
     """Read, check, render and tokenize the training (and held-out) data; never raise for bad data.
+
+    ``method`` ``dpo`` reads preference pairs (:mod:`~loraplane.trainer.preference_data`) instead of
+    conversations; everything else (sources, hold-out, report, verdict) is the same.
 
     Raises only for what is not the data's fault: a chat template that cannot be used
     (:class:`InvalidInputError`). The caller decides what to do with ``PreparedData.failures()``.
@@ -430,7 +457,10 @@ def validate_dataset(
     renderer = ChatRenderer(tokenizer, assistant_only_loss=assistant_only_loss)
 
     def check(raw: RawSource, role: str) -> DataReport:
-        report = _check_rows(raw, dataset.format, renderer, max_seq_length)
+        if method == "dpo":
+            report = _check_preference_rows(raw, dataset.format, renderer, max_seq_length)
+        else:
+            report = _check_rows(raw, dataset.format, renderer, max_seq_length)
         report.role = role
         report.max_overlength_share = dataset.max_overlength_share
         report.min_examples = dataset.min_examples if role == "train" else 1
@@ -457,12 +487,23 @@ def validate_dataset(
 
 
 def prepare_datasets(
-    dataset: DatasetSpec, tokenizer: Any, *, max_seq_length: int, assistant_only_loss: bool, seed: int
+    dataset: DatasetSpec,
+    tokenizer: Any,
+    *,
+    max_seq_length: int,
+    assistant_only_loss: bool,
+    seed: int,
+    method: str = "sft",
 ) -> PreparedData:
     """:func:`validate_dataset`, raising :class:`DatasetError` (exit code 2) with the whole report
     when the training or held-out data is not usable."""
     prepared = validate_dataset(
-        dataset, tokenizer, max_seq_length=max_seq_length, assistant_only_loss=assistant_only_loss, seed=seed
+        dataset,
+        tokenizer,
+        max_seq_length=max_seq_length,
+        assistant_only_loss=assistant_only_loss,
+        seed=seed,
+        method=method,
     )
     reasons = prepared.failures()
     if reasons:

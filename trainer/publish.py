@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplane import __version__
+from loraplane.common.chat_templates import default_template, template_sha256
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.files import sha256_file
 from loraplane.common.model_fetch import read_marker
@@ -81,6 +82,8 @@ def build_manifest(
     base_files_sha256: str,
     data: dict[str, Any],
     metrics: dict[str, float],
+    chat_template: dict[str, str] | None = None,
+    base_adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     weights = staging / "adapter_model.safetensors"
     if not weights.is_file():
@@ -104,6 +107,12 @@ def build_manifest(
             "quantization": config.base_model.quantization,
         },
         "dataset": data,
+        # sft or dpo; for dpo its hyperparameters and the registered adapter it started from (or None)
+        "method": config.method,
+        "dpo": config.dpo.model_dump(mode="json") if config.method == "dpo" else None,
+        "base_adapter": base_adapter,
+        # the template the data was rendered with: registration compares it with the server's
+        "chat_template": chat_template,
         "config": config.model_dump(mode="json"),
         "lora": config.lora.model_dump(mode="json"),
         "training": config.training.model_dump(mode="json"),
@@ -111,6 +120,22 @@ def build_manifest(
         "weights_sha256": sha256_file(weights),
         "environment": {**library_versions(), "host": os.uname().nodename},
     }
+
+
+def chat_template_record(tokenizer: Any, config: TrainJobConfig) -> dict[str, str] | None:
+    """The manifest's ``chat_template``: the template the training data was rendered with (the
+    tokenizer's, after ``base_model.chat_template`` replaced it), where it came from, and its sha256
+    (``common/chat_templates.py``). None when the tokenizer has none (it cannot: data loading refuses)."""
+    text = default_template(getattr(tokenizer, "chat_template", None))
+    if text is None:
+        return None
+    custom = config.base_model.chat_template
+    source = (
+        f"base_model.chat_template ({custom})"
+        if custom is not None
+        else f"the tokenizer of {config.base_model.path}"
+    )
+    return {"source": source, "sha256": template_sha256(text), "text": text}
 
 
 def perplexity(loss: float) -> float:

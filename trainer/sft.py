@@ -133,6 +133,17 @@ def peft_config(config: TrainJobConfig) -> LoraConfig:
 
 def training_args(config: TrainJobConfig, output_dir: Path, *, has_eval: bool, **overrides: Any) -> SFTConfig:
     t = config.training
+    kwargs = common_args(config, output_dir, has_eval=has_eval)
+    kwargs.update(
+        {"max_length": t.max_seq_length, "packing": t.batching == "packed", "packing_strategy": "bfd"}
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def common_args(config: TrainJobConfig, output_dir: Path, *, has_eval: bool) -> dict[str, Any]:
+    """The Trainer arguments every method shares (steps, optimizer, checkpoints, devices, logging)."""
+    t = config.training
     cuda = cuda_available()
     dtype = model_dtype(config)
     every = config.checkpoints.every_steps
@@ -148,9 +159,6 @@ def training_args(config: TrainJobConfig, output_dir: Path, *, has_eval: bool, *
         "lr_scheduler_type": t.lr_scheduler,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
-        "max_length": t.max_seq_length,
-        "packing": t.batching == "packed",
-        "packing_strategy": "bfd",
         "gradient_checkpointing": t.gradient_checkpointing,
         "seed": t.seed,
         "data_seed": t.seed,
@@ -172,8 +180,7 @@ def training_args(config: TrainJobConfig, output_dir: Path, *, has_eval: bool, *
     if config.distributed.strategy == "fsdp" and cuda:
         kwargs["fsdp"] = "full_shard auto_wrap"
         kwargs["fsdp_config"] = {"use_orig_params": True}
-    kwargs.update(overrides)
-    return SFTConfig(**kwargs)
+    return kwargs
 
 
 def to_dataset(examples: Sequence[TokenizedExample]) -> Dataset:
@@ -182,13 +189,37 @@ def to_dataset(examples: Sequence[TokenizedExample]) -> Dataset:
     )
 
 
-class LoraplaneSFTTrainer(SFTTrainer):  # type: ignore[misc]
-    """SFTTrainer with length-grouped batches, and checkpoints that are marked complete only when whole."""
+class CompleteCheckpoints:
+    """Mixed into a trl trainer: checkpoints are marked complete only when whole, old ones retired.
 
-    loraplane_batching: str = "grouped"
+    Shared by :class:`LoraplaneSFTTrainer` and the DPO trainer (``loraplane.trainer.dpo``)."""
+
     loraplane_run: RunState | None = None
     loraplane_keep_last: int = 2
     loraplane_protect: Path | None = None
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        self._mark_checkpoint(trial)
+
+    def _mark_checkpoint(self, trial: Any) -> None:
+        trainer: Any = self
+        if self.loraplane_run is None:
+            return
+        # Every rank has written its part (its RNG state at least); only then is the checkpoint whole.
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            run_dir = Path(trainer._get_output_dir(trial))
+            step = trainer.state.global_step
+            mark_complete(run_dir / f"checkpoint-{step}", step=step, run=self.loraplane_run)
+            apply_retention(run_dir, keep_last=self.loraplane_keep_last, protect=self.loraplane_protect)
+        trainer.accelerator.wait_for_everyone()
+
+
+class LoraplaneSFTTrainer(CompleteCheckpoints, SFTTrainer):  # type: ignore[misc]
+    """SFTTrainer with length-grouped batches, and checkpoints that are marked complete only when whole."""
+
+    loraplane_batching: str = "grouped"
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -196,19 +227,6 @@ class LoraplaneSFTTrainer(SFTTrainer):  # type: ignore[misc]
             lengths = [len(ids) for ids in dataset["input_ids"]]
             return GroupedByLengthSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
         return super()._get_train_sampler(train_dataset)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.loraplane_run is None:
-            return
-        # Every rank has written its part (its RNG state at least); only then is the checkpoint whole.
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            run_dir = Path(self._get_output_dir(trial))
-            step = self.state.global_step
-            mark_complete(run_dir / f"checkpoint-{step}", step=step, run=self.loraplane_run)
-            apply_retention(run_dir, keep_last=self.loraplane_keep_last, protect=self.loraplane_protect)
-        self.accelerator.wait_for_everyone()
 
 
 def build_trainer(

@@ -266,6 +266,9 @@ def train_and_publish(
     is_main = rank == 0
     config = _with_local_base_model(config)
     config = _with_local_dataset(config)
+    from loraplane.trainer.dpo import resolve_base_adapter
+
+    config, base_adapter = resolve_base_adapter(config)  # method: dpo from NAME@vN; cheap, no torch
     # The heavy imports come after the cheap config checks of the caller, not at module import.
     from loraplane.trainer.sft import check_hardware
 
@@ -280,6 +283,7 @@ def train_and_publish(
         max_seq_length=t.max_seq_length,
         assistant_only_loss=t.assistant_only_loss,
         seed=t.seed,
+        method=config.method,
     )
     run_dir = config.output.resolved_run_dir
 
@@ -298,16 +302,31 @@ def train_and_publish(
 
     progress = ProgressReporter(on_log, is_main=is_main)
     preemption = PreemptionHandler()
-    trainer = build_trainer(
-        config,
-        tokenizer,
-        data.train.usable,
-        data.eval.usable if data.eval else None,
-        run_dir,
-        callbacks=[progress, preemption],
-    )
+    if config.method == "dpo":
+        from loraplane.trainer.dpo import build_trainer as build_dpo_trainer
+
+        trainer = build_dpo_trainer(
+            config,
+            tokenizer,
+            data.train.usable,
+            data.eval.usable if data.eval else None,
+            run_dir,
+            callbacks=[progress, preemption],
+            base_adapter=base_adapter,
+        )
+    else:
+        trainer = build_trainer(
+            config,
+            tokenizer,
+            data.train.usable,
+            data.eval.usable if data.eval else None,
+            run_dir,
+            callbacks=[progress, preemption],
+        )
     trainer.loraplane_run = plan.run
     trainer.loraplane_protect = plan.resume_from.path if plan.resume_from else None
+    clock = _clock(plan, is_main=is_main)
+    trainer.add_callback(clock)
     if handle_sigterm:
         preemption.install()
     started = time.monotonic()
@@ -346,13 +365,31 @@ def train_and_publish(
         "tokens_per_second": round(tokens_this_run / seconds, 1) if seconds > 0 else 0.0,
         "resumed_from_step": float(plan.resume_from.step if plan.resume_from else 0),
     }
+    from loraplane.trainer.cost import cost_record
+
+    # GPU-seconds from the launcher's view: the processes torchrun started (one device each) times the
+    # training wall time of every attempt (loraplane.trainer.cost).
+    cost = cost_record(
+        devices=world_size,
+        accelerator=str(trainer.args.device.type),
+        train_seconds=clock.seconds_before + seconds,
+        attempt_seconds=seconds,
+        attempts=clock.attempts,
+        tokens_trained=tokens_seen,
+        attempt_tokens=tokens_this_run,
+    )
     if data.eval is not None:
         eval_loss = float(trainer.evaluate()["eval_loss"])
         from loraplane.trainer.publish import perplexity
 
         metrics["eval_loss"] = eval_loss
-        metrics["eval_perplexity"] = perplexity(eval_loss)
+        if config.method == "sft":  # a DPO loss is not a token NLL: it has no perplexity
+            metrics["eval_perplexity"] = perplexity(eval_loss)
         history = list(trainer.state.log_history)
+    if config.method == "dpo":
+        from loraplane.trainer.dpo import dpo_metrics
+
+        metrics.update(dpo_metrics(history))
 
     final_dir = run_dir / "final"
     if is_main and final_dir.exists():
@@ -363,12 +400,34 @@ def train_and_publish(
     target = config.output.adapters_root / plan.run.name / plan.run.version
     published = None
     if is_main:
-        published = _publish(config, plan.run, trainer, final_dir, target, data, metrics, history)
+        published = _publish(
+            config,
+            plan.run,
+            trainer,
+            final_dir,
+            target,
+            data,
+            metrics,
+            history,
+            base_adapter=base_adapter,
+            cost=cost,
+        )
     _barrier()
     if published is None:  # other ranks: report what rank 0 published
         manifest = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
         published = PublishedAdapter(plan.run.name, plan.run.version, target, manifest)
     return published
+
+
+def _clock(plan: _Plan, *, is_main: bool) -> Any:
+    """The run's training clock, carrying on from the time recorded in the checkpoint it resumes from."""
+    from loraplane.trainer.callbacks import TrainingClock
+    from loraplane.trainer.cost import read_checkpoint_cost
+
+    before, attempts = read_checkpoint_cost(plan.resume_from.path) if plan.resume_from else (0.0, 0)
+    if plan.resume_from is not None and attempts == 0:
+        attempts = 1  # resumed from a checkpoint without a record: at least one attempt came before
+    return TrainingClock(is_main=is_main, seconds_before=before, attempts_before=attempts)
 
 
 def _follow_plan(config: TrainJobConfig) -> _Plan:
@@ -391,8 +450,16 @@ def _publish(
     data: PreparedData,
     metrics: dict[str, float],
     history: list[dict[str, Any]],
+    *,
+    base_adapter: Any = None,
+    cost: dict[str, Any] | None = None,
 ) -> PublishedAdapter:
-    from loraplane.trainer.publish import build_manifest, write_loss_plot, write_metrics_jsonl
+    from loraplane.trainer.publish import (
+        build_manifest,
+        chat_template_record,
+        write_loss_plot,
+        write_metrics_jsonl,
+    )
 
     run_dir = config.output.resolved_run_dir
     metrics["run_wall_seconds"] = round(
@@ -424,7 +491,11 @@ def _publish(
                 base_files_sha256=run.fingerprint.base_files,
                 data=dataset_info,
                 metrics=metrics,
+                base_adapter=base_adapter.to_manifest() if base_adapter is not None else None,
+                chat_template=chat_template_record(getattr(trainer, "processing_class", None), config),
             )
+            if cost is not None:
+                manifest["cost"] = cost  # GPU-seconds, tokens trained, tokens/s (loraplane.trainer.cost)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     except FileExistsError:
         raise LoraplaneError(
