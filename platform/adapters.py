@@ -46,10 +46,12 @@ from loraplane.platform.registry import (
     verify_weights,
 )
 from loraplane.platform.settings import Settings
+from loraplane.platform.template_check import check_chat_template
 from loraplane.platform.version_states import Command, transition
 from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.limits import max_lora_rank
+from loraplane.serving.output_probe import AdapterHasNoEffectError, require_effect
 from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
 from loraplane.serving.reconcile import (
     SyncReport,
@@ -73,11 +75,23 @@ class PromotionRefusedError(LoraplaneError):
 
 
 def register_adapter(
-    settings: Settings, path: Path, *, name: str | None = None, version: str | None = None
+    settings: Settings,
+    path: Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    allow_template_mismatch: bool = False,
+    reason: str | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> AdapterVersion:
     """Check an adapter directory and record it as ``name@version``.
 
     Name and version default to those in the adapter's ``manifest.json`` (written by the trainer).
+    The chat template the manifest records must be the one the server uses for the base model
+    (``platform/template_check.py``): a mismatch is refused unless ``allow_template_mismatch`` with a
+    ``reason`` (kept in the history's ``register`` event). An adapter with no recorded template, or a
+    server whose template cannot be known here, is registered with a warning (``on_warning``, default:
+    the log).
     """
     info = preflight_adapter(path, adapters_root=settings.adapters_dir, max_lora_rank=max_lora_rank(settings))
     weights = verify_adapter_weights(info.path / WEIGHTS_FILE, info.config)  # every byte, once
@@ -99,6 +113,13 @@ def register_adapter(
             f"{name}@{version} is not a valid adapter name and version",
             hint=f"names use {NAME_CHARS}; versions look like v1, v2, ...",
         )
+    template = check_chat_template(
+        settings, manifest, ref=f"{name}@{version}", allow_mismatch=allow_template_mismatch, reason=reason
+    )
+    if template.warning is not None:
+        (on_warning or log.warning)(template.warning)
+    elif template.outcome == "mismatch-allowed":
+        (on_warning or log.warning)(f"{template.message}\n  registered anyway: {reason}")
     base = manifest.get("base_model")
     entry = AdapterVersion(
         name=name,
@@ -118,7 +139,16 @@ def register_adapter(
                 hint="versions are immutable: publish new weights as a new version",
             )
         adapter.versions[version] = entry
-        state.history.append(HistoryEvent(action="register", adapter=name, version=version))
+        allowed = template.outcome == "mismatch-allowed"
+        state.history.append(
+            HistoryEvent(
+                action="register",
+                adapter=name,
+                version=version,
+                reason=f"chat template mismatch allowed: {reason}" if allowed else None,
+                forced=allowed,
+            )
+        )
     return entry
 
 
@@ -227,23 +257,41 @@ async def _load_everywhere(settings: Settings, entry: AdapterVersion, urls: list
         pod = check_in_vllm_pod(settings, entry, cards)
         log.info("checked in a vLLM pod", extra={"adapter": entry.ref, "pod": pod})
     newly: list[str] = []
+    url = urls[0]
     try:
         for url in urls:
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:
                 if here:
                     check_servable(settings, entry, served_base(await client.list_models()), url=url)
-                if await client.load_adapter(entry.served_name, entry.path):
+                loaded = await client.load_adapter(entry.served_name, entry.path)
+                if loaded:
                     newly.append(url)
-    except BaseException:
-        for url in newly:  # undo, so that a failed promotion leaves every server as it was
-            try:
-                async with VLLMAdminClient(url, api_key=settings.api_key, retries=1) as client:
-                    await client.unload_adapter(entry.served_name)
-            except LoraplaneError as exc:
-                log.warning(
-                    "could not undo a load", extra={"adapter": entry.ref, "server": url, "why": exc.message}
-                )
+                try:  # does it change the answers? (serving/output_probe.py)
+                    await require_effect(client, entry.served_name, unload=False)
+                except AdapterHasNoEffectError:
+                    if not loaded and entry.state != "serving":
+                        newly.append(url)  # loaded before (a sync, a restart): useless there too
+                    raise
+    except AdapterHasNoEffectError as exc:
+        await _undo_loads(settings, entry, newly)
+        with open_registry(settings).transaction() as state:  # why, in the history; state unchanged
+            mark_load_failed(state, state.resolve(entry.ref), exc.message[:4000], server=url)
         raise
+    except BaseException:
+        await _undo_loads(settings, entry, newly)
+        raise
+
+
+async def _undo_loads(settings: Settings, entry: AdapterVersion, urls: list[str]) -> None:
+    """Unload ``entry`` from ``urls``, so that a failed load or promotion leaves every server as it was."""
+    for url in urls:
+        try:
+            async with VLLMAdminClient(url, api_key=settings.api_key, retries=1) as client:
+                await client.unload_adapter(entry.served_name)
+        except LoraplaneError as exc:
+            log.warning(
+                "could not undo a load", extra={"adapter": entry.ref, "server": url, "why": exc.message}
+            )
 
 
 async def base_model_name(settings: Settings) -> str:

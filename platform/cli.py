@@ -372,8 +372,18 @@ def adapters_register(
     path: Path = typer.Argument(..., help="Adapter directory under the adapters root."),
     name: str | None = typer.Option(None, help="Adapter name (default: from manifest.json)."),
     version: str | None = typer.Option(None, help="Version, e.g. v3 (default: from manifest.json)."),
+    allow_template_mismatch: bool = typer.Option(
+        False,
+        "--allow-template-mismatch",
+        help="Register although the adapter was trained with another chat template than the server "
+        "uses for the base model (needs --reason).",
+    ),
+    reason: str | None = typer.Option(None, help="Why the mismatch is allowed; recorded in the history."),
 ) -> None:
-    """Check an adapter directory (safetensors, under the root, rank) and record it.
+    """Check an adapter directory (safetensors, under the root, rank, chat template) and record it.
+
+    The chat template recorded in the adapter's manifest must be the one the server uses for the
+    base model (its --chat-template, else the base model's own): a mismatch is refused (exit 2).
 
     \b
     Example:
@@ -383,7 +393,18 @@ def adapters_register(
     def body() -> None:
         from loraplane.platform.adapters import register_adapter
 
-        entry = register_adapter(_settings(), path, name=name, version=version)
+        def warn(message: str) -> None:
+            err.print(f"[yellow]warning:[/] {_escape(message)}", highlight=False)
+
+        entry = register_adapter(
+            _settings(),
+            path,
+            name=name,
+            version=version,
+            allow_template_mismatch=allow_template_mismatch,
+            reason=reason,
+            on_warning=warn,
+        )
         out.print(f"registered {entry.served_name} ({entry.path})")
 
     _run(body)
@@ -503,6 +524,7 @@ def adapters_show(
         from rich.table import Table
 
         from loraplane.platform.registry import open_registry
+        from loraplane.trainer.cost import cost_summary, manifest_cost
         from loraplane.trainer.metrics import loss_curve
 
         state = open_registry(_settings()).read()
@@ -510,6 +532,8 @@ def adapters_show(
         history = [e for e in state.history if e.adapter == name]
         # The training curve published next to each version's weights (metrics.jsonl), where readable.
         curves = {v.version: loss_curve(v.path) for v in adapter.versions.values()}
+        # What each version's training run cost (GPU-seconds, tokens, tokens/s), from its manifest.
+        costs = {v.version: manifest_cost(v.manifest) for v in adapter.versions.values()}
         if output == "json":
             dumped = [e.model_dump(mode="json") for e in history]
             curves_json = {ver: curve.to_dict() for ver, curve in curves.items()}
@@ -517,11 +541,13 @@ def adapters_show(
                 "adapter": adapter.model_dump(mode="json"),
                 "history": dumped,
                 "loss_curves": curves_json,
+                "costs": costs,
             }
             out.print_json(json.dumps(payload))
             return
         versions = Table(title=f"{name}: versions")
-        for col in ("version", "served name", "state", "aliases", "latest eval", "training loss", "path"):
+        columns = ("version", "served name", "state", "aliases", "latest eval", "training loss", "cost")
+        for col in (*columns, "path"):
             versions.add_column(col)
         for v in adapter.versions.values():
             aliases = ", ".join(a for a, ver in adapter.aliases.items() if ver == v.version)
@@ -533,6 +559,7 @@ def adapters_show(
                 aliases,
                 ev.summary() if ev else "",
                 curves[v.version].summary(),
+                cost_summary(costs[v.version]),
                 v.path,
             )
         out.print(versions)
@@ -754,6 +781,79 @@ def adapters_merge(
             ),
             highlight=False,
         )
+
+    _run(body)
+
+
+@adapters_app.command("export")
+def adapters_export(
+    source: str = typer.Argument(..., help="NAME@VERSION / NAME:ALIAS, or an adapter directory."),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (must not exist)."),
+    export_format: str = typer.Option("ollama", "--format", help="Export format: ollama."),
+    base: str | None = typer.Option(
+        None,
+        "--base",
+        help="The Modelfile's FROM: a base model directory or an Ollama model name (default: the base "
+        "model directory in the adapter's manifest). With --merged: the model to merge into.",
+    ),
+    merged: bool = typer.Option(
+        False, "--merged", help="Export the adapter merged into its base model (FROM ./model)."
+    ),
+    template: Path | None = typer.Option(
+        None, "--template", help="An Ollama Go template to use instead of the translated chat template."
+    ),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Another stop sequence (repeatable)."),
+    dtype: str = typer.Option("auto", help="--merged: auto, float32, bfloat16 or float16."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="--merged: allow the base model's own code to run."
+    ),
+    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+) -> None:
+    """Export an adapter for Ollama: a Modelfile (FROM the base, ADAPTER, the chat template as
+    Ollama's TEMPLATE, its stop markers) and the adapter's safetensors files, or with --merged the
+    merged model. Refused (exit 2) when Ollama cannot take the adapter (base architecture, DoRA) or
+    the chat template's family is not one it can be translated from.
+
+    \b
+    Examples:
+      loraplane adapters export support-bot@v3 --format ollama --out ./support-bot-ollama
+      ollama create support-bot -f ./support-bot-ollama/Modelfile
+      loraplane adapters export support-bot@v3 --format ollama --merged --out ./support-bot-merged
+    """
+
+    def body() -> None:
+        from loraplane.platform.export_ollama import FORMATS, export_ollama
+
+        if export_format not in FORMATS:
+            raise InvalidInputError(f"--format {export_format!r}: use {' or '.join(FORMATS)}")
+        busy = err.status(f"exporting {source}") if err.is_terminal and merged else contextlib.nullcontext()
+        with busy:
+            result = export_ollama(
+                _settings(),
+                source,
+                out_dir,
+                base=base,
+                merged=merged,
+                template_file=template,
+                stops=stop,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+        if output == "json":
+            out.print_json(json.dumps(result.to_dict()))
+            return
+        out.print(str(result.modelfile), highlight=False, soft_wrap=True)
+        out.print(
+            _escape(
+                f"{result.mode} export of {source}: FROM {result.base}, {result.family} chat template, "
+                f"stop {', '.join(result.stops) or '(none)'}, {result.seconds:.1f}s"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        for note in result.notes:
+            err.print(f"[yellow]note:[/] {_escape(note)}", highlight=False)
+        out.print(f"next: ollama create NAME -f {result.modelfile}", highlight=False, soft_wrap=True)
 
     _run(body)
 
@@ -981,6 +1081,26 @@ def _training_progress(settings: Any, job: str) -> dict[str, float] | None:
         return None
 
 
+def _training_cost(
+    settings: Any, job: str, state: str, manifest: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A succeeded run's cost (GPU-seconds, tokens trained, tokens/s) from the manifest it published:
+    the registered version's, else the one in the run's result line; None for a run still going or
+    failed, or when the log cannot be read (the status stands without it)."""
+    from loraplane.trainer.cost import manifest_cost
+
+    if state != "Succeeded":
+        return None
+    if manifest is None:
+        from loraplane.platform.training_k8s import published_result
+
+        try:
+            manifest = published_result(settings, job).get("manifest")
+        except LoraplaneError:
+            return None
+    return manifest_cost(manifest)
+
+
 @train_app.command("status")
 def train_status(
     job: str = typer.Argument(..., help="Job name printed by train submit."),
@@ -1003,16 +1123,20 @@ def train_status(
         settings = _cluster_settings()
         status = training_status(settings, job)
         registered: dict[str, Any] | None = None
+        manifest: dict[str, Any] | None = None
         if register and status.state == "Succeeded":
             try:
                 entry, created = _register_run(settings, job)
                 registered = {"ref": entry.ref, "path": entry.path, "new": created}
+                manifest = entry.manifest
             except LoraplaneError as exc:  # the status stands; registering is retried by the next call
                 registered = {"error": str(exc)}
                 err.print(f"[yellow]warning:[/] not registered: {_escape(str(exc))}", highlight=False)
         progress = _training_progress(settings, job)
+        cost = _training_cost(settings, job, status.state, manifest)
         if output == "json":
-            out.print_json(json.dumps({**status.to_dict(), "registered": registered, "progress": progress}))
+            payload = {**status.to_dict(), "registered": registered, "progress": progress, "cost": cost}
+            out.print_json(json.dumps(payload))
             return
         why = f": {status.reason}: {status.message}" if status.reason else ""
         out.print(f"{status.job} ({status.adapter or '?'}): {status.state}{why}", highlight=False)
@@ -1020,6 +1144,10 @@ def train_status(
             from loraplane.trainer.metrics import progress_summary
 
             out.print(f"training: {progress_summary(progress)}", highlight=False)
+        if cost is not None:
+            from loraplane.trainer.cost import cost_summary
+
+            out.print(f"cost: {cost_summary(cost)}", highlight=False)
         table = Table()
         for col in ("pod", "phase", "node", "exit code", "meaning"):
             table.add_column(col)
@@ -1454,7 +1582,16 @@ def data_validate(
     ),
     max_seq_length: int | None = typer.Option(None, help="Longest row in tokens (default: 1024)."),
     data_format: str | None = typer.Option(
-        None, "--format", help="auto (default), chat, prompt_completion or alpaca."
+        None,
+        "--format",
+        help="auto (default), chat, prompt_completion or alpaca; with --method dpo: auto, preference "
+        "(prompt/chosen/rejected) or openai_preference.",
+    ),
+    method: str | None = typer.Option(
+        None,
+        "--method",
+        help="sft (conversations) or dpo (preference pairs), as the run's `method`; default: dpo for a "
+        "preference --format, else sft.",
     ),
     min_examples: int | None = typer.Option(None, help="Fewest usable training rows (default: 10)."),
     max_overlength_share: float | None = typer.Option(
@@ -1488,6 +1625,17 @@ def data_validate(
 
         if output not in ("table", "json"):
             raise InvalidInputError(f"--output {output!r}: use table or json")
+        preference_format = data_format in ("preference", "openai_preference")
+        chosen_method = method or ("dpo" if preference_format else "sft")
+        if chosen_method not in ("sft", "dpo"):
+            raise InvalidInputError(f"--method {method!r}: use sft or dpo")
+        if chosen_method == "sft" and preference_format:
+            raise InvalidInputError(f"--format {data_format}: preference data is checked with --method dpo")
+        if chosen_method == "dpo" and data_format not in (None, "auto", "preference", "openai_preference"):
+            raise InvalidInputError(
+                f"--format {data_format}: --method dpo reads preference pairs "
+                "(auto, preference, openai_preference)"
+            )
 
         def given(**values: Any) -> dict[str, Any]:
             return {k: v for k, v in values.items() if v is not None}
@@ -1534,6 +1682,7 @@ def data_validate(
             max_seq_length=training.max_seq_length,
             assistant_only_loss=training.assistant_only_loss,
             seed=training.seed,
+            method=chosen_method,
         )
         if output == "json":
             sys.stdout.write(json.dumps(prepared.to_dict(), indent=2) + "\n")

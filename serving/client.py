@@ -196,6 +196,22 @@ class VLLMAdminClient:
             raise ServerError(f"GET /v1/models: HTTP {response.status_code}: {_error_message(response)}")
         return [ModelCard.from_json(m) for m in response.json().get("data", [])]
 
+    async def completion(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
+        """One ``POST /v1/completions`` (OpenAI's legacy completions API) to ``model``; vLLM's JSON
+        answer. An answer other than 200 is a :class:`ServerError` (an :class:`AdapterNotFoundError`
+        for a 404: the server does not serve ``model``)."""
+        response = await self._request(
+            "POST", "/v1/completions", json={"model": model, "prompt": prompt, **params}
+        )
+        if response.status_code == 404:
+            raise AdapterNotFoundError(f"the vLLM server at {self.base_url} does not serve {model!r}")
+        if response.status_code != 200:
+            raise ServerError(
+                f"POST /v1/completions ({model}): HTTP {response.status_code}: {_error_message(response)}"
+            )
+        body = response.json()
+        return body if isinstance(body, dict) else {}
+
     async def served_adapters(self) -> dict[str, str | None]:
         """Served adapter name -> the path it was loaded from."""
         return {m.id: m.root for m in await self.list_models() if m.is_adapter}

@@ -61,6 +61,20 @@ def flag_name(arg: str) -> str:
     return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
 
 
+def flag_value(args: list[str] | tuple[str, ...], name: str) -> str | None:
+    """The value of ``name`` in a command line (``--flag V`` or ``--flag=V``, underscores accepted);
+    the last one wins, as in vLLM's parser. None when absent."""
+    found = None
+    for i, arg in enumerate(args):
+        if flag_name(arg) != name:
+            continue
+        if "=" in arg:
+            found = arg.split("=", 1)[1]
+        elif i + 1 < len(args):
+            found = args[i + 1]
+    return found
+
+
 class VLLMServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -2,7 +2,8 @@
 
 For each replica: every servable version that is not served is loaded (after the same checks as
 ``adapters load``: weights unchanged since registration, preflight against the replica's base
-model); every served adapter that is not a servable version (retired, unloaded, unknown to the
+model; after the load, the output probe: one that changes nothing is unloaded again and fails);
+every served adapter that is not a servable version (retired, unloaded, unknown to the
 registry) is unloaded; the base model is never touched. Replicas are synced concurrently and each
 gets its own report; one unreachable replica does not stop the others.
 """
@@ -28,6 +29,7 @@ from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.base_model import BaseModelFacts, load_base_model
 from loraplane.serving.client import ModelCard, VLLMAdminClient
 from loraplane.serving.limits import max_lora_rank
+from loraplane.serving.output_probe import require_effect
 from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
 
 log = logging.getLogger("loraplane.serving")
@@ -147,6 +149,7 @@ async def sync_replica(
             cards = await client.list_models()
             served = {c.id: c.root for c in cards if c.is_adapter}
             base = served_base(cards)
+            base_name = next((c.id for c in cards if not c.is_adapter), None)
             wanted_names = {e.served_name for e in wanted}
             for entry in wanted:
                 name = entry.served_name
@@ -161,6 +164,8 @@ async def sync_replica(
                 try:
                     if not dry_run:
                         await client.load_adapter(name, entry.path)
+                        # one that changes nothing is unloaded again and fails (serving/output_probe.py)
+                        await require_effect(client, name, base=base_name)
                     report.loaded.append(name)
                 except LoraplaneError as exc:
                     report.failed[name] = exc.message

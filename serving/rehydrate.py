@@ -28,6 +28,7 @@ from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.base_model import BaseModelFacts
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.launcher import LoraModule
+from loraplane.serving.output_probe import require_effect
 from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
 from loraplane.serving.reconcile import check_servable, servable_versions
 
@@ -87,6 +88,7 @@ async def rehydrate_at_runtime(
             try:
                 check_servable(settings, entry, base)
                 await client.load_adapter(entry.served_name, entry.path)
+                await require_effect(client, entry.served_name)  # else unloaded again, and skipped
             except LoraplaneError as exc:
                 _skip(result, entry, exc.message)
                 continue

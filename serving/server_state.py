@@ -45,6 +45,11 @@ class ServerState(BaseModel):
     url: str = Field(description="The server's base URL (as clients on this machine reach it).")
     model: str = Field(description="The base model's path or hub id (vLLM's --model).")
     served_model_name: str
+    chat_template: str | None = Field(
+        default=None,
+        description="vLLM's --chat-template (a file or an inline template) when it was started with one: "
+        "the template chat requests get instead of the base model's own (registration compares it).",
+    )
     limits: ServerLimits
     adapters_root: str | None = None
     phase: Phase = "starting"

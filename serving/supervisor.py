@@ -31,7 +31,7 @@ import httpx
 
 from loraplane.platform.settings import Settings
 from loraplane.serving.base_model import BaseModelFacts
-from loraplane.serving.launcher import VLLMServerConfig
+from loraplane.serving.launcher import VLLMServerConfig, flag_value
 from loraplane.serving.process_group import ProcessGroup, start_watchdog
 from loraplane.serving.rehydrate import rehydrate_at_runtime
 from loraplane.serving.replica_metrics import ReplicaMetrics
@@ -84,6 +84,7 @@ def supervise(
         url=local_url,
         model=config.model,
         served_model_name=config.served_model_name,
+        chat_template=flag_value(config.extra_args, "--chat-template"),
         limits=ServerLimits(
             max_lora_rank=config.max_lora_rank,
             max_loras=config.max_loras,
