@@ -2079,6 +2079,14 @@ def pipeline_export(
     ),
     service_account: str = typer.Option("loraplane-pipeline", help="ServiceAccount of the steps' pods."),
     alias: str = typer.Option("prod", help="Alias the promote step moves."),
+    vllm_url: str | None = typer.Option(
+        None,
+        help="The release's vLLM Service the evaluate step queries (default: http://RELEASE-loraplane-vllm.NS.svc:8000).",
+    ),
+    api_key_secret: str | None = typer.Option(
+        None,
+        help="NAME:KEY of vLLM's API key Secret (default: RELEASE-loraplane-vllm-key:api-key, the chart's).",
+    ),
     out: Path | None = typer.Option(None, "--out", "-O", help="Write here (default: stdout)."),
 ) -> None:
     """Write a pipeline that trains TRAIN_CONFIG with the release's template, evaluates the new version
@@ -2106,6 +2114,8 @@ def pipeline_export(
             image=image,
             service_account=service_account,
             alias=alias,
+            vllm_url=vllm_url,
+            api_key_secret=api_key_secret,
         )
         text = export(spec, fmt, filename=out.name if out is not None else "pipeline.py")
         if out is None:

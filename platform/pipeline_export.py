@@ -22,6 +22,7 @@ suite file, as `evals run` reads them) embedded: the evaluate step writes them i
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,22 @@ class PipelineSpec:
     image: str = DEFAULT_IMAGE
     service_account: str = "loraplane-pipeline"
     alias: str = "prod"
+    vllm_url: str = ""  # the release's vLLM Service, which the evaluate step queries directly
+    api_key_secret: str = ""  # NAME:KEY of vLLM's API key (the step's LORAPLANE_API_KEY)
 
     @property
     def name(self) -> str:
         return f"{self.adapter}-train-eval-promote"
+
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._/-]*)?$")
+_SECRET_KEY = re.compile(r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?:[-._a-zA-Z0-9]+$")
+
+
+def _release_fullname(release: str) -> str:
+    """The chart's resource prefix for a release (charts/loraplane/templates/_helpers.tpl)."""
+    return release if "loraplane" in release else f"{release}-loraplane"
 
 
 def load_spec(
@@ -66,11 +79,39 @@ def load_spec(
     image: str | None = None,
     service_account: str = "loraplane-pipeline",
     alias: str = "prod",
+    vllm_url: str | None = None,
+    api_key_secret: str | None = None,
 ) -> PipelineSpec:
-    """Read and check both files (the same checks as ``train submit`` and ``evals run``)."""
+    """Read and check both files (the same checks as ``train submit`` and ``evals run``) and the values
+    that go into the steps' scripts (names, a URL: nothing a shell would read as more than a word)."""
     from loraplane.evals.suite import load_suite
+    from loraplane.platform.training_k8s import check_cluster_paths
     from loraplane.trainer.config import load_config
 
+    names = (
+        ("-n", namespace),
+        ("--release", release),
+        ("--service-account", service_account),
+        ("--alias", alias),
+    )
+    for option, value in names:
+        if not _NAME.match(value):
+            raise InvalidInputError(
+                f"{option} {value!r}: not a Kubernetes name (lowercase letters, digits and '-', at most 63)",
+                hint=f"pass a name like 'prod' or 'platform' to {option}",
+            )
+    fullname = _release_fullname(release)
+    url = vllm_url or f"http://{fullname}-vllm.{namespace}.svc:8000"
+    if not _URL.match(url):
+        raise InvalidInputError(
+            f"--vllm-url {url!r}: not an http(s) URL", hint="e.g. http://platform-loraplane-vllm.ml.svc:8000"
+        )
+    secret = api_key_secret or f"{fullname}-vllm-key:api-key"
+    if not _SECRET_KEY.match(secret):
+        raise InvalidInputError(
+            f"--api-key-secret {secret!r}: use NAME:KEY", hint="e.g. platform-loraplane-vllm-key:api-key"
+        )
+    check_cluster_paths(train_config)  # a run in the cluster reads its files from the volume
     config = load_config(train_config)  # a bad value stops here, with the field named
     if not config.output.name:
         raise InvalidInputError(
@@ -88,6 +129,8 @@ def load_spec(
         image=image or DEFAULT_IMAGE,
         service_account=service_account,
         alias=alias,
+        vllm_url=url,
+        api_key_secret=secret,
     )
 
 
@@ -95,12 +138,18 @@ def _suite_bundle(suite: Path) -> str:
     """The suite with each eval set's path pointed at the step's /tmp, and those files' text."""
     raw = yaml.safe_load(suite.read_text(encoding="utf-8"))
     files: dict[str, str] = {}
-    for index, dataset in enumerate(raw.get("datasets") or []):
-        source = Path(dataset["path"])
+
+    def embed(path: str, target: str) -> str:
+        source = Path(path)
         source = source if source.is_absolute() else suite.parent / source
-        target = f"{TMP}/eval-{index}.jsonl"
         files[target] = source.read_text(encoding="utf-8")
-        dataset["path"] = target
+        return target
+
+    for index, dataset in enumerate(raw.get("datasets") or []):
+        dataset["path"] = embed(dataset["path"], f"{TMP}/eval-{index}.jsonl")
+        for number, metric in enumerate(dataset.get("metrics") or []):
+            if isinstance(metric, dict) and metric.get("schema_file"):  # json_schema's schema, a file too
+                metric["schema_file"] = embed(metric["schema_file"], f"{TMP}/schema-{index}-{number}.json")
     bundle = json.dumps({"suite": yaml.safe_dump(raw, sort_keys=False), "files": files})
     if len(bundle.encode()) > MAX_EMBEDDED_BYTES:
         raise InvalidInputError(
@@ -111,19 +160,17 @@ def _suite_bundle(suite: Path) -> str:
     return bundle
 
 
-def _cli(spec: PipelineSpec, *args: str) -> str:
-    """The CLI's command line; a word starting with `"$` is a shell parameter, left unquoted."""
-    words = [
-        "python",
-        "-m",
-        "loraplane.platform.cli",
-        "--registry",
-        "kubernetes",
-        "-n",
-        spec.namespace,
-        *args,
-    ]
-    return " ".join(w if w.startswith('"$') else shlex.quote(w) for w in words)
+class Param(str):
+    """A positional parameter of the step's script ($1, $2...): the one word not quoted."""
+
+
+def _cli(spec: PipelineSpec, *args: str, server_url: str | None = None) -> str:
+    """The CLI's command line, every word quoted for the shell but the step's own parameters."""
+    words = ["python", "-m", "loraplane.platform.cli", "--registry", "kubernetes", "-n", spec.namespace]
+    if server_url:
+        words += ["--server-url", server_url]
+    words += args
+    return " ".join(f'"{w}"' if isinstance(w, Param) else shlex.quote(w) for w in words)
 
 
 def _print_field(path: str, expr: str) -> str:
@@ -149,12 +196,26 @@ def step_scripts(spec: PipelineSpec) -> dict[str, str]:
     evaluate = " && ".join(
         [
             "python -c " + shlex.quote(unpack) + ' "$2"',
-            _cli(spec, "adapters", "eval", '"$1"', "--suite", f"{TMP}/suite.yaml", "-o", "json")
+            # straight to the release's vLLM Service (the step carries the label its NetworkPolicy
+            # admits, and the key from its Secret): no port-forward, no kubectl in the image
+            _cli(
+                spec,
+                "adapters",
+                "eval",
+                Param("$1"),
+                "--suite",
+                f"{TMP}/suite.yaml",
+                "-o",
+                "json",
+                server_url=spec.vllm_url,
+            )
             + f" > {TMP}/eval.json",
             _print_field(f"{TMP}/eval.json", "str(d['passed']).lower()") + ' > "$3"',
         ]
     )
-    promote = _cli(spec, "adapters", "promote", '"$1"', "--alias", spec.alias)
+    # the release's vLLM pods watch the registry (serving.rehydrate, the chart's default): the command
+    # writes the alias and waits until every Ready pod reports it
+    promote = _cli(spec, "adapters", "promote", Param("$1"), "--alias", spec.alias)
     return {"train": train, "evaluate": evaluate, "promote": promote}
 
 
@@ -181,14 +242,12 @@ def rbac(spec: PipelineSpec) -> list[dict[str, Any]]:
 
     rules = [
         rule("batch", "jobs", "create", "get", "list", "watch", "delete"),
-        rule("jobset.x-k8s.io", "jobsets", "create", "get", "list", "watch"),
+        rule("jobset.x-k8s.io", "jobsets", "create", "get", "list", "watch", "delete"),
         rule("", "configmaps", "create", "get", "list", "patch", "delete"),
         rule("", "pods", "get", "list", "watch"),
         rule("", "pods/log", "get"),
-        rule("", "pods/portforward", "create"),
-        rule("", "secrets", "get"),
         rule("loraplane.dev", "loraadapters", "get", "list", "watch", "create", "update", "patch"),
-        rule("loraplane.dev", "loraadapters/status", "get"),
+        rule("loraplane.dev", "loraadapters/status", "get", "patch"),
         # Argo's executor reports each step's outputs on its own pod
         rule("argoproj.io", "workflowtaskresults", "create", "patch"),
     ]
@@ -214,13 +273,21 @@ def rbac(spec: PipelineSpec) -> list[dict[str, Any]]:
 def argo_workflow(spec: PipelineSpec) -> dict[str, Any]:
     scripts = step_scripts(spec)
     tmp = {"name": "tmp", "mountPath": TMP}
+    key_name, _, key_key = spec.api_key_secret.partition(":")
 
     def container(script: str, args: list[str]) -> dict[str, Any]:
         return {
             "image": spec.image,
             "command": ["sh", "-c", script, "step"],
             "args": args,
-            "env": [{"name": "HOME", "value": TMP}, {"name": "LORAPLANE_LOG_FORMAT", "value": "json"}],
+            "env": [
+                {"name": "HOME", "value": TMP},
+                {"name": "LORAPLANE_LOG_FORMAT", "value": "json"},
+                {
+                    "name": "LORAPLANE_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": key_name, "key": key_key}},
+                },
+            ],
             "securityContext": _restricted(),
             "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
             "volumeMounts": [tmp],
@@ -249,8 +316,8 @@ def argo_workflow(spec: PipelineSpec) -> dict[str, Any]:
         "spec": {
             "entrypoint": "train-evaluate-promote",
             "serviceAccountName": spec.service_account,
-            # the steps reach vLLM only through the API server (port-forward), but carry the label
-            # the release's vLLM NetworkPolicy admits, as evaluation clients do
+            # the evaluate step queries vLLM's Service: the label the release's vLLM NetworkPolicy
+            # admits, as evaluation clients carry it
             "podMetadata": {"labels": {"loraplane.dev/vllm-client": "true"}},
             "securityContext": {
                 "runAsNonRoot": True,
@@ -317,7 +384,9 @@ Kubeflow Pipelines SDK (`pip install kfp`) and upload the YAML:
 
 Each step runs the loraplane CLI in {image} against namespace {namespace}: the pipeline's pods need
 a ServiceAccount bound there to the Role `loraplane pipeline export --format argo` prints (the same
-rules), e.g. kfp-kubernetes' `use_service_account`.
+rules), e.g. kfp-kubernetes' `use_service_account`; the evaluate step queries {vllm_url} with
+LORAPLANE_API_KEY from Secret {api_key_secret} (kfp-kubernetes' `use_secret_as_env`), and the
+release's vLLM NetworkPolicy must admit the pipeline's pods (label loraplane.dev/vllm-client=true).
 """
 
 import sys
@@ -371,6 +440,8 @@ def kfp_source(spec: PipelineSpec, filename: str = "pipeline.py") -> str:
         filename=filename,
         image=spec.image,
         namespace=spec.namespace,
+        vllm_url=spec.vllm_url,
+        api_key_secret=spec.api_key_secret,
         train_config=spec.train_config,
         suite=spec.suite,
         train_script=scripts["train"],

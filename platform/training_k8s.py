@@ -94,7 +94,8 @@ class RunStatus:
         return asdict(self)
 
 
-def _check_cluster_paths(config_path: Path) -> None:
+def check_cluster_paths(config_path: Path) -> None:
+    """Refuse relative paths in a config a cluster run will read (they name files on the volume)."""
     try:
         raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -172,7 +173,7 @@ def submit_training(
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    _check_cluster_paths(config_path)
+    check_cluster_paths(config_path)
     config = load_config(config_path, overrides)  # every value checked before the cluster sees it
     if config.dataset.pushed is not None:  # the run's stored config names the exact file
         from loraplane.platform.data_push import resolve_pushed

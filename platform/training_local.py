@@ -9,6 +9,7 @@ lines) shows as it trains. Its last stdout line names what it published.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ def train_locally(settings: Settings, config_path: Path, overrides: list[str] | 
 
     require_extra("train")  # the trainer runs in a child process: say what is missing before it starts
     argv = [sys.executable, "-m", "loraplane.trainer", "--config", str(config_path), *(overrides or [])]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True)
+    # the trainer resolves base_adapter (DPO) in this CLI's registry, not the default one
+    env = {**os.environ, "LORAPLANE_HOME": str(settings.home), "LORAPLANE_REGISTRY": settings.registry}
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     if proc.returncode != 0:
         meaning = {
             DO_NOT_RETRY: "the data, config or base model is wrong (see the trainer's message above)",

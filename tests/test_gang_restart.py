@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from test_trainer_runs import _config as trainer_config
 from loraplane.platform.quickstart import free_port
 from loraplane.trainer.checkpoints import scan
 from loraplane.trainer.demo_tasks import TASKS, write_task_files
-from loraplane.trainer.exit_codes import PEER_LOST
+from loraplane.trainer.exit_codes import PEER_LOST, PREEMPTED
 
 pytestmark = pytest.mark.e2e
 
@@ -189,3 +190,29 @@ def test_losing_pod_0_the_rendezvous_host_stops_the_others_with_peer_lost(
     assert "lost the rendezvous host" in other.text()
     assert _resumed_steps(*second) == [newest]
     assert _published(tmp_path)["metrics"]["resumed_from_step"] == newest
+
+
+def test_sigterm_to_every_pod_saves_and_each_pod_exits_75(tmp_path: Path, demo_model: Path) -> None:
+    """A drain or preemption of the whole run: the kubelet sends each pod's first process (the
+    launcher) SIGTERM; torchrun's agent forwards it, the workers save and stop, and the pod exits 75
+    (preempted, retried: the next pods resume), not 143 (which `train status` reads as killed unsaved)."""
+    config, run_dir, port = _config(tmp_path, demo_model), tmp_path / "run", free_port()
+    pods = _start_both(tmp_path, config, port, "term")
+    try:
+
+        def alive() -> None:
+            for pod in pods:
+                pod.alive()
+
+        wait_until(
+            lambda: bool(_complete_steps(run_dir)), "a complete checkpoint", timeout=DEADLINE_S, alive=alive
+        )
+        for pod in pods:
+            pod.proc.send_signal(signal.SIGTERM)
+        codes = [pod.finish() for pod in pods]
+    finally:
+        for pod in pods:
+            pod.stop()
+    assert codes == [PREEMPTED, PREEMPTED], [pod.text()[-2000:] for pod in pods]
+    assert all("stopped by SIGTERM" in pod.text() for pod in pods)
+    assert _complete_steps(run_dir), "a complete checkpoint to resume from"

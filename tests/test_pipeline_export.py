@@ -116,6 +116,13 @@ def test_the_argo_workflow_passes_argos_published_schema_and_gates_the_promotion
         in steps["train"]["container"]["command"][2]
     )
     assert 'adapters promote "$1" --alias prod' in steps["promote"]["container"]["command"][2]
+    evaluate = steps["evaluate"]["container"]
+    assert "--server-url http://platform-loraplane-vllm.ml.svc:8000 adapters eval" in evaluate["command"][2]
+    key = {e["name"]: e for e in evaluate["env"]}["LORAPLANE_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "platform-loraplane-vllm-key", "key": "api-key"}
+    assert spec["podMetadata"]["labels"]["loraplane.dev/vllm-client"] == "true", (
+        "vLLM's NetworkPolicy admits it"
+    )
     params = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
     assert json.loads(params["train-config"])["output"]["name"] == "support-bot"
     bundle = json.loads(params["suite"])
@@ -123,7 +130,10 @@ def test_the_argo_workflow_passes_argos_published_schema_and_gates_the_promotion
     assert bundle["files"]["/tmp/eval-0.jsonl"].count("\n") == 2, "the eval set travels with the pipeline"
     role = docs[1]
     granted = {(r["apiGroups"][0], r["resources"][0]) for r in role["rules"]}
-    assert {("batch", "jobs"), ("loraplane.dev", "loraadapters"), ("", "pods/portforward")} <= granted
+    assert {("batch", "jobs"), ("loraplane.dev", "loraadapters"), ("", "pods/log")} <= granted
+    assert not {("", "secrets"), ("", "pods/portforward")} & granted, (
+        "the key comes from secretKeyRef, not the API"
+    )
 
 
 def test_the_steps_scripts_unpack_the_suite_and_read_the_clis_json(tmp_path: Path) -> None:
@@ -155,9 +165,8 @@ def test_the_steps_scripts_unpack_the_suite_and_read_the_clis_json(tmp_path: Pat
     assert yaml.safe_load((work / "suite.yaml").read_text())["datasets"][0]["path"] == f"{work}/eval-0.jsonl"
     assert (work / "eval-0.jsonl").read_text() == (tmp_path / "eval.jsonl").read_text()
     args = (tmp_path / "args").read_text().split()
-    assert args[args.index("eval") + 1] == "support-bot@v3", (
-        "the ref reached the CLI unquoted-by-mistake-free"
-    )
+    assert args[args.index("eval") + 1] == "support-bot@v3", "the shell expanded the ref for the CLI"
+    assert args[args.index("--server-url") + 1] == "http://platform-loraplane-vllm.ml.svc:8000"
 
 
 def test_the_kfp_file_compiles_with_the_real_kfp_compiler(tmp_path: Path) -> None:
@@ -192,6 +201,9 @@ def test_the_kfp_file_compiles_with_the_real_kfp_compiler(tmp_path: Path) -> Non
         ({"train": {"lora": {"r": -1}}}, "lora.r"),
         ({"eval": '{"prompt": "x"}\n'}, "eval.jsonl:1: missing 'expected'"),
         ({"format": "airflow"}, "--format 'airflow': use one of argo, kfp"),
+        ({"train": {"dataset": {"path": "data/train.jsonl"}}}, "dataset.path: 'data/train.jsonl'"),
+        ({"args": ["--alias", "$(id)"]}, "--alias '$(id)': not a Kubernetes name"),
+        ({"args": ["--vllm-url", "http://x;id"]}, "--vllm-url 'http://x;id': not an http(s) URL"),
     ],
 )
 def test_bad_inputs_are_refused_and_nothing_is_written(
@@ -217,7 +229,7 @@ def test_bad_inputs_are_refused_and_nothing_is_written(
         str(suite),
     ]
     done = subprocess.run(
-        [*argv, "--format", edit.get("format", "argo"), "-O", str(out)],
+        [*argv, "--format", edit.get("format", "argo"), "-O", str(out), *edit.get("args", [])],
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert done.returncode == 2 and message in done.stderr, done.stderr
@@ -257,11 +269,25 @@ def test_the_argo_objects_are_accepted_by_the_api_server_with_argos_crd(
     checks = (
         ("create", "jobs.batch"),
         ("patch", "loraadapters.loraplane.dev"),
-        ("create", "pods", "--subresource=portforward"),
+        ("get", "pods", "--subresource=log"),
     )
     for verb, resource, *extra in checks:
         can = k8s_cluster.kubectl("auth", "can-i", verb, resource, *extra, "-n", ns, "--as", sa, check=False)
         assert can.stdout.strip() == "yes", (verb, resource, extra)
-    assert (
-        k8s_cluster.kubectl("auth", "can-i", "list", "nodes", "--as", sa, check=False).stdout.strip() == "no"
-    )
+    for verb, resource in (("list", "nodes"), ("get", "secrets")):
+        denied = k8s_cluster.kubectl("auth", "can-i", verb, resource, "-n", ns, "--as", sa, check=False)
+        assert denied.stdout.strip() == "no", (verb, resource)
+
+
+def test_a_json_schema_metrics_schema_file_travels_with_the_suite(tmp_path: Path) -> None:
+    from loraplane.platform.pipeline_export import load_spec
+
+    train, suite = _inputs(tmp_path)
+    (tmp_path / "answer.schema.json").write_text('{"type": "object"}')
+    raw = yaml.safe_load(suite.read_text())
+    raw["datasets"][0]["metrics"].append({"name": "json_schema", "schema_file": "answer.schema.json"})
+    suite.write_text(yaml.safe_dump(raw))
+    bundle = json.loads(load_spec(train, suite, namespace="ml").suite)
+    metric = yaml.safe_load(bundle["suite"])["datasets"][0]["metrics"][1]
+    assert metric["schema_file"] == "/tmp/schema-0-1.json"
+    assert bundle["files"]["/tmp/schema-0-1.json"] == '{"type": "object"}'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -54,7 +55,13 @@ def _with_metrics(
     if not port:
         return on_log, close
     metrics = TrainingMetrics()
-    metrics.serve(port)
+    try:
+        metrics.serve(port)
+    except OSError as exc:  # the port is taken: train without the metrics rather than not at all
+        logging.getLogger("loraplane.trainer").warning(
+            "training metrics not served on port %d: %s", port, exc
+        )
+        return on_log, close
 
     def both(event: dict[str, float]) -> None:
         metrics(event)

@@ -26,6 +26,7 @@ restarted too: an agent that sees a new node waiting restarts its workers (not c
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"workers failed with exit codes {codes}; exiting {code}")
         return code
     except SignalException as exc:
+        if exc.sigval == signal.SIGTERM:
+            # the agent forwarded it and waited (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) for the workers, which
+            # save a checkpoint and exit 75 on SIGTERM: the pod was preempted, not broken
+            _say(f"stopped by SIGTERM; the workers saved and stopped; exiting {PREEMPTED}")
+            return PREEMPTED
         _say(f"stopped by signal {exc.sigval.name}; workers were asked to save and stop")
         return 128 + int(exc.sigval)
     except RendezvousConnectionError as exc:
