@@ -13,10 +13,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
+from test_trainer_runs import _config  # the trainer tests' config, one definition
 
 from loraplane.platform.quickstart import free_port
 from loraplane.platform.settings import Settings
@@ -31,28 +30,6 @@ DEADLINE_S = 240.0
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_task_files(TASKS["sentiment"], tmp_path_factory.mktemp("data"))[0]
-
-
-def _config(work: Path, demo_model: Path, train: Path, *, max_steps: int, every: int | None) -> Path:
-    data: dict[str, Any] = {
-        "base_model": {"path": str(demo_model)},
-        "dataset": {"path": str(train)},
-        "lora": {"r": 8, "alpha": 16},
-        "training": {
-            "learning_rate": 5e-3,
-            "max_steps": max_steps,
-            "batch_size": 4,
-            "max_seq_length": 128,
-            "logging_steps": 1,
-            "seed": 3,
-        },
-        "checkpoints": {"every_steps": every, "keep_last": 2},
-        "output": {"adapters_root": str(work / "adapters"), "name": "bot", "run_dir": str(work / "run")},
-    }
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "train.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _env() -> dict[str, str]:
