@@ -113,7 +113,9 @@ def export_ollama(
             f"{out_dir} is inside the adapter directory {adapter}",
             hint="published adapters are immutable: write the export somewhere else",
         )
-    manifest = _read_manifest(adapter)
+    from loraplane.trainer.merge import read_manifest
+
+    manifest = read_manifest(adapter)
     recorded = _recorded_base(info.config, manifest)
     base_dir = _base_directory(base, recorded)
     notes: list[str] = []
@@ -245,17 +247,6 @@ def _resolve(settings: Settings, source: str) -> tuple[Path, str | None]:
     entry = open_registry(settings).read().resolve(source)
     verify_weights(entry)
     return Path(entry.path), entry.ref
-
-
-def _read_manifest(adapter: Path) -> dict[str, Any]:
-    path = adapter / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{path}: not valid JSON ({exc.msg})") from None
-    return manifest if isinstance(manifest, dict) else {}
 
 
 def _recorded_base(config: dict[str, Any], manifest: dict[str, Any]) -> str | None:

@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 import yaml
+from conftest import wait_until
 from kube_client import helm_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,16 +144,17 @@ def prometheus(
         )
     server = Prometheus(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"prometheus exited: {log.read_text()[-3000:]}"
+
+        def ready() -> bool:
             try:
-                if httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200:
-                    break
+                return httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"prometheus not ready: {log.read_text()[-3000:]}"
-            time.sleep(0.2)
+                return False
+
+        def alive() -> None:
+            assert process.poll() is None, f"prometheus exited: {log.read_text()[-3000:]}"
+
+        wait_until(ready, "Prometheus ready", timeout=60, every=0.2, alive=alive)
         yield server
     finally:
         process.terminate()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_trainer_runs import _progress_steps  # the trainer tests' log reader
 from typer.testing import CliRunner
 
 from loraplane.common.errors import ConfigError
@@ -342,19 +343,6 @@ def test_dpo_moves_the_preference_toward_chosen_and_records_it(tmp_path: Path, d
         assert _mean(shift) > 2.0, f"{name}: mean shift {_mean(shift):.3f} nats"
         assert sum(s > 0 for s in shift) >= 0.9 * len(shift), f"{name}: {shift}"
         assert sum(t > 0 for t in tuned) >= 0.75 * len(tuned), f"{name}: chosen not preferred: {tuned}"
-
-
-def _progress_steps(proc: subprocess.Popen[str], until: int) -> None:
-    """Read the trainer's JSON log lines until it reports step ``until`` (no sleeping: blocking reads)."""
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("msg") == "train progress" and event.get("step", 0) >= until:
-            return
-    pytest.fail(f"trainer exited ({proc.wait()}) before step {until}")
 
 
 @pytest.mark.e2e

@@ -74,7 +74,7 @@ def merge_adapter(
     adapter = info.path
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, adapter)
-    manifest = _read_manifest(adapter)
+    manifest = read_manifest(adapter)
     adapter_sha = sha256_file(adapter / WEIGHTS_FILE)
     recorded_sha = manifest.get("weights_sha256")
     if recorded_sha is not None and recorded_sha != adapter_sha:
@@ -243,7 +243,7 @@ def _check_out_dir(out_dir: Path, adapter: Path) -> None:
         )
 
 
-def _read_manifest(adapter: Path) -> dict[str, Any]:
+def read_manifest(adapter: Path) -> dict[str, Any]:
     path = adapter / "manifest.json"
     if not path.is_file():
         return {}
