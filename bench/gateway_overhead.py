@@ -69,7 +69,7 @@ from serving_throughput import (
     Arm as ThroughputArm,
 )
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 from loraplane.serving.launcher import LoraModule, VLLMServer
 
 SEED = 0

@@ -94,7 +94,7 @@ from serving_load import (
     zipf_weights,
 )
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 from loraplane.serving.launcher import LoraModule, VLLMServer, VLLMServerConfig
 from loraplane.trainer.demo_model import DemoModelSpec
 

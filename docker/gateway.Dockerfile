@@ -26,9 +26,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/loraplane
 COPY requirements/lock.txt requirements/lock.txt
 COPY pyproject.toml README.md __init__.py py.typed ./
-# Every subpackage pyproject names must be there to build the wheel; only serving, platform, common
-# and evals (the registry's gate report) are imported by the gateway.
+# Every subpackage pyproject names must be there to build the wheel; the gateway imports only serving,
+# registry and common.
 COPY common common
+COPY registry registry
 COPY platform platform
 COPY serving serving
 COPY evals evals
@@ -40,7 +41,7 @@ RUN python -m pip install --no-deps . \
  && python -m pip install -c requirements/lock.txt \
       fastapi starlette uvicorn uvloop httptools httpx aiohttp anyio pydantic prometheus-client filelock \
       kubernetes urllib3 \
- && python -c "import loraplane.serving.gateway, loraplane.platform.registry_k8s, uvicorn" \
+ && python -c "import loraplane.serving.gateway.app, loraplane.registry.kubernetes, uvicorn" \
  && for m in torch vllm transformers; do ! python -c "import $m" 2>/dev/null || exit 1; done \
  && python -m pip uninstall -y -q pip setuptools wheel \
  && rm -rf /opt/loraplane \

@@ -27,6 +27,7 @@ WORKDIR /opt/loraplane
 COPY requirements/lock.txt requirements/lock.txt
 COPY pyproject.toml README.md __init__.py py.typed ./
 COPY common common
+COPY registry registry
 COPY platform platform
 COPY serving serving
 COPY evals evals

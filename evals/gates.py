@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from loraplane.evals.metrics import FIGURES
-from loraplane.evals.report import DatasetReport, GateCheck, GateResult, SuiteReport
+from loraplane.evals.report import DatasetReport, GateResult, SuiteReport
 from loraplane.evals.suite import GatePolicy, GateRule
+from loraplane.registry.model import GateCheck
 
 
 def _fmt(x: float | None) -> str:

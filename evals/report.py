@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from loraplane.registry.model import GateCheck
+
 ROLE_ORDER = ("candidate", "prod", "base")
 
 
@@ -69,17 +71,6 @@ class DatasetReport(BaseModel):
     comparisons: list[Comparison] = Field(default_factory=list)
 
 
-class GateCheck(BaseModel):
-    rule: str
-    dataset: str
-    metric: str
-    threshold: float
-    observed: float | None
-    reference: float | None = Field(default=None, description="The prod or base figure compared with.")
-    passed: bool | None = Field(description="None: skipped (nothing to compare with).")
-    message: str
-
-
 class GateResult(BaseModel):
     passed: bool
     checks: list[GateCheck]
@@ -127,7 +118,6 @@ __all__ = [
     "DatasetReport",
     "Estimate",
     "ExampleResult",
-    "GateCheck",
     "GateResult",
     "ModelRun",
     "SuiteReport",

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from loraplane.common.adapter_dir import WEIGHTS_FILE
 from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.common.settings import Settings
 from loraplane.evals.render import write_report
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
 from loraplane.evals.suite import LoadedSuite, load_suite, suite_for_dataset
@@ -25,7 +27,9 @@ from loraplane.platform.convergence import (
     wait_for_replicas,
 )
 from loraplane.platform.pod_checks import check_in_vllm_pod, files_are_here
-from loraplane.platform.registry import (
+from loraplane.platform.template_check import check_chat_template
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import (
     REF_PATTERN,
     Adapter,
     AdapterVersion,
@@ -38,21 +42,18 @@ from loraplane.platform.registry import (
     mark_load_failed,
     mark_serving,
     move_alias,
-    open_registry,
     record_eval,
     record_stop,
     rehearse,
     rollback_target,
     verify_weights,
 )
-from loraplane.platform.settings import Settings
-from loraplane.platform.template_check import check_chat_template
-from loraplane.platform.version_states import Command, transition
+from loraplane.registry.version_states import Command, transition
 from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.limits import max_lora_rank
 from loraplane.serving.output_probe import AdapterHasNoEffectError, require_effect
-from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
+from loraplane.serving.preflight import preflight_adapter
 from loraplane.serving.reconcile import (
     SyncReport,
     check_servable,

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loraplane.common.errors import LoraplaneError
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
 from loraplane.platform.gpu_check import GpuReport, release_gpu_report
 from loraplane.platform.helm_release import DEFAULT_RELEASE, ReleaseInfo, release_status
-from loraplane.platform.kube import KubernetesError, api_client, api_message
-from loraplane.platform.settings import Settings
 from loraplane.platform.storage_check import StorageReport, check_claim, release_claim
 
 
@@ -123,7 +123,7 @@ def served_models(url: str, api_key: str | None) -> tuple[list[str], list[str]]:
 
 def cluster_status(settings: Settings, release: str = DEFAULT_RELEASE) -> ClusterStatus:
     from loraplane.platform.portforward import vllm_admin
-    from loraplane.platform.registry import open_registry
+    from loraplane.registry.backends import open_registry
 
     status = ClusterStatus(namespace=settings.namespace, release=release_status(settings, release))
     status.vllm = vllm_replicas(settings, release)

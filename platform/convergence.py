@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.kube import KubernetesError, api_client, api_message
-from loraplane.platform.registry import AdapterVersion
-from loraplane.platform.settings import Settings
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
+from loraplane.registry.model import AdapterVersion
 
 RECONCILER_LABEL = "loraplane.dev/reconciler"
 SELECTOR = f"app.kubernetes.io/component=vllm,{RECONCILER_LABEL}=watch"
@@ -90,7 +90,7 @@ def wait_for_replicas(
     reasons) or did not report in ``timeout`` seconds."""
     from kubernetes import client
 
-    from loraplane.platform.registry_k8s import KubernetesRegistry, server_reports
+    from loraplane.registry.kubernetes import KubernetesRegistry, server_reports
 
     registry = KubernetesRegistry(settings)
     core = client.CoreV1Api(api_client(settings))

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from loraplane.platform.kube import KubernetesError, api_client, api_message
-from loraplane.platform.settings import Settings
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
 
 
 @dataclass(frozen=True)

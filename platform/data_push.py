@@ -17,7 +17,7 @@ from typing import Any
 
 from loraplane.common.errors import InvalidInputError
 from loraplane.common.files import sha256_file
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,44}[a-z0-9])?$")  # also a ConfigMap name's suffix
 INDEX_PREFIX = "loraplane-dataset-"  # one ConfigMap per pushed name: what `dataset.pushed` resolves to
@@ -148,7 +148,7 @@ def record_push(settings: Settings, result: DataPushResult, *, file: Path, relea
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    from loraplane.platform.kube import KubernetesError, api_client, api_message
+    from loraplane.common.kube import KubernetesError, api_client, api_message
 
     core: Any = client.CoreV1Api(api_client(settings))
     body = _index_map(result, file=file, release=release)
@@ -173,7 +173,7 @@ def resolve_pushed(settings: Settings, name: str) -> dict[str, str]:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    from loraplane.platform.kube import KubernetesError, api_client, api_message
+    from loraplane.common.kube import KubernetesError, api_client, api_message
 
     core: Any = client.CoreV1Api(api_client(settings))
     try:

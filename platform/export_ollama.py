@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraplane import __version__
+from loraplane.common.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, check_adapter_files
 from loraplane.common.chat_templates import read_model_template
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import sha256_file, staged_directory
+from loraplane.common.settings import Settings
 from loraplane.platform.ollama_templates import Translated, translate
-from loraplane.platform.settings import Settings
-from loraplane.serving.preflight import CONFIG_FILE, WEIGHTS_FILE, check_adapter_files
 
 log = logging.getLogger("loraplane.platform")
 
@@ -239,7 +239,8 @@ def _argument(value: str) -> str:
 
 
 def _resolve(settings: Settings, source: str) -> tuple[Path, str | None]:
-    from loraplane.platform.registry import REF_PATTERN, open_registry, verify_weights
+    from loraplane.registry.backends import open_registry
+    from loraplane.registry.model import REF_PATTERN, verify_weights
 
     path = Path(source).expanduser()
     if path.exists() or not REF_PATTERN.match(source):

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 
 T = TypeVar("T")
 
@@ -257,7 +257,7 @@ def cluster_kube_version(settings: Settings) -> str | None:
     try:
         from kubernetes import client
 
-        from loraplane.platform.kube import api_client
+        from loraplane.common.kube import api_client
 
         info = client.VersionApi(api_client(settings)).get_code(_request_timeout=5)
         return str(info.git_version).lstrip("v") or None
@@ -402,7 +402,7 @@ def label_privileged_namespace(
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    from loraplane.platform.kube import KubernetesError, api_client, api_message
+    from loraplane.common.kube import KubernetesError, api_client, api_message
 
     core: Any = client.CoreV1Api(api_client(settings))
     body = {"metadata": {"name": namespace, "labels": labels}}

@@ -20,7 +20,7 @@ from typing import IO
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.model_fetch import FetchResult, fetch_model, models_root_default
 from loraplane.common.model_ref import parse_model_ref
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 from loraplane.platform.volume import PodSecrets, VolumeError, kubectl_argv, volume_pod, volume_target
 
 Say = Callable[[str], None]

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.kube import KubernetesError, api_client, api_message
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
 from loraplane.platform.portforward import find_target, kubectl_executable
-from loraplane.platform.registry import AdapterVersion
-from loraplane.platform.settings import Settings
+from loraplane.registry.model import AdapterVersion
 from loraplane.serving.client import ModelCard
 from loraplane.serving.limits import limits_from_args
 from loraplane.serving.replicas import CONTAINER, in_cluster

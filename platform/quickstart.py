@@ -38,9 +38,10 @@ from rich.progress import (
 from rich.table import Table
 
 from loraplane.common.errors import LoraplaneError
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import evaluate_adapter, promote_adapter, register_adapter
-from loraplane.platform.registry import EvalRecord, open_registry
-from loraplane.platform.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import EvalRecord
 from loraplane.serving.launcher import VLLMServer, VLLMServerConfig
 
 if TYPE_CHECKING:

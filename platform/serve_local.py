@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import atomic_write_text
-from loraplane.platform.settings import Settings, vllm_key_path
+from loraplane.common.settings import Settings, vllm_key_path
 from loraplane.serving.process_group import ProcessGroup, Watchdog, start_watchdog
 from loraplane.serving.server_state import ServerState, read_state, state_path_for
 

@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loraplane.platform.kube import KubernetesError, api_client, api_message
-from loraplane.platform.settings import Settings
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
 
 FIX = (
     "set global.storage.storageClass to a class that offers ReadWriteMany (EKS: efs-sc, GKE: standard-rwx, "

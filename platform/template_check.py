@@ -37,7 +37,7 @@ from loraplane.common.chat_templates import (
     template_sha256,
 )
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 
 log = logging.getLogger("loraplane.platform")
 

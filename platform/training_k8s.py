@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from loraplane.common.errors import ConfigError, InvalidInputError, LoraplaneError
-from loraplane.platform.kube import KubernetesError, api_client, api_message
-from loraplane.platform.settings import Settings
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
 from loraplane.trainer.config import load_config
 from loraplane.trainer.exit_codes import DO_NOT_RETRY, FAILED, PEER_LOST, PREEMPTED, SUCCESS
 
@@ -460,14 +460,8 @@ def register_published(settings: Settings, result: dict[str, Any], *, job: str) 
     """Record the published version once: ``(entry, True)`` when this call registered it, ``(entry,
     False)`` when it was registered already with the same weights. Other weights under the same
     version are refused (versions are immutable)."""
-    from loraplane.platform.registry import (
-        REF_PATTERN,
-        Adapter,
-        AdapterVersion,
-        HistoryEvent,
-        RegistryError,
-        open_registry,
-    )
+    from loraplane.registry.backends import open_registry
+    from loraplane.registry.model import REF_PATTERN, Adapter, AdapterVersion, HistoryEvent, RegistryError
 
     try:
         entry = AdapterVersion(

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter
-from loraplane.platform.registry import AdapterVersion, open_registry
-from loraplane.platform.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import AdapterVersion
 from loraplane.trainer.config import load_config
 from loraplane.trainer.exit_codes import DO_NOT_RETRY, PREEMPTED
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.platform.kube import KubernetesError, api_client, api_message
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
 from loraplane.platform.portforward import kubectl_executable
-from loraplane.platform.settings import Settings
 from loraplane.platform.volume_receive import PAYLOAD, Refused, check_dest
 
 VOLUME = "data"  # the shared volume's name in the chart's pod templates

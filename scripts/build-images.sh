@@ -59,7 +59,7 @@ PACKAGES=(libnuma1 libexpat1 libssl3 zlib1g libffi8 libsqlite3-0 libbz2-1.0 libl
   libncursesw6 libtinfo6 libuuid1 libgomp1 libstdc++6 libgcc-s1 ca-certificates)
 # Parts of the interpreter's tree the images leave out: tests, the static library, Tk, IDLE.
 PY_EXCLUDES=(test config-3.11-x86_64-linux-gnu idlelib tkinter turtledemo ensurepip lib2to3/tests)
-SOURCES=(pyproject.toml README.md __init__.py py.typed common platform serving evals trainer)
+SOURCES=(pyproject.toml README.md __init__.py py.typed common registry platform serving evals trainer)
 IMAGES=(cpu gateway)
 # What the gateway image must not have (its smoke test fails when one imports).
 HEAVY=(torch vllm transformers)
@@ -141,7 +141,7 @@ build() {   # IMAGE
     --target "$tmp/target" "$tmp/src" >&2
   # The package's modules must import from the installed copy (not the clone's editable install).
   PYTHONPATH="$tmp/target" "$VENV/bin/python" -c "
-import loraplane, loraplane.platform.cli, loraplane.serving.gateway, loraplane.serving.__main__
+import loraplane, loraplane.platform.cli, loraplane.serving.gateway.app, loraplane.serving.__main__
 assert loraplane.__file__.startswith('$tmp/target/'), loraplane.__file__
 " || die "the installed package does not import (see above)"
   for p in "$tmp/target"/loraplane "$tmp/target"/loraplane-*.dist-info; do mv "$p" "$site/"; done
@@ -385,7 +385,7 @@ smoke_gateway() {   # LAYOUT BUNDLE
   local layout="$1" bundle="$2" m
   umoci unpack --image "$layout:$VERSION" "$bundle" >/dev/null
   in_rootfs "$bundle/rootfs" python -c "
-import loraplane.serving.gateway, loraplane.platform.registry_k8s, kubernetes.client, kubernetes.config
+import loraplane.serving.gateway.app, loraplane.registry.kubernetes, kubernetes.client, kubernetes.config
 import kubernetes.watch, uvicorn, uvloop, httptools, ssl, sys
 print('smoke: ok', sys.version.split()[0], loraplane.__file__)
 " >&2 || die "the gateway image does not import the gateway (see above)"

@@ -9,5 +9,5 @@ ln -sfn .. .typecheck/loraplane
 export MYPYPATH="$ROOT/.typecheck"
 exec "${MYPY:-.venv/bin/mypy}" --explicit-package-bases \
   .typecheck/loraplane/__init__.py \
-  .typecheck/loraplane/common .typecheck/loraplane/platform .typecheck/loraplane/trainer \
+  .typecheck/loraplane/common .typecheck/loraplane/registry .typecheck/loraplane/platform .typecheck/loraplane/trainer \
   .typecheck/loraplane/serving .typecheck/loraplane/evals "$@"

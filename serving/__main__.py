@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from loraplane.common.errors import ConfigError, format_validation_error
 
 if TYPE_CHECKING:
-    from loraplane.platform.settings import Settings
+    from loraplane.common.settings import Settings
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     supervised = False
     if args.registry_home is not None or args.registry is not None:
         from loraplane.common.errors import LoraplaneError
-        from loraplane.platform.settings import Settings
+        from loraplane.common.settings import Settings
         from loraplane.serving.base_model import load_base_model
 
         try:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_lora_rank=args.max_lora_rank,
             )
             base = load_base_model(args.model, served_names=(args.served_model_name,))
-            from loraplane.platform.registry import open_registry
+            from loraplane.registry.backends import open_registry
 
             open_registry(settings).read()  # unreadable: say so now, before vLLM takes a minute to start
             # With runtime loading the supervisor loads every adapter once vLLM is up, one at a time,

@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from loraplane.common.adapter_dir import MAX_HEADER_BYTES
 from loraplane.common.errors import InvalidInputError
-from loraplane.serving.base_model import MAX_HEADER_BYTES
 
 FLOAT_DTYPES: dict[str, tuple[str, int]] = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2)}
 BF16 = "BF16"
@@ -149,7 +149,7 @@ def verify_adapter_weights(path: Path, config: dict[str, Any] | None = None) -> 
 
     ``config`` is the adapter's ``adapter_config.json``: with it, each module's rank must be declared.
     """
-    from loraplane.serving.preflight import LORA_KEY
+    from loraplane.common.adapter_dir import LORA_KEY
 
     try:
         size = path.stat().st_size

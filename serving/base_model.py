@@ -20,11 +20,12 @@ How "the adapter's base matches the served base" is decided (see :func:`compare_
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loraplane.common.adapter_dir import SafetensorsHeaderError, read_safetensors_header
 
 IDENTITY_KEYS = (
     "model_type",
@@ -35,38 +36,6 @@ IDENTITY_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
-
-
-class SafetensorsHeaderError(ValueError):
-    """A file that is not a readable safetensors file."""
-
-
-def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from the file's header only."""
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise SafetensorsHeaderError("shorter than a safetensors header")
-            (length,) = struct.unpack("<Q", raw)
-            size = path.stat().st_size
-            if length > MAX_HEADER_BYTES or length > size - 8:
-                raise SafetensorsHeaderError(f"header length {length} does not fit the file ({size} bytes)")
-            header = json.loads(fh.read(length))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsHeaderError(f"unreadable header ({exc})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsHeaderError("the header is not a JSON object")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        shape = spec.get("shape") if isinstance(spec, dict) else None
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-            raise SafetensorsHeaderError(f"tensor {name!r} has no valid shape")
-        shapes[name] = tuple(shape)
-    return shapes
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:

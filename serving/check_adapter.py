@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry import AdapterVersion
+from loraplane.registry.model import AdapterVersion
 from loraplane.serving.base_model import load_base_model
 from loraplane.serving.reconcile import check_files
 

@@ -16,7 +16,7 @@ import logging
 import os
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 from loraplane.serving.server_state import ServerLimits, find_local_server
 
 log = logging.getLogger("loraplane.serving")

@@ -16,40 +16,22 @@ request uses the adapter); these run first, here, and say what is wrong and what
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from loraplane.common.errors import InvalidInputError
-from loraplane.serving.base_model import (
-    BaseModelFacts,
-    SafetensorsHeaderError,
-    compare_base_names,
-    read_safetensors_header,
+from loraplane.common.adapter_dir import (
+    CONFIG_FILE,
+    LORA_KEY,
+    WEIGHTS_FILE,
+    AdapterInfo,
+    AdapterPreflightError,
+    check_files,
+    require_exists,
 )
+from loraplane.serving.base_model import BaseModelFacts, compare_base_names
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-UNSAFE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 VLLM_MODULES_TO_SAVE = ("classifier", "score")  # and only on classification models
 VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string inits vLLM accepts
-LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$"
-)
-
-
-class AdapterPreflightError(InvalidInputError):
-    """The adapter directory is not something vLLM may load."""
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    path: Path
-    rank: int
-    config: dict[str, Any]
-    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def preflight_adapter(
@@ -65,14 +47,14 @@ def preflight_adapter(
     (registration, which knows no server, runs without it; every load runs with it).
     """
     root = adapters_root.resolve()
-    _require_exists(path)
+    require_exists(path)
     resolved = Path(path).resolve()  # follows symlinks: a link out of the root is caught below
     if not resolved.is_relative_to(root):
         raise AdapterPreflightError(
             f"adapter path {path} resolves to {resolved}, outside the adapters root {root}",
             hint="adapters must live under the adapters root; copy or publish it there",
         )
-    info = _check_files(resolved)
+    info = check_files(resolved)
     _check_vllm_features(info, base)
     if max_lora_rank is not None and info.rank > max_lora_rank:
         raise AdapterPreflightError(
@@ -82,62 +64,6 @@ def preflight_adapter(
     if base is not None:
         check_against_base(info, base)
     return info
-
-
-def check_adapter_files(path: Path) -> AdapterInfo:
-    """The checks of :func:`preflight_adapter` that do not depend on a server or an adapters root.
-
-    A directory of safetensors LoRA weights with a valid ``adapter_config.json`` passes, wherever it
-    lives; DoRA is allowed (the caller decides). For anything a vLLM server will load, call
-    :func:`preflight_adapter` instead.
-    """
-    _require_exists(path)
-    return _check_files(Path(path).resolve())
-
-
-def _require_exists(path: Path) -> None:
-    if not Path(path).exists():
-        raise AdapterPreflightError(
-            f"adapter path {path} does not exist", hint="check the path (train one first?)"
-        )
-
-
-def _check_files(resolved: Path) -> AdapterInfo:
-    if not resolved.is_dir():
-        raise AdapterPreflightError(f"adapter path {resolved} is not a directory")
-    unsafe = [name for name in UNSAFE_WEIGHTS if (resolved / name).exists()]
-    if unsafe:
-        raise AdapterPreflightError(
-            f"{resolved} contains pickle-based weights ({', '.join(unsafe)})",
-            hint="only safetensors adapters are served: re-save with "
-            "save_pretrained(safe_serialization=True)",
-        )
-    if not (resolved / WEIGHTS_FILE).is_file():
-        raise AdapterPreflightError(f"{resolved} has no {WEIGHTS_FILE}")
-    try:
-        tensors = read_safetensors_header(resolved / WEIGHTS_FILE)
-    except SafetensorsHeaderError as exc:
-        raise AdapterPreflightError(
-            f"{resolved / WEIGHTS_FILE} is not a valid safetensors file: {exc}",
-            hint="the file is damaged or incomplete: publish the adapter again",
-        ) from None
-    try:
-        config = json.loads((resolved / CONFIG_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterPreflightError(f"{resolved} has no {CONFIG_FILE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise AdapterPreflightError(f"{resolved / CONFIG_FILE}: not valid JSON ({reason})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        got = config.get("peft_type") if isinstance(config, dict) else config
-        raise AdapterPreflightError(f"{resolved / CONFIG_FILE}: peft_type is {got!r}, not 'LORA'")
-    try:
-        ranks = [int(config.get("r", 0)), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
-    except (TypeError, ValueError, AttributeError):
-        raise AdapterPreflightError(
-            f"{resolved / CONFIG_FILE}: r and rank_pattern must be whole numbers"
-        ) from None
-    return AdapterInfo(path=resolved, rank=max(ranks), config=config, tensors=tensors)
 
 
 def _check_vllm_features(info: AdapterInfo, base: BaseModelFacts | None) -> None:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from loraplane.platform.registry import AdapterVersion
+    from loraplane.registry.model import AdapterVersion
     from loraplane.serving.server_state import ServerState
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -114,8 +114,8 @@ def required_adapters(
     loaded or promoted, not merely registered) and that did not fail to load on this server."""
     if args.registry_home is None and args.registry is None:
         return None
-    from loraplane.platform.registry import open_registry
-    from loraplane.platform.settings import Settings
+    from loraplane.common.settings import Settings
+    from loraplane.registry.backends import open_registry
     from loraplane.serving.reconcile import servable_versions
 
     settings = Settings(
@@ -288,10 +288,11 @@ def _servable_here(entry: AdapterVersion, limits: ServerLimits | None, cards: li
     """A version the server skipped at start because it fails its checks is not required: its files
     (always), and with ``limits`` also the adapters root, the rank limit and the served base, exactly
     as ``serving/rehydrate.py`` checks them; else one such version would keep the pod unready forever."""
+    from loraplane.common.adapter_dir import check_adapter_files
     from loraplane.common.errors import LoraplaneError
-    from loraplane.platform.registry import verify_weights
+    from loraplane.registry.model import verify_weights
     from loraplane.serving.client import ModelCard
-    from loraplane.serving.preflight import check_adapter_files, preflight_adapter
+    from loraplane.serving.preflight import preflight_adapter
     from loraplane.serving.reconcile import served_base
 
     try:

@@ -16,21 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraplane.common.adapter_dir import WEIGHTS_FILE
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry import (
-    AdapterVersion,
-    RegistryState,
-    mark_serving,
-    open_registry,
-    verify_weights,
-)
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import AdapterVersion, RegistryState, mark_serving, verify_weights
 from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.base_model import BaseModelFacts, load_base_model
 from loraplane.serving.client import ModelCard, VLLMAdminClient
 from loraplane.serving.limits import max_lora_rank
 from loraplane.serving.output_probe import require_effect
-from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
+from loraplane.serving.preflight import preflight_adapter
 
 log = logging.getLogger("loraplane.serving")
 

@@ -21,15 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplane.common.adapter_dir import WEIGHTS_FILE
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry import AdapterVersion, mark_load_failed, open_registry, verify_weights
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import AdapterVersion, mark_load_failed, verify_weights
 from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.base_model import BaseModelFacts
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.launcher import LoraModule
 from loraplane.serving.output_probe import require_effect
-from loraplane.serving.preflight import WEIGHTS_FILE, preflight_adapter
+from loraplane.serving.preflight import preflight_adapter
 from loraplane.serving.reconcile import check_servable, servable_versions
 
 log = logging.getLogger("loraplane.serving")

@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry_k8s import (
+from loraplane.common.settings import Settings
+from loraplane.registry.kubernetes import (
     KubernetesRegistry,
     WatchExpiredError,
     server_reports,
     state_from_objects,
 )
-from loraplane.platform.settings import Settings
 from loraplane.serving.reconcile import ReplicaReport, servable_versions, sync_replica
 from loraplane.serving.replica_metrics import ReplicaMetrics
 from loraplane.serving.server_state import ServerState

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from loraplane.platform.kube import KubernetesError, api_client, api_message
-from loraplane.platform.settings import Settings
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
 
 SERVER_URLS_ENV = "LORAPLANE_SERVER_URLS"
 CONTAINER = "vllm"  # the chart's container name (charts/loraplane/templates/serving.yaml)

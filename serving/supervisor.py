@@ -29,7 +29,7 @@ from types import FrameType
 
 import httpx
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 from loraplane.serving.base_model import BaseModelFacts
 from loraplane.serving.launcher import VLLMServerConfig, flag_value
 from loraplane.serving.process_group import ProcessGroup, start_watchdog

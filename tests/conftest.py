@@ -17,9 +17,9 @@ import pytest
 import yaml
 from kube_client import KubeClient
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter
 from loraplane.platform.quickstart import BASE_NAME, demo_server_config, demo_trainer_config, free_port
-from loraplane.platform.settings import Settings
 from loraplane.serving.launcher import VLLMServer
 from loraplane.trainer.demo_tasks import TASKS, write_task_files
 

@@ -19,9 +19,9 @@ import safetensors.numpy
 from conftest import write_fake_adapter
 from typer.testing import CliRunner
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter
 from loraplane.platform.cli import app
-from loraplane.platform.settings import Settings
 from loraplane.serving.adapter_weights import AdapterWeightsError, verify_adapter_weights
 
 WEIGHTS = "adapter_model.safetensors"

@@ -1034,8 +1034,8 @@ def test_ingress_and_httproute_send_every_path_to_the_gateway_service_and_nothin
 def _gateway_config(objs: dict[str, dict[str, Any]], tmp_path: Path) -> Any:
     """The config the gateway's entry point makes of the rendered args and environment (key files
     replaced by local ones)."""
-    from loraplane.serving.gateway import parse_args
-    from loraplane.serving.gateway_config import config_from_args
+    from loraplane.serving.gateway.app import parse_args
+    from loraplane.serving.gateway.config import config_from_args
 
     container = _gateway_deploy(objs)["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "loraplane.serving.gateway"]
@@ -1051,7 +1051,7 @@ def _gateway_config(objs: dict[str, dict[str, Any]], tmp_path: Path) -> Any:
 
 
 def test_canary_values_reach_the_gateways_config(tmp_path: Path) -> None:
-    from loraplane.serving.gateway_canary import CanaryRule
+    from loraplane.serving.gateway.canary import CanaryRule
 
     env = _gateway_deploy(_render())["spec"]["template"]["spec"]["containers"][0]["env"]
     assert "LORAPLANE_GATEWAY_CANARIES" not in {e["name"] for e in env}

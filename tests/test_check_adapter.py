@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import write_fake_adapter
 
 from loraplane.common.files import sha256_file
-from loraplane.platform.registry import AdapterVersion
+from loraplane.registry.model import AdapterVersion
 
 WEIGHTS = "adapter_model.safetensors"
 

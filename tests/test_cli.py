@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -103,7 +103,7 @@ def test_adapters_eval_needs_exactly_one_of_suite_or_dataset(settings: Settings)
 def test_retiring_a_served_version_with_the_server_down_exits_1_and_changes_nothing(
     settings: Settings, fake_adapter: Path
 ) -> None:
-    from loraplane.platform.registry import LocalRegistry
+    from loraplane.registry.local import LocalRegistry
 
     assert (
         _cli(
@@ -268,7 +268,8 @@ def test_retired_is_terminal_from_the_cli_and_refusals_change_nothing(settings: 
 
 
 def test_promoting_a_bare_name_that_resolves_to_its_own_prod_is_refused(settings: Settings) -> None:
-    from loraplane.platform.registry import LocalRegistry, move_alias
+    from loraplane.registry.local import LocalRegistry
+    from loraplane.registry.model import move_alias
 
     _register(settings, "v1")
     with LocalRegistry(settings.home).transaction() as state:

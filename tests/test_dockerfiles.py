@@ -42,8 +42,8 @@ BASE_PROVIDES = {
 }
 # Which source folders each image must be able to import (its entry points' reach).
 IMAGE_SOURCES = {
-    "serving.Dockerfile": ("common", "platform", "serving", "evals"),
-    "trainer.Dockerfile": ("common", "trainer"),
+    "serving.Dockerfile": ("common", "registry", "platform", "serving", "evals"),
+    "trainer.Dockerfile": ("common", "registry", "trainer"),
 }
 # What the slim gateway image exists to leave out.
 HEAVY = {"torch", "vllm", "transformers", "tokenizers", "safetensors", "peft", "trl", "datasets", "numpy"}
@@ -164,7 +164,7 @@ def test_every_third_party_module_loraplane_imports_is_in_the_image(name: str) -
     dists = importlib.metadata.packages_distributions()
     needed = set()
     modules = (
-        set(_reach("loraplane.serving.gateway")[1])
+        set(_reach("loraplane.serving.gateway.__main__")[1])
         if name == "gateway.Dockerfile"
         else _third_party_imports(IMAGE_SOURCES[name])
     )
@@ -222,8 +222,8 @@ def test_the_gateway_image_installs_the_gateway_distributions_and_no_ml_stack() 
 def test_the_gateways_imports_stay_inside_its_distributions() -> None:
     """Followed from loraplane.serving.gateway through loraplane's modules (lazy imports too), every
     third-party module comes from a root of scripts/gateway-dists.py, and none is the ML stack's."""
-    modules, third = _reach("loraplane.serving.gateway")
-    assert "loraplane.platform.registry_k8s" in modules, "the kubernetes registry is followed"
+    modules, third = _reach("loraplane.serving.gateway.__main__")
+    assert "loraplane.registry.kubernetes" in modules, "the kubernetes registry is followed"
     heavy = {m: sorted(by) for m, by in third.items() if m in HEAVY}
     assert not heavy, f"the gateway's path imports the ML stack: {heavy}"
     assert not {m for m in modules if m.startswith(("loraplane.trainer", "loraplane.serving.launcher"))}

@@ -22,8 +22,8 @@ from test_trainer_runs import _progress_steps  # the trainer tests' log reader
 from typer.testing import CliRunner
 
 from loraplane.common.errors import ConfigError
+from loraplane.common.settings import Settings
 from loraplane.platform.cli import app
-from loraplane.platform.settings import Settings
 from loraplane.trainer.__main__ import main as trainer_main
 from loraplane.trainer.checkpoints import MARKER
 from loraplane.trainer.config import BaseModelSpec, DatasetSpec, load_config
@@ -392,7 +392,7 @@ def test_dpo_on_top_of_a_registered_sft_version(tmp_path: Path, demo_model: Path
     from safetensors.torch import load_file
 
     from loraplane.platform.adapters import register_adapter
-    from loraplane.platform.registry import LocalRegistry
+    from loraplane.registry.local import LocalRegistry
 
     # 1. An SFT adapter on the same task, registered like any trained adapter.
     sft_data, _ = write_task_files(SENTIMENT, tmp_path / "sft-data", repeats=1)

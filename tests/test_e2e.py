@@ -24,7 +24,8 @@ from loraplane.platform.adapters import (
     promote_adapter,
     register_adapter,
 )
-from loraplane.platform.registry import IntegrityError, LocalRegistry
+from loraplane.registry.local import LocalRegistry
+from loraplane.registry.model import IntegrityError
 from loraplane.serving.client import AdapterNotFoundError, AdapterRejectedError, VLLMAdminClient
 from loraplane.trainer.demo_tasks import TASKS
 

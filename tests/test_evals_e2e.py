@@ -20,6 +20,7 @@ from conftest import API_KEY, BASE, Live, http
 from test_gateway import metric, serve
 
 from loraplane.common.errors import LoraplaneError
+from loraplane.common.settings import Settings
 from loraplane.evals.dataset import load_eval_set
 from loraplane.evals.endpoint import OpenAIEndpoint
 from loraplane.evals.offline import reference_nll_offline
@@ -34,9 +35,8 @@ from loraplane.platform.adapters import (
     register_adapter,
 )
 from loraplane.platform.quickstart import demo_server_config, free_port
-from loraplane.platform.registry import LocalRegistry
-from loraplane.platform.settings import Settings
-from loraplane.serving.gateway import GatewayConfig, create_app
+from loraplane.registry.local import LocalRegistry
+from loraplane.serving.gateway.app import GatewayConfig, create_app
 from loraplane.serving.launcher import VLLMServer
 
 pytestmark = pytest.mark.e2e

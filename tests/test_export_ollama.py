@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from loraplane.common.errors import InvalidInputError
+from loraplane.common.settings import Settings
 from loraplane.platform.ollama_templates import FAMILIES, detect_family, translate
-from loraplane.platform.settings import Settings
 
 # Published chat templates (tokenizer_config.json "chat_template" of each model), with the
 # architecture and special tokens of the model.

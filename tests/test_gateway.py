@@ -33,22 +33,16 @@ from pydantic import ValidationError
 
 from loraplane.common.errors import ConfigError, InvalidInputError
 from loraplane.common.files import atomic_write_text
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import set_canary
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.registry import (
-    Adapter,
-    AdapterVersion,
-    LocalRegistry,
-    RegistryState,
-    VersionState,
-    move_alias,
-)
-from loraplane.platform.settings import Settings
-from loraplane.serving.gateway import GatewayConfig, create_app, main, parse_args
-from loraplane.serving.gateway_auth import KeyChecker, load_client_keys, load_upstream_key
-from loraplane.serving.gateway_canary import CANARIES_ENV, CanaryRule, parse_canary, takes_canary
-from loraplane.serving.gateway_config import config_from_args
-from loraplane.serving.gateway_models import ModelResolver, RegistryWatcher, UpstreamModels
+from loraplane.registry.local import LocalRegistry
+from loraplane.registry.model import Adapter, AdapterVersion, RegistryState, VersionState, move_alias
+from loraplane.serving.gateway.app import GatewayConfig, create_app, main, parse_args
+from loraplane.serving.gateway.auth import KeyChecker, load_client_keys, load_upstream_key
+from loraplane.serving.gateway.canary import CANARIES_ENV, CanaryRule, parse_canary, takes_canary
+from loraplane.serving.gateway.config import config_from_args
+from loraplane.serving.gateway.models import ModelResolver, RegistryWatcher, UpstreamModels
 
 CLIENT_KEY = "client-key-1"
 UPSTREAM_KEY = "upstream-key-9"

@@ -33,10 +33,10 @@ from kube_client import helm_args
 from openai import OpenAI
 from test_gateway import metric, raw_post, serve
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter, unload_adapter
-from loraplane.platform.settings import Settings
-from loraplane.serving.gateway import GatewayConfig, create_app
-from loraplane.serving.gateway_canary import CanaryRule, takes_canary
+from loraplane.serving.gateway.app import GatewayConfig, create_app
+from loraplane.serving.gateway.canary import CanaryRule, takes_canary
 
 pytestmark = pytest.mark.e2e
 

@@ -10,11 +10,12 @@ import httpx
 import pytest
 from conftest import API_KEY, Cluster, Live, write_fake_adapter
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import promote_adapter, register_adapter
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.registry import move_alias, open_registry
-from loraplane.platform.settings import Settings
-from loraplane.serving.gateway_registry_poll import PollingRegistryWatcher
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import move_alias
+from loraplane.serving.gateway.registry_poll import PollingRegistryWatcher
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 

@@ -84,7 +84,7 @@ def test_the_gateway_imports_in_its_image_and_the_ml_stack_does_not(rootfs: Path
         rootfs,
         "python",
         "-c",
-        "import os, loraplane.serving.gateway, loraplane.platform.registry_k8s, kubernetes.client, "
+        "import os, loraplane.serving.gateway, loraplane.registry.kubernetes, kubernetes.client, "
         "kubernetes.config, uvicorn; "
         "print(os.getuid(), loraplane.serving.gateway.__file__)",
     )

@@ -12,7 +12,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
 def test_component_folders_are_not_regular_top_level_packages() -> None:
-    for folder in ("platform", "trainer", "serving", "evals", "common"):
+    for folder in ("platform", "trainer", "serving", "evals", "common", "registry"):
         assert (ROOT / folder).is_dir()
         assert not (ROOT / folder / "__init__.py").exists(), f"{folder}/__init__.py would shadow or leak"
 

@@ -24,10 +24,10 @@ import pytest
 from conftest import API_KEY, BASE, Live
 
 from loraplane.common.chat_templates import template_sha256
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter, sync_adapters
-from loraplane.platform.registry import LocalRegistry
-from loraplane.platform.settings import Settings
 from loraplane.platform.template_check import TemplateMismatchError, served_template
+from loraplane.registry.local import LocalRegistry
 from loraplane.serving.adapter_weights import AdapterWeightsError
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.output_probe import AdapterHasNoEffectError, probe_output

@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from loraplane.common.adapter_dir import AdapterPreflightError
 from loraplane.common.errors import InvalidInputError
 from loraplane.common.files import sha256_file
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter
 from loraplane.platform.cli import app
-from loraplane.platform.settings import Settings
-from loraplane.serving.preflight import AdapterPreflightError
 from loraplane.trainer.merge import PROVENANCE_FILE, merge_adapter
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 230, 7]])

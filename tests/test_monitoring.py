@@ -26,10 +26,10 @@ from prom_server import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from loraplane.common.settings import Settings
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.registry import Adapter, AdapterVersion, HistoryEvent, RegistryState
-from loraplane.platform.settings import Settings
-from loraplane.serving.gateway_metrics import GatewayMetrics
+from loraplane.registry.model import Adapter, AdapterVersion, HistoryEvent, RegistryState
+from loraplane.serving.gateway.metrics import GatewayMetrics
 from loraplane.serving.replica_metrics import ReplicaMetrics
 from loraplane.trainer.metrics import TrainingMetrics, loss_curve
 

@@ -36,13 +36,13 @@ from prom_server import (
 from pydantic import SecretStr
 from test_gateway import serve
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import promote_adapter, register_adapter, rollback_alias
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.registry import LocalRegistry
-from loraplane.platform.registry_k8s import adapter_to_object
-from loraplane.platform.settings import Settings
-from loraplane.serving.gateway import GatewayConfig, create_app
-from loraplane.serving.gateway_canary import CanaryRule
+from loraplane.registry.kubernetes import adapter_to_object
+from loraplane.registry.local import LocalRegistry
+from loraplane.serving.gateway.app import GatewayConfig, create_app
+from loraplane.serving.gateway.canary import CanaryRule
 from loraplane.serving.replica_metrics import ReplicaMetrics
 from loraplane.serving.replica_reconciler import ReplicaReconciler
 from loraplane.serving.server_state import ServerLimits, ServerState

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import API_KEY, BASE, ROOT, Cluster, Live
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 

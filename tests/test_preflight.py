@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import write_fake_adapter
 
+from loraplane.common.adapter_dir import AdapterPreflightError
 from loraplane.serving.base_model import BaseModelFacts, load_base_model
-from loraplane.serving.preflight import AdapterPreflightError, preflight_adapter
+from loraplane.serving.preflight import preflight_adapter
 
 
 def test_good_adapter_passes(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import pytest
 from conftest import API_KEY, Live, ask_one_word
 from filelock import FileLock
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import (
     load_adapter,
     promote_adapter,
@@ -30,9 +31,8 @@ from loraplane.platform.adapters import (
     sync_adapters,
     unload_adapter,
 )
-from loraplane.platform.registry import LocalRegistry
-from loraplane.platform.settings import Settings
-from loraplane.platform.version_states import RetiredError
+from loraplane.registry.local import LocalRegistry
+from loraplane.registry.version_states import RetiredError
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ import sys
 
 from conftest import write_fake_adapter
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter
-from loraplane.platform.settings import Settings
 
 
 def test_sync_reports_an_unreachable_replica_and_exits_1(settings: Settings) -> None:

@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, Cluster
 from kube_client import helm_args
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 from loraplane.serving.replicas import list_vllm_pods, vllm_selector
 
 pytestmark = pytest.mark.k8s
@@ -115,9 +115,9 @@ def test_the_servers_rank_limit_is_read_from_the_release_pods(k8s_cluster: Clust
     (the chart's serving.maxLoraRank), not against a default."""
     from conftest import write_fake_adapter
 
+    from loraplane.common.adapter_dir import AdapterPreflightError
     from loraplane.platform.adapters import register_adapter
     from loraplane.serving.limits import server_limits
-    from loraplane.serving.preflight import AdapterPreflightError
 
     ns = f"limits-{uuid.uuid4().hex[:6]}"
     k8s_cluster.kubectl("create", "namespace", ns)

@@ -27,10 +27,11 @@ import pytest
 from conftest import API_KEY, BASE, Cluster, Live, http
 
 from loraplane.common.files import sha256_file
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import load_adapter, register_adapter, unload_adapter
 from loraplane.platform.convergence import ReplicasDidNotConvergeError
-from loraplane.platform.registry import HistoryEvent, open_registry
-from loraplane.platform.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import HistoryEvent
 from loraplane.serving import readiness
 from loraplane.serving.server_state import read_state
 

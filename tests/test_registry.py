@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import write_fake_adapter
 
+from loraplane.common.adapter_dir import AdapterPreflightError
 from loraplane.common.errors import InvalidInputError
-from loraplane.evals.report import GateCheck
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import (
     PromotionRefusedError,
     promote_adapter,
     register_adapter,
 )
-from loraplane.platform.registry import EvalRecord, IntegrityError, LocalRegistry, RegistryError
-from loraplane.platform.settings import Settings
-from loraplane.serving.preflight import AdapterPreflightError
+from loraplane.registry.local import LocalRegistry
+from loraplane.registry.model import EvalRecord, GateCheck, IntegrityError, RegistryError
 
 
 def _snapshot(settings: Settings) -> bytes | None:
@@ -189,7 +189,7 @@ def test_concurrent_writers_lose_nothing(settings: Settings) -> None:
 
 def _aliased_state(settings: Settings, versions: int = 3) -> None:
     """``demo@v1..vN`` registered and promoted one after another to ``prod``, as promote records it."""
-    from loraplane.platform.registry import move_alias
+    from loraplane.registry.model import move_alias
 
     for i in range(1, versions + 1):
         path = write_fake_adapter(settings.adapters_dir / "demo" / f"v{i}")
@@ -200,7 +200,7 @@ def _aliased_state(settings: Settings, versions: int = 3) -> None:
 
 
 def test_an_alias_moved_since_the_caller_looked_is_a_conflict_and_nothing_changes(settings: Settings) -> None:
-    from loraplane.platform.registry import ConflictError, move_alias
+    from loraplane.registry.model import ConflictError, move_alias
 
     _aliased_state(settings, versions=2)
     before = _snapshot(settings)
@@ -217,7 +217,7 @@ def test_an_alias_moved_since_the_caller_looked_is_a_conflict_and_nothing_change
 def test_rollback_target_follows_the_history_and_two_rollbacks_return_to_the_start(
     settings: Settings,
 ) -> None:
-    from loraplane.platform.registry import move_alias, rollback_target
+    from loraplane.registry.model import move_alias, rollback_target
 
     _aliased_state(settings, versions=3)
     registry = LocalRegistry(settings.home)
@@ -248,7 +248,7 @@ def test_rollback_without_an_earlier_version_is_refused(settings: Settings) -> N
 
 def test_retiring_a_version_an_alias_points_at_is_refused(settings: Settings) -> None:
     from loraplane.platform.adapters import unload_adapter
-    from loraplane.platform.version_states import AliasedVersionError
+    from loraplane.registry.version_states import AliasedVersionError
 
     _aliased_state(settings, versions=2)
     before = _snapshot(settings)
@@ -273,7 +273,7 @@ def test_retired_is_terminal_and_every_refusal_changes_nothing(settings: Setting
         rollback_alias,
         unload_adapter,
     )
-    from loraplane.platform.version_states import RetiredError
+    from loraplane.registry.version_states import RetiredError
 
     _aliased_state(settings, versions=2)
     entry, changed = asyncio.run(retire_adapter(settings, "demo@v1"))
@@ -302,7 +302,7 @@ def test_retired_is_terminal_and_every_refusal_changes_nothing(settings: Setting
 
 def test_promoting_the_version_an_alias_already_points_at_is_refused(settings: Settings) -> None:
     """``promote NAME`` resolves to NAME:prod's own version: a promotion that would change nothing."""
-    from loraplane.platform.registry import AliasUnchangedError
+    from loraplane.registry.model import AliasUnchangedError
 
     _aliased_state(settings, versions=2)
     before = _snapshot(settings)

@@ -13,10 +13,11 @@ import threading
 import pytest
 from conftest import ROOT, Cluster, write_fake_adapter
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter, set_canary
-from loraplane.platform.registry import CanaryWeight, ConflictError, move_alias, open_registry
-from loraplane.platform.registry_k8s import KubernetesRegistry, KubernetesRegistryError
-from loraplane.platform.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.registry.kubernetes import KubernetesRegistry, KubernetesRegistryError
+from loraplane.registry.model import CanaryWeight, ConflictError, move_alias
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 

@@ -41,10 +41,11 @@ import pytest
 from conftest import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens, vllm_metric
 from conftest import wait_until as shared_wait_until
 
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter, unload_adapter
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.registry import mark_serving, open_registry
-from loraplane.platform.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.registry.model import mark_serving
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.readiness import check
 from loraplane.serving.reconcile import sync_replicas
@@ -349,7 +350,7 @@ def damage_adapters(settings: Settings, *, live_adapter: Path) -> dict[str, str]
 
     from loraplane.common.files import sha256_file
     from loraplane.platform.adapters import register_adapter
-    from loraplane.platform.registry import Adapter, AdapterVersion, HistoryEvent
+    from loraplane.registry.model import Adapter, AdapterVersion, HistoryEvent
 
     def copy(name: str) -> Path:
         target = settings.adapters_dir / name / "v1"

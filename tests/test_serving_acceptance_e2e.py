@@ -35,8 +35,8 @@ import pytest
 from conftest import API_KEY, BASE, Cluster, Live, write_fake_adapter
 
 from loraplane.common.errors import LoraplaneError
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import load_adapter, promote_adapter, register_adapter, sync_adapters
-from loraplane.platform.settings import Settings
 from loraplane.serving import client as client_module
 from loraplane.serving.client import (
     AdapterBadRequestError,

@@ -77,8 +77,8 @@ def test_a_starting_server_serves_every_servable_registered_version(tmp_path: Pa
 
     from conftest import write_fake_adapter
 
+    from loraplane.common.settings import Settings
     from loraplane.platform.adapters import register_adapter, unload_adapter
-    from loraplane.platform.settings import Settings
 
     settings = Settings(home=tmp_path / "state", adapters_root=tmp_path / "adapters", max_lora_rank=16)
     paths = {}

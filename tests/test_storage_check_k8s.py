@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Cluster
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 from loraplane.platform.storage_check import check_claim, wait_for_claim
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]

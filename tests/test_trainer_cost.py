@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from test_trainer_runs import _config  # the trainer tests' config, one definition
 
+from loraplane.common.settings import Settings
 from loraplane.platform.quickstart import free_port
-from loraplane.platform.settings import Settings
 from loraplane.trainer.checkpoints import MARKER
 from loraplane.trainer.cost import COST_FILE, cost_record, cost_summary, manifest_cost
 from loraplane.trainer.demo_tasks import TASKS, write_task_files
@@ -178,7 +178,7 @@ def test_summary_of_a_gpu_run_and_of_an_old_manifest() -> None:
 def test_train_status_reads_the_cost_of_a_succeeded_run_from_its_manifest() -> None:
     """`train status` prints the cost of a succeeded run (the manifest of the version it registered)
     and none for a run still going (the cluster part of the command is tested in test_training_k8s)."""
-    from loraplane.platform.cli import _training_cost
+    from loraplane.platform.cli.train import _training_cost
 
     record = cost_record(
         devices=8,

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT, Cluster
 
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 

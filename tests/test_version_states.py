@@ -1,4 +1,4 @@
-"""The life cycle of a version (platform/version_states.py) against every command sequence.
+"""The life cycle of a version (registry/version_states.py) against every command sequence.
 
 A hypothesis state machine runs random sequences of register, load, unload, retire, promote,
 rollback, eval and sync on a real LocalRegistry in a temp dir, and compares the registry after each
@@ -37,6 +37,7 @@ from hypothesis.stateful import (
 )
 
 from loraplane.common.errors import LoraplaneError
+from loraplane.common.settings import Settings
 from loraplane.platform.adapters import (
     evaluate_adapter,
     load_adapter,
@@ -46,9 +47,9 @@ from loraplane.platform.adapters import (
     rollback_alias,
     unload_adapter,
 )
-from loraplane.platform.registry import (
+from loraplane.registry.local import LocalRegistry
+from loraplane.registry.model import (
     EvalRecord,
-    LocalRegistry,
     RegistryState,
     mark_serving,
     move_alias,
@@ -57,8 +58,7 @@ from loraplane.platform.registry import (
     rehearse,
     rollback_target,
 )
-from loraplane.platform.settings import Settings
-from loraplane.platform.version_states import (
+from loraplane.registry.version_states import (
     TRANSITIONS,
     AliasedVersionError,
     RetiredError,

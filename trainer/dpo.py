@@ -64,8 +64,9 @@ def resolve_base_adapter(config: TrainJobConfig) -> tuple[TrainJobConfig, BaseAd
     ref = config.base_adapter
     if ref is None:
         return config, None
-    from loraplane.platform.registry import RegistryError, open_registry, verify_weights
-    from loraplane.platform.settings import Settings
+    from loraplane.common.settings import Settings
+    from loraplane.registry.backends import open_registry
+    from loraplane.registry.model import RegistryError, verify_weights
 
     settings = Settings()
     where = f"at {settings.home}" if settings.registry == "local" else f"namespace {settings.namespace}"

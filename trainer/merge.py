@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from loraplane import __version__
+from loraplane.common.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, check_adapter_files
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.files import sha256_file, staged_directory
-from loraplane.serving.preflight import CONFIG_FILE, WEIGHTS_FILE, check_adapter_files
 
 log = logging.getLogger("loraplane.trainer")
 

@@ -20,8 +20,8 @@ from pydantic import (
 )
 
 from loraplane.common.errors import ConfigError, format_validation_error
-from loraplane.serving.gateway_auth import load_client_keys, load_upstream_key
-from loraplane.serving.gateway_canary import CANARIES_ENV, CanaryRules, canaries_from_env, parse_canary
+from loraplane.serving.gateway.auth import load_client_keys, load_upstream_key
+from loraplane.serving.gateway.canary import CANARIES_ENV, CanaryRules, canaries_from_env, parse_canary
 
 log = logging.getLogger("loraplane.serving.gateway")
 

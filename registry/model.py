@@ -1,36 +1,46 @@
 """The adapter registry: adapters, their immutable versions, aliases, and an append-only history.
 
-The local backend keeps everything in one JSON file under a state directory. Every change happens in
-a :meth:`LocalRegistry.transaction`: the file is locked, read, changed in memory and written back
-atomically (temp file + fsync + rename) only if the whole change succeeded. A failed command, a
-crash or Ctrl-C leaves the previous file untouched.
+This module is the data model and the pure state changes; the backends that store it are
+``registry/local.py`` (one JSON file) and ``registry/kubernetes.py`` (LoraAdapter custom resources),
+chosen by ``registry/backends.py``.
 """
 
 from __future__ import annotations
 
 import getpass
 import re
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from filelock import FileLock
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.common.files import atomic_write_text, sha256_file
-from loraplane.evals.report import GateCheck
-from loraplane.platform.version_states import Command, VersionState, transition
+from loraplane.common.files import sha256_file
+from loraplane.registry.version_states import Command, VersionState, transition
 
 if TYPE_CHECKING:
-    from loraplane.platform.settings import Settings
+    pass
 
 T = TypeVar("T")
 REF_PATTERN = re.compile(
     r"^(?P<name>[a-z0-9][a-z0-9-]*)(?:@(?P<version>v[0-9]+)|:(?P<alias>[a-z0-9][a-z0-9-]*))?$"
 )
+
+
+class GateCheck(BaseModel):
+    """One rule of a promotion gate and its outcome (computed by ``evals/gates.py``)."""
+
+    rule: str
+    dataset: str
+    metric: str
+    threshold: float
+    observed: float | None
+    reference: float | None = Field(default=None, description="The prod or base figure compared with.")
+    passed: bool | None = Field(description="None: skipped (nothing to compare with).")
+    message: str
 
 
 class RegistryError(LoraplaneError):
@@ -270,7 +280,7 @@ def mark_serving(state: RegistryState, entry: AdapterVersion, command: Command =
     """Record that every server now serves ``entry`` (state ``serving``, one ``load`` event).
 
     ``command`` is what loaded it (``load``, ``sync``, ``promote``, ``rollback``); a retired version
-    is refused (:class:`~loraplane.platform.version_states.RetiredError`).
+    is refused (:class:`~loraplane.registry.version_states.RetiredError`).
     """
     step = transition(command, entry.state, ref=entry.ref, path=entry.path)
     entry.failure = None
@@ -415,47 +425,9 @@ def rollback_target(state: RegistryState, name: str, alias: str) -> str:
     )
 
 
-class LocalRegistry:
-    """The embedded registry backend: ``<state_dir>/registry.json`` guarded by a file lock."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-        self.path = self.state_dir / "registry.json"
-        self._lock = FileLock(str(self.state_dir / "registry.lock"), timeout=30)
-
-    def read(self) -> RegistryState:
-        if not self.path.exists():
-            return RegistryState()
-        try:
-            return RegistryState.model_validate_json(self.path.read_bytes())
-        except ValidationError as exc:
-            raise LoraplaneError(
-                f"{self.path}: the registry file is corrupt ({exc.error_count()} errors)",
-                hint="restore it from a backup; loraplane never writes a partial file",
-            ) from None
-
-    @contextmanager
-    def transaction(self) -> Iterator[RegistryState]:
-        """Lock, read, yield the state for changing; write it back only if the block succeeds."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            state = self.read()
-            yield state
-            atomic_write_text(self.path, state.model_dump_json(indent=2) + "\n")
-
-
 class Registry(Protocol):
     """What every backend offers: a snapshot, and a transaction that writes back only on success."""
 
     def read(self) -> RegistryState: ...
 
     def transaction(self) -> AbstractContextManager[RegistryState]: ...
-
-
-def open_registry(settings: Settings) -> Registry:
-    """The backend the settings choose (``local`` by default; ``kubernetes`` imports its client lazily)."""
-    if settings.registry == "kubernetes":
-        from loraplane.platform.registry_k8s import KubernetesRegistry
-
-        return KubernetesRegistry(settings)
-    return LocalRegistry(settings.home)

@@ -24,8 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from loraplane.serving.gateway_auth import KeyChecker
-from loraplane.serving.gateway_errors import (
+from loraplane.serving.gateway.auth import KeyChecker
+from loraplane.serving.gateway.errors import (
     BadRequestError,
     BodyTooLargeError,
     GatewayError,
@@ -33,9 +33,9 @@ from loraplane.serving.gateway_errors import (
     UpstreamAuthError,
     error_body,
 )
-from loraplane.serving.gateway_metrics import GatewayMetrics
-from loraplane.serving.gateway_models import ModelResolver, Target
-from loraplane.serving.gateway_upstream import (
+from loraplane.serving.gateway.metrics import GatewayMetrics
+from loraplane.serving.gateway.models import ModelResolver, Target
+from loraplane.serving.gateway.upstream import (
     UPSTREAM_ERRORS,
     UpstreamAnswer,
     UpstreamClient,

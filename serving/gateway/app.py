@@ -37,16 +37,16 @@ from starlette.routing import Route
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.logs import configure_logging
-from loraplane.platform.registry import open_registry
-from loraplane.platform.settings import Settings
-from loraplane.serving.gateway_auth import KeyChecker
-from loraplane.serving.gateway_config import GatewayConfig, config_from_args
-from loraplane.serving.gateway_errors import GatewayError, error_response, transport_error
-from loraplane.serving.gateway_metrics import CONTENT_TYPE, GatewayMetrics
-from loraplane.serving.gateway_models import ModelResolver, RegistryWatcher, UpstreamModels
-from loraplane.serving.gateway_proxy import FORWARDED_ROUTES, Proxy
-from loraplane.serving.gateway_registry_poll import PollingRegistryWatcher
-from loraplane.serving.gateway_upstream import CONNECT_RETRIES, UpstreamClient
+from loraplane.common.settings import Settings
+from loraplane.registry.backends import open_registry
+from loraplane.serving.gateway.auth import KeyChecker
+from loraplane.serving.gateway.config import GatewayConfig, config_from_args
+from loraplane.serving.gateway.errors import GatewayError, error_response, transport_error
+from loraplane.serving.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from loraplane.serving.gateway.models import ModelResolver, RegistryWatcher, UpstreamModels
+from loraplane.serving.gateway.proxy import FORWARDED_ROUTES, Proxy
+from loraplane.serving.gateway.registry_poll import PollingRegistryWatcher
+from loraplane.serving.gateway.upstream import CONNECT_RETRIES, UpstreamClient
 
 __all__ = ["GatewayConfig", "create_app", "main"]
 
@@ -58,7 +58,7 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 class _Upstream:
     """The HTTP clients to vLLM, opened and closed with the app (its lifespan).
 
-    Forwarded requests go through :class:`UpstreamClient` (aiohttp: see gateway_upstream.py for why);
+    Forwarded requests go through :class:`UpstreamClient` (aiohttp: see upstream.py for why);
     the gateway's own rare calls (``/health``, ``/v1/models``) through one httpx client.
     """
 
@@ -291,7 +291,3 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,14 +25,11 @@ from typing import Any
 import httpx
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry import REF_PATTERN, Adapter, AdapterVersion, LocalRegistry, RegistryState
-from loraplane.serving.gateway_canary import CanaryRule, takes_canary
-from loraplane.serving.gateway_errors import (
-    ModelNotFoundError,
-    UpstreamFailedError,
-    transport_error,
-)
-from loraplane.serving.gateway_registry_poll import StateSource
+from loraplane.registry.local import LocalRegistry
+from loraplane.registry.model import REF_PATTERN, Adapter, AdapterVersion, RegistryState
+from loraplane.serving.gateway.canary import CanaryRule, takes_canary
+from loraplane.serving.gateway.errors import ModelNotFoundError, UpstreamFailedError, transport_error
+from loraplane.serving.gateway.registry_poll import StateSource
 
 log = logging.getLogger("loraplane.serving.gateway")
 

@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from loraplane.platform.kube import KubernetesError, api_client, api_message
-from loraplane.platform.registry import (
+from loraplane.common.kube import KubernetesError, api_client, api_message
+from loraplane.common.settings import Settings
+from loraplane.registry.model import (
     Adapter,
     AdapterVersion,
     CanaryWeight,
@@ -33,7 +34,6 @@ from loraplane.platform.registry import (
     LoadFailure,
     RegistryState,
 )
-from loraplane.platform.settings import Settings
 
 GROUP = "loraplane.dev"
 VERSION = "v1alpha1"

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.settings import Settings
+from loraplane.common.settings import Settings
 
 
 class KubernetesError(LoraplaneError):

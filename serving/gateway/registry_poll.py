@@ -14,7 +14,7 @@ import time
 from typing import Protocol
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.registry import Registry, RegistryState
+from loraplane.registry.model import Registry, RegistryState
 
 log = logging.getLogger("loraplane.serving.gateway")
 

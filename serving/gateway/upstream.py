@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 
-from loraplane.serving.gateway_errors import (
+from loraplane.serving.gateway.errors import (
     GatewayError,
     UpstreamFailedError,
     UpstreamTimeoutError,

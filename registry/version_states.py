@@ -1,7 +1,7 @@
 """The life cycle of an adapter version: its states, the commands that move it, and what is refused.
 
 Declared once, here, as a table; every command of :mod:`loraplane.platform.adapters` (and ``sync``,
-through :func:`loraplane.platform.registry.mark_serving`) asks :func:`transition` before it changes
+through :func:`loraplane.registry.model.mark_serving`) asks :func:`transition` before it changes
 anything. Pure: no registry, no server, no I/O. docs/cli.md shows the same machine as a table and a
 diagram.
 

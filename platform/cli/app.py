@@ -1,0 +1,328 @@
+"""The ``loraplane`` command's root: the app, its sub-apps, global options and the helpers every
+command shares (settings from the options, error handling, output). A thin layer over
+:mod:`loraplane.platform.adapters` and friends.
+
+Heavy libraries (torch, transformers, trl, vLLM) are imported only inside the commands that need
+them, so ``loraplane --help`` is instant.
+
+Exit codes: 0 success; 1 failure (server down, training failed); 2 bad input (config, dataset,
+adapter, unknown name); 3 refused (promotion gate, changed weights); 4 conflict (another command moved
+the alias meanwhile: nothing changed, re-run); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+import typer.core
+from rich.console import Console, ConsoleDimensions
+
+from loraplane.common.errors import InvalidInputError, LoraplaneError
+
+T = TypeVar("T")
+
+
+def _flag_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag (``--force``, ``-v``) takes no value: show no value type for it in ``--help``.
+
+    Typer 0.29's rich help labels every option with its Python type, flags included (``<bool>``),
+    which reads as if ``--force`` wanted a value; its plain help already leaves flags bare.
+    """
+    if self.is_flag or self.count:
+        return None
+    return _typed_display(self, ctx)
+
+
+_typed_display = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+
+app = typer.Typer(
+    help="Fine-tune LLMs with LoRA and serve the adapters with vLLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+adapters_app = typer.Typer(
+    help="Register, load, evaluate, promote, roll back, retire and merge adapter versions.",
+    no_args_is_help=True,
+)
+demo_app = typer.Typer(help="The offline demo base model and data.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+evals_app = typer.Typer(
+    help="Run eval suites against any OpenAI-compatible endpoint; check suite files.", no_args_is_help=True
+)
+app.add_typer(demo_app, name="demo")
+app.add_typer(evals_app, name="evals")
+data_app = typer.Typer(
+    help="Training data: check it without training, push it onto the cluster's volume.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Base models: fetch them from the hub or object storage.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+train_app = typer.Typer(
+    help="Training runs: a Job per run on the cluster (from the chart's template), or a local trainer "
+    "process with the local registry.",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+volume_app = typer.Typer(
+    help="The release's shared volume (models, datasets, adapters), through the Kubernetes API.",
+    no_args_is_help=True,
+)
+app.add_typer(volume_app, name="volume")
+pipeline_app = typer.Typer(
+    help="Pipelines for a scheduler: train -> evaluate -> promote if the gate passes (Argo, Kubeflow).",
+    no_args_is_help=True,
+)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+class _Console(Console):
+    """Rich's console, except that output that is not a terminal (a pipe, a file, a test's capture)
+    is not cut or wrapped at 80 columns: tables and lines keep their full width. ``COLUMNS``, when
+    set, still sets the width."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and "COLUMNS" not in os.environ:
+            return ConsoleDimensions(_UNCUT, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+_UNCUT = 1_000_000  # a table is as wide as its content; nothing pads a line to this
+out = _Console()
+err = _Console(stderr=True)
+
+
+class _State:
+    home: Path | None = None
+    adapters_root: Path | None = None
+    server_url: str | None = None
+    registry: str | None = None
+    namespace: str | None = None
+    kubeconfig: Path | None = None
+    context: str | None = None
+    debug: bool = False
+
+
+_state = _State()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from loraplane import __version__
+
+        out.print(f"loraplane {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    home: Path | None = typer.Option(
+        None, envvar="LORAPLANE_HOME", help="State directory (default: ~/.loraplane)."
+    ),
+    adapters_root: Path | None = typer.Option(
+        None, envvar="LORAPLANE_ADAPTERS_ROOT", help="Adapters root (default: HOME/adapters)."
+    ),
+    server_url: str | None = typer.Option(
+        None, envvar="LORAPLANE_SERVER_URL", help="vLLM server (default: http://127.0.0.1:8000)."
+    ),
+    registry: str | None = typer.Option(
+        None,
+        envvar="LORAPLANE_REGISTRY",
+        help="Registry backend: local (HOME/registry.json) or kubernetes (LoraAdapter objects).",
+    ),
+    namespace: str | None = typer.Option(
+        None,
+        "--namespace",
+        "-n",
+        envvar="LORAPLANE_NAMESPACE",
+        help="Kubernetes namespace (default: default).",
+    ),
+    kubeconfig: Path | None = typer.Option(
+        None, envvar="KUBECONFIG", help="Kubeconfig file (default: ~/.kube/config)."
+    ),
+    context: str | None = typer.Option(None, "--context", help="Kubeconfig context (default: current)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logs on stderr."),
+    debug: bool = typer.Option(
+        False, "--debug", envvar="LORAPLANE_DEBUG", help="Show the traceback of an unexpected error."
+    ),
+    version: bool = typer.Option(
+        False, "--version", help="Print loraplane's version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    from loraplane.common.logs import configure_logging
+
+    configure_logging(verbose)
+    _state.home, _state.adapters_root, _state.server_url = home, adapters_root, server_url
+    _state.registry, _state.namespace = registry, namespace
+    _state.kubeconfig, _state.context = kubeconfig, context
+    _state.debug = debug
+
+
+def _output_choice(value: str) -> str:
+    """``--output``: the command's human form (table or text) or json; anything else is a usage error."""
+    if value not in ("table", "text", "json"):
+        raise typer.BadParameter(f"{value!r}: use table (or text) or json")
+    return value
+
+
+def _settings() -> Any:
+    from loraplane.common.settings import Settings
+
+    kwargs: dict[str, Any] = {"adapters_root": _state.adapters_root}
+    if _state.home is not None:
+        kwargs["home"] = _state.home
+    if _state.server_url is not None:
+        kwargs["server_url"] = _state.server_url
+    if _state.registry is not None:
+        if _state.registry not in ("local", "kubernetes"):
+            raise InvalidInputError(f"--registry: got {_state.registry!r}; use 'local' or 'kubernetes'")
+        kwargs["registry"] = _state.registry
+    if _state.namespace is not None:
+        kwargs["namespace"] = _state.namespace
+    kwargs["kubeconfig"], kwargs["kube_context"] = _state.kubeconfig, _state.context
+    return Settings(**kwargs)
+
+
+@contextlib.contextmanager
+def _served_settings(admin: bool = False) -> Iterator[Any]:
+    """The settings; with the kubernetes registry and no --server-url, ``server_urls`` are
+    port-forwards (through the Kubernetes API) to every Ready vLLM pod of the namespace, and the API
+    key (unless LORAPLANE_API_KEY is set) the one the pods use, from their Secret. ``admin`` (a
+    command that only changes what is served): no port-forward when the vLLM pods watch the registry
+    themselves (``platform/convergence.py``): the command writes the registry and waits for them."""
+    settings = _settings()
+    if settings.registry != "kubernetes" or _state.server_url is not None:
+        yield settings
+        return
+    if admin:
+        from loraplane.platform.convergence import reconciling_replicas
+
+        if reconciling_replicas(settings) is not None:
+            yield settings
+            return
+    from loraplane.platform.portforward import vllm_admin
+
+    with vllm_admin(settings) as forwarded:
+        yield forwarded
+
+
+def _served_by(settings: Any) -> str:
+    """Which servers a command reached: the Ready vLLM pods that watch the registry, else URLs."""
+    if _state.server_url is None and not settings.server_urls:
+        from loraplane.platform.convergence import reconciling_replicas
+
+        replicas = reconciling_replicas(settings)
+        if replicas is not None:
+            return f"{len(replicas.ready)} Ready vLLM pod(s): {', '.join(replicas.ready) or 'none'}"
+    return ", ".join(settings.server_urls or [settings.server_url])
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a command body; a LoraplaneError becomes a clear message and its exit code, and anything
+    else a one-line error (exit 1): a traceback only with --debug."""
+    try:
+        return fn()
+    except LoraplaneError as exc:
+        err.print("[red]error:[/] " + _escape(str(exc)), highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise  # a command's own exit code (e.g. evals run --check: 3)
+    except ModuleNotFoundError as exc:
+        from loraplane.common.extras import missing_extra
+
+        needed = missing_extra(exc)
+        if needed is None or _state.debug:
+            raise
+        err.print("[red]error:[/] " + _escape(str(needed)), highlight=False)
+        raise typer.Exit(needed.exit_code) from None
+    except Exception as exc:
+        if _state.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(
+            f"[red]error:[/] unexpected {type(exc).__name__}: {_escape(first)}\n"
+            "  hint: run again with --debug for the traceback, and report it if it is a loraplane bug",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr when it is a terminal; otherwise nothing (logs stay quiet)."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _print_report(report: Any) -> None:
+    """One table per dataset (value and CI per model, difference to each baseline), then the gate."""
+    from rich.table import Table
+
+    from loraplane.evals.metrics import FIGURES
+
+    roles = report.roles()
+    for d in report.datasets:
+        table = Table(title=f"{report.suite} / {d.name}: {d.n} examples via {report.endpoint}")
+        present = [r for r in roles if r in d.runs]
+        others = [r for r in present if r != "candidate"]
+        table.add_column("metric")
+        for role in present:
+            table.add_column(f"{role}\n{report.models[role]}", justify="right")
+        for role in others:
+            table.add_column(f"Δ vs {role}", justify="right")
+        for figure in d.figures:
+            info = FIGURES[figure]
+            row = [f"{figure} {'↑' if info.higher_is_better else '↓'}"]
+            for role in present:
+                e = d.runs[role].metrics.get(figure)
+                text = "n/a" if e is None or e.value is None else f"{e.value:.3f}"
+                if e is not None and e.ci_low is not None and e.ci_high is not None:
+                    text += f" [{e.ci_low:.2f}, {e.ci_high:.2f}]"
+                row.append(text)
+            for role in others:
+                c = next((c for c in d.comparisons if c.metric == figure and c.baseline == role), None)
+                if c is None or c.delta.value is None:
+                    row.append("n/a")
+                    continue
+                color = {"better": "green", "worse": "red"}.get(c.verdict, "white")
+                verdict = "" if c.verdict == "n/a" else f" [{color}]{c.verdict}[/]"
+                row.append(f"{c.delta.value:+.3f}{verdict}")
+            table.add_row(*row)
+        out.print(table)
+        failed = {r: d.runs[r].failures for r in present if d.runs[r].failures}
+        if failed:
+            out.print("failed requests: " + ", ".join(f"{r} {n}/{d.n}" for r, n in failed.items()))
+    if report.gate is not None:
+        verdict = "[green]PASS[/]" if report.gate.passed else "[red]FAIL[/]"
+        out.print(f"gate: {verdict}")
+        for c in report.gate.checks:
+            mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]skip[/]"}[c.passed]
+            out.print(f"  {mark} {c.rule}: {_escape(c.message)}")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
