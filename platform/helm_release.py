@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from loraplane.common.durations import go_duration
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.settings import Settings
 
@@ -329,7 +330,7 @@ def deploy(
     chart: Path | None = None,
     values: dict[str, Any] | None = None,
     wait: bool = False,
-    timeout: str = "5m",
+    timeout: float = 300.0,
 ) -> ReleaseInfo:
     """``install`` (``upgrade=False``: the release must not exist) or ``upgrade`` (it must)."""
     chart_dir = chart or default_chart()
@@ -361,7 +362,7 @@ def deploy(
             namespace=namespace,
             create_namespace=not upgrade,
             wait=wait,
-            timeout=timeout,
+            timeout=go_duration(timeout),
         )
         return _info(revision, loaded.metadata)
 
@@ -369,7 +370,7 @@ def deploy(
 
 
 def uninstall(
-    settings: Settings, release: str = DEFAULT_RELEASE, *, wait: bool = False, timeout: str = "5m"
+    settings: Settings, release: str = DEFAULT_RELEASE, *, wait: bool = False, timeout: float = 300.0
 ) -> None:
     async def go() -> None:
         client = _client(settings)
@@ -379,7 +380,9 @@ def uninstall(
                 f"release {release!r} is not installed in namespace {settings.namespace!r}",
                 hint="list releases with: helm list -A",
             )
-        await client.uninstall_release(release, namespace=settings.namespace, wait=wait, timeout=timeout)
+        await client.uninstall_release(
+            release, namespace=settings.namespace, wait=wait, timeout=go_duration(timeout)
+        )
 
     _run(go(), f"helm uninstall {release}")
 
@@ -427,7 +430,7 @@ def label_privileged_namespace(
 
 
 def install_gpu_operator(
-    settings: Settings, operator: GpuOperator, *, wait: bool = False, timeout: str = "10m"
+    settings: Settings, operator: GpuOperator, *, wait: bool = False, timeout: float = 600.0
 ) -> ReleaseInfo:
     """NVIDIA's GPU operator chart from its repository, into its own privileged namespace
     (installed, or upgraded when it is there already)."""
@@ -443,7 +446,7 @@ def install_gpu_operator(
             namespace=operator.namespace,
             create_namespace=False,
             wait=wait,
-            timeout=timeout,
+            timeout=go_duration(timeout),
         )
         return _info(revision, chart.metadata)
 

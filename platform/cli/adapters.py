@@ -13,7 +13,7 @@ import typer.core
 from loraplane.common.errors import InvalidInputError
 from loraplane.platform.cli.app import (
     _escape,
-    _output_choice,
+    _output_option,
     _print_report,
     _progress_bar,
     _run,
@@ -29,7 +29,7 @@ from loraplane.platform.cli.app import (
 
 @adapters_app.command("list")
 def adapters_list(
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """List adapters, their versions, states, aliases and latest eval.
 
@@ -135,10 +135,11 @@ def adapters_eval(
         None, "--dataset", "-d", help="Or one eval JSONL with the default metrics and gate."
     ),
     report_dir: Path | None = typer.Option(None, help="Where report files go (default: HOME/reports)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Evaluate a version, the adapter's current prod and the base model side by side through the live
-    server; write JSON, Markdown and PNG reports and store the verdict of the suite's gate.
+    server; write JSON, Markdown and PNG reports and store the verdict of the suite's gate. A version
+    trained with tracking.mlflow gets its figures and report logged to that MLflow run as well.
 
     \b
     Example:
@@ -154,10 +155,20 @@ def adapters_eval(
         from loraplane.evals.suite import load_suite, suite_for_dataset
 
         source = load_suite(suite) if suite is not None else suite_for_dataset(dataset)  # type: ignore[arg-type]
+        warnings: list[str] = []  # e.g. an MLflow server that refused the results: after the progress bar
         with _served_settings() as settings, _progress_bar("requests") as progress:
             record = asyncio.run(
-                evaluate_adapter(settings, ref, source, report_dir=report_dir, on_progress=progress)
+                evaluate_adapter(
+                    settings,
+                    ref,
+                    source,
+                    report_dir=report_dir,
+                    on_progress=progress,
+                    on_warning=warnings.append,
+                )
             )
+        for message in warnings:
+            err.print(f"[yellow]warning:[/] {_escape(message)}", highlight=False)
         if output == "json":
             out.print_json(record.model_dump_json())
             return
@@ -207,7 +218,7 @@ def adapters_promote(
 @adapters_app.command("show")
 def adapters_show(
     name: str = typer.Argument(..., help="Adapter name."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Show one adapter: its versions, aliases and the history of every change.
 
@@ -378,7 +389,7 @@ def adapters_sync(
         False, "--keep-unknown", help="Leave adapters the registry does not know loaded."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would change; change nothing."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Make each vLLM replica serve exactly the registry's servable versions; report the changes.
 
@@ -501,7 +512,7 @@ def adapters_export(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="--merged: allow the base model's own code to run."
     ),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Export an adapter for Ollama: a Modelfile (FROM the base, ADAPTER, the chat template as
     Ollama's TEMPLATE, its stop markers) and the adapter's safetensors files, or with --merged the

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -169,11 +170,51 @@ def _global(
     _state.debug = debug
 
 
+class OutputFormat(StrEnum):
+    """``--output`` of every command: ``text`` for people (tables where the output is tabular),
+    ``json`` for programs. ``table`` is accepted as another name for ``text``."""
+
+    text = "text"
+    json = "json"
+
+
 def _output_choice(value: str) -> str:
-    """``--output``: the command's human form (table or text) or json; anything else is a usage error."""
-    if value not in ("table", "text", "json"):
-        raise typer.BadParameter(f"{value!r}: use table (or text) or json")
+    """``--output``: text (or table) or json; anything else is a usage error."""
+    if value == "table":
+        return OutputFormat.text.value
+    if value not in {f.value for f in OutputFormat}:
+        raise typer.BadParameter(f"{value!r}: use text (or table) or json")
     return value
+
+
+def _output_option() -> Any:
+    return typer.Option(
+        OutputFormat.text.value,
+        "--output",
+        "-o",
+        help="text (tables where the output is tabular) or json.",
+        callback=_output_choice,
+    )
+
+
+def _duration(value: str) -> float:
+    from loraplane.common.durations import parse_duration
+
+    try:
+        return parse_duration(value)
+    except LoraplaneError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _duration_option(default: str, what: str, flag: str = "--timeout") -> Any:
+    """A duration option: seconds (``90``) or a Go duration (``90s``, ``10m``, ``1h30m``), as seconds."""
+    return typer.Option(
+        default,
+        flag,
+        help=f"{what} Seconds or a duration: 90, 90s, 10m, 1h.",
+        parser=_duration,
+        metavar="DURATION",
+    )
 
 
 def _settings() -> Any:

@@ -13,7 +13,8 @@ import typer.core
 
 from loraplane.common.errors import InvalidInputError
 from loraplane.platform.cli.app import (
-    _output_choice,
+    _duration_option,
+    _output_option,
     _progress_bar,
     _run,
     _settings,
@@ -65,7 +66,7 @@ def data_validate(
         False, "--all-tokens", help="Train on every token, not only the assistant's replies."
     ),
     seed: int | None = typer.Option(None, help="Seed of the --eval-fraction hold-out (default: 0)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Run the trainer's data checks on a dataset without training: a report of every problem by class
     with line numbers, token lengths and tokens per epoch. Exits 2 when the data is not usable; writes
@@ -180,8 +181,8 @@ def data_push(
     chat_template: Path | None = typer.Option(
         None, help="Jinja chat template file (as in the run's config)."
     ),
-    timeout: float = typer.Option(1800.0, help="Seconds the upload may take."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    timeout: float = _duration_option("30m", "Longest the upload may take."),
+    output: str = _output_option(),
 ) -> None:
     """Check FILE with the trainer's own checks, then put it on the release's shared volume at
     datasets/NAME/sha256-DIGEST.jsonl: the path names its content, so a run's config (and the
@@ -252,10 +253,10 @@ def models_pull(
     hf_endpoint: str | None = typer.Option(
         None, help="Hugging Face hub endpoint (a mirror; default: HF_ENDPOINT here, else huggingface.co)."
     ),
-    timeout: float = typer.Option(
-        6 * 3600.0, help="Seconds the fetch may take (running again keeps the files already downloaded)."
+    timeout: float = _duration_option(
+        "6h", "Longest the fetch may take (running again keeps the files already downloaded)."
     ),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Fetch a base model once onto the release's shared volume, into models/NAME@REVISION/ (the
     directory an hf:// serving.model or base_model.path resolves to): staged, resumable, renamed into
@@ -313,8 +314,8 @@ def volume_put(
     dest: str = typer.Argument(..., help="Where it goes on the volume, relative to its root: models/base."),
     release: str = _release_option(),
     replace: bool = typer.Option(False, "--replace", help="Swap an existing DEST for the upload."),
-    timeout: float = typer.Option(1800.0, help="Seconds the upload may take."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    timeout: float = _duration_option("30m", "Longest the upload may take."),
+    output: str = _output_option(),
 ) -> None:
     """Copy a file or directory onto the release's shared volume (where vLLM and the trainer read).
 

@@ -13,7 +13,7 @@ import typer.core
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.platform.cli.app import (
-    _output_choice,
+    _output_option,
     _print_report,
     _progress_bar,
     _run,
@@ -43,7 +43,7 @@ def evals_run(
     ),
     report_dir: Path = typer.Option(Path("eval-reports"), help="Where the JSON, Markdown and PNG go."),
     check: bool = typer.Option(False, "--check", help="Exit 3 when the suite's gate fails (for CI)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Run a suite against an endpoint (vLLM, the gateway, or another provider); nothing is registered.
 
@@ -103,7 +103,7 @@ def evals_run(
 @evals_app.command("validate")
 def evals_validate(
     suite: Path = typer.Argument(..., help="Eval suite YAML."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Check a suite file and every dataset it names, without sending a request.
 

@@ -10,7 +10,17 @@ import typer
 import typer.core
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.cli.app import _escape, _output_choice, _run, _settings, app, demo_app, err, out
+from loraplane.platform.cli.app import (
+    _duration_option,
+    _escape,
+    _output_option,
+    _run,
+    _settings,
+    app,
+    demo_app,
+    err,
+    out,
+)
 
 
 @demo_app.command("build-model")
@@ -56,7 +66,7 @@ def quickstart(
         Path("quickstart-out"), help="Working directory (cleared if an earlier run made it)."
     ),
     port: int | None = typer.Option(None, help="vLLM port (default: a free one)."),
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
     keep_serving: bool = typer.Option(
         False, "--keep-serving", help="At the end, serve the adapters (vLLM + gateway) until Ctrl-C."
     ),
@@ -147,7 +157,9 @@ def serve(
         1, help="KV cache in whole GiB (CPU backend); 1 fits beside other work."
     ),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    startup_timeout: float = typer.Option(900.0, help="Seconds vLLM may take to become ready."),
+    startup_timeout: float = _duration_option(
+        "15m", "Longest vLLM may take to become ready.", "--startup-timeout"
+    ),
 ) -> None:
     """Serve the local registry: vLLM and the OpenAI-compatible gateway, until Ctrl-C.
 

@@ -11,7 +11,16 @@ import typer
 import typer.core
 
 from loraplane.common.errors import LoraplaneError
-from loraplane.platform.cli.app import _escape, _output_choice, _run, _settings, app, err, out
+from loraplane.platform.cli.app import (
+    _duration_option,
+    _escape,
+    _output_option,
+    _run,
+    _settings,
+    app,
+    err,
+    out,
+)
 from loraplane.platform.helm_release import GPU_OPERATOR_REPO, GPU_OPERATOR_VERSION
 
 
@@ -38,7 +47,7 @@ def _deploy(
     release: str,
     chart: Path | None,
     wait: bool,
-    timeout: str,
+    timeout: float,
 ) -> Any:
     from loraplane.platform.helm_release import deploy, load_values
     from loraplane.platform.storage_check import wait_for_claim
@@ -149,7 +158,7 @@ def install(
     release: str = _release_option(),
     chart: Path | None = typer.Option(None, help="Chart directory (default: the loraplane chart)."),
     wait: bool = typer.Option(False, "--wait", help=_WAIT_HELP),
-    timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration: 90s, 10m)."),
+    timeout: float = _duration_option("5m", "Longest wait for helm."),
     gpu_mode: str | None = _gpu_mode_option(),
     dry_run: bool = typer.Option(
         False,
@@ -170,7 +179,7 @@ def install(
     gpu_operator_namespace: str = typer.Option(
         "gpu-operator", help="Namespace of the GPU operator (labelled Pod Security privileged)."
     ),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Install the platform's Helm release in the namespace (-n); refused if it is installed already.
 
@@ -229,9 +238,9 @@ def upgrade(
     release: str = _release_option(),
     chart: Path | None = typer.Option(None, help="Chart directory (default: the loraplane chart)."),
     wait: bool = typer.Option(False, "--wait", help=_WAIT_HELP),
-    timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration: 90s, 10m)."),
+    timeout: float = _duration_option("5m", "Longest wait for helm."),
     gpu_mode: str | None = _gpu_mode_option(),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Upgrade the installed release with new values or a new chart (values not given reset to the
     chart's defaults, as `helm upgrade` does: pass --gpu-mode again, or keep it in a values file).
@@ -260,7 +269,7 @@ def upgrade(
 def uninstall(
     release: str = _release_option(),
     wait: bool = typer.Option(False, "--wait", help="Wait until the release's objects are gone."),
-    timeout: str = typer.Option("5m", help="Longest wait for helm (Go duration)."),
+    timeout: float = _duration_option("5m", "Longest wait for helm."),
 ) -> None:
     """Remove the release. The data volume (models, datasets, adapters) and the registry's
     LoraAdapter objects are kept.
@@ -283,7 +292,7 @@ def uninstall(
 @app.command()
 def status(
     release: str = _release_option(),
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Show what runs in the namespace: the release, vLLM replicas ready/desired, the adapters vLLM
     has loaded (through a port-forward) and the registry's aliases.

@@ -11,7 +11,16 @@ import typer
 import typer.core
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.platform.cli.app import _escape, _output_choice, _run, _settings, err, out, train_app
+from loraplane.platform.cli.app import (
+    _duration_option,
+    _escape,
+    _output_option,
+    _run,
+    _settings,
+    err,
+    out,
+    train_app,
+)
 
 
 def _cluster_settings() -> Any:
@@ -51,8 +60,8 @@ def train_submit(
     wait: bool = typer.Option(
         False, "--wait", help="Cluster: wait for the Job to finish, then register what it published."
     ),
-    timeout: float = typer.Option(24 * 3600, help="Longest --wait in seconds."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    timeout: float = _duration_option("24h", "Longest --wait."),
+    output: str = _output_option(),
 ) -> None:
     """Train an adapter. With the kubernetes registry: validate the config and start a Job from the
     release's template (--wait: until it ends, then register the adapter). With the local registry:
@@ -141,7 +150,7 @@ def train_status(
     register: bool = typer.Option(
         True, "--register/--no-register", help="Register the published adapter when the run succeeded."
     ),
-    output: str = typer.Option("table", "--output", "-o", help="table or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Show a run: running, succeeded or failed (with the reason), and each pod's exit code. A
     succeeded run's adapter is registered (once; later calls say it already is).
@@ -199,7 +208,7 @@ def train_status(
 @train_app.command("register")
 def train_register(
     job: str = typer.Argument(..., help="Job name of a succeeded run."),
-    output: str = typer.Option("text", "--output", "-o", help="text or json", callback=_output_choice),
+    output: str = _output_option(),
 ) -> None:
     """Register the adapter a succeeded run published (idempotent: a second call changes nothing).
 
