@@ -1,6 +1,6 @@
 """Multi-LoRA serving throughput on real vLLM CPU servers, and adapter hot-load (numbers, not a test).
 
-performance-anchors.md §7 B2 and B3; issue 4's benchmark. Configurations, each on its own freshly
+Targets B2 and B3 (below); issue 4's benchmark. Configurations, each on its own freshly
 started vLLM server (``serving/launcher.py``, prefix caching off so repeated rounds do equal work):
 
 * **a**: base model, vLLM started *without* ``--enable-lora`` (all requests to the base model);
@@ -748,7 +748,7 @@ def report(
             f"penalty {penalty:.2f}x"
         )
     say(f"  background during the 'busy' loads: {background_tps:.1f} out tok/s (b's adapter, concurrency 2)")
-    say("  CPU targets (performance-anchors §7 B3): load p50 <= 1 s, first-request penalty <= 2")
+    say("  CPU targets (B3): load p50 <= 1 s, first-request penalty <= 2")
 
     say(
         f"\nclosing note ({rounds} rounds per phase; throughput ratios median [95% CI]): "

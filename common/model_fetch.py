@@ -458,7 +458,9 @@ def models_root_default() -> Path:
     root = os.environ.get(ENV_MODELS_ROOT)
     if root:
         return Path(root)
-    return Path(os.environ.get("LORAPLANE_HOME") or Path.home() / ".loraplane") / "models"
+    from loraplane.common.settings import default_home
+
+    return default_home() / "models"
 
 
 def ensure_model(text: str, *, revision: str | None = None, field: str = "model", say: Say = _quiet) -> str:

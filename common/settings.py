@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from loraplane.common.errors import ConfigError
 
 
-def _default_home() -> Path:
-    return Path(os.environ.get("LORAPLANE_HOME", Path.home() / ".loraplane"))
+def default_home() -> Path:
+    """The state directory: ``$LORAPLANE_HOME``, else ``~/.loraplane`` (the one place that says so)."""
+    return Path(os.environ.get("LORAPLANE_HOME") or Path.home() / ".loraplane")
 
 
 def _registry_from_env() -> Literal["local", "kubernetes"]:
@@ -34,7 +35,7 @@ def vllm_key_path(home: Path) -> Path:
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    home: Path = Field(default_factory=_default_home, description="State directory (registry, logs).")
+    home: Path = Field(default_factory=default_home, description="State directory (registry, logs).")
     adapters_root: Path | None = Field(default=None, description="Default: <home>/adapters.")
     server_url: str = Field(
         default_factory=lambda: os.environ.get("LORAPLANE_SERVER_URL", "http://127.0.0.1:8000")

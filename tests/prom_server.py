@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import yaml
-from conftest import wait_until
 from kube_client import helm_args
+from support import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "loraplane"

@@ -139,7 +139,7 @@ class RealNode(KubeClient):
         return name
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-        from conftest import wait_until
+        from support import wait_until
 
         wait_until(condition, what, timeout=timeout, every=0.3)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import write_fake_adapter
+from support import write_fake_adapter
 from typer.testing import CliRunner
 
 from loraplane.common.settings import Settings

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import typer.main
 import yaml
-from conftest import ROOT, Cluster
+from support import ROOT, Cluster
 from test_k8s_e2e import third_party_crds  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]

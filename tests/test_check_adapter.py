@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_fake_adapter
+from support import write_fake_adapter
 
 from loraplane.common.files import sha256_file
 from loraplane.registry.model import AdapterVersion

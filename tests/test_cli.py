@@ -238,7 +238,7 @@ def test_evals_run_without_an_endpoint_on_the_local_registry_says_what_to_pass(
 
 
 def _register(settings: Settings, version: str) -> None:
-    from conftest import write_fake_adapter
+    from support import write_fake_adapter
 
     path = write_fake_adapter(settings.adapters_dir / "demo" / version)
     result = _cli(settings, "adapters", "register", str(path), "--name", "demo", "--version", version)
@@ -306,7 +306,7 @@ def test_flags_show_as_flags_in_help() -> None:
 
 def test_tables_are_not_cut_when_output_is_not_a_terminal(tmp_path: Path) -> None:
     """Piped output (not a TTY) with no COLUMNS: a long row comes out whole, on one line."""
-    from conftest import write_fake_adapter
+    from support import write_fake_adapter
 
     deep = tmp_path / ("a-rather-long-directory-name-" * 4).rstrip("-")
     settings = Settings(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import API_KEY, BASE, ROOT, Live
+from support import API_KEY, BASE, ROOT, Live
 from test_evals_e2e import _suite
 
 from loraplane import __version__

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import API_KEY, BASE, Live, ask_one_word, write_fake_adapter
+from support import API_KEY, BASE, Live, ask_one_word, write_fake_adapter
 
 from loraplane.platform.adapters import (
     evaluate_adapter,

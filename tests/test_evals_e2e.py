@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import API_KEY, BASE, Live, http
+from support import API_KEY, BASE, Live, http
 from test_gateway import metric, serve
 
 from loraplane.common.errors import LoraplaneError

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import psutil
 import pytest
-from conftest import wait_until
+from support import wait_until
 from test_trainer_runs import _config as trainer_config
 
 from loraplane.platform.quickstart import free_port

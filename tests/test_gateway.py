@@ -25,11 +25,11 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from conftest import http, wait_until
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
+from support import http, wait_until
 
 from loraplane.common.errors import ConfigError, InvalidInputError
 from loraplane.common.files import atomic_write_text

@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, BASE, ROOT, Live, engine_core, http, vllm_generated_tokens, wait_until
 from kube_client import helm_args
 from openai import OpenAI
+from support import API_KEY, BASE, ROOT, Live, engine_core, http, vllm_generated_tokens, wait_until
 from test_gateway import metric, raw_post, serve
 
 from loraplane.common.settings import Settings

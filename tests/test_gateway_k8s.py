@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import API_KEY, Cluster, Live, write_fake_adapter
+from support import API_KEY, Cluster, Live, write_fake_adapter
 
 from loraplane.common.settings import Settings
 from loraplane.platform.adapters import promote_adapter, register_adapter

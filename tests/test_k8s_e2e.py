@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, Cluster
+from support import ROOT, Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 

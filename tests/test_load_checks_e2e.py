@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY, BASE, Live
+from support import API_KEY, BASE, Live
 
 from loraplane.common.chat_templates import template_sha256
 from loraplane.common.settings import Settings

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import wait_until
 from prom_server import (
     DASHBOARD,
     alerts,
@@ -25,6 +24,7 @@ from prom_server import (
     rule_groups,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from support import wait_until
 
 from loraplane.common.settings import Settings
 from loraplane.platform.quickstart import free_port

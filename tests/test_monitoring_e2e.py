@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, Live, wait_until
 from openai import OpenAI
 from prom_server import (
     Prometheus,
@@ -34,6 +33,7 @@ from prom_server import (
     rule_groups,
 )
 from pydantic import SecretStr
+from support import API_KEY, Live, wait_until
 from test_gateway import serve
 
 from loraplane.common.settings import Settings

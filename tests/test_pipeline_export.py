@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from conftest import ROOT, Cluster
+from support import ROOT, Cluster
 
 from loraplane import __version__
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import API_KEY, BASE, ROOT, Cluster, Live
+from support import API_KEY, BASE, ROOT, Cluster, Live
 
 from loraplane.common.settings import Settings
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_fake_adapter
+from support import write_fake_adapter
 
 from loraplane.common.adapter_dir import AdapterPreflightError
 from loraplane.serving.base_model import BaseModelFacts, load_base_model

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY, Live, ask_one_word
 from filelock import FileLock
+from support import API_KEY, Live, ask_one_word
 
 from loraplane.common.settings import Settings
 from loraplane.platform.adapters import (

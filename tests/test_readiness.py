@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, BASE, Live
 from fastapi import FastAPI
+from support import API_KEY, BASE, Live
 from test_gateway import serve
 
 from loraplane.platform.adapters import register_adapter

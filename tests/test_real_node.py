@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import http
 from real_node import BUSYBOX, NODE_NAME, RESTRICTED_CONTAINER, RESTRICTED_POD, ROOT, RealNode
+from support import http
 
 pytestmark = [pytest.mark.node]
 

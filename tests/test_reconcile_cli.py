@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import write_fake_adapter
+from support import write_fake_adapter
 
 from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter

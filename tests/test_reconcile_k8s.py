@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, Cluster
 from kube_client import helm_args
+from support import ROOT, Cluster
 
 from loraplane.common.settings import Settings
 from loraplane.serving.replicas import list_vllm_pods, vllm_selector
@@ -113,7 +113,7 @@ def test_ready_vllm_pods_of_the_release_become_pod_ip_urls(k8s_cluster: Cluster)
 def test_the_servers_rank_limit_is_read_from_the_release_pods(k8s_cluster: Cluster, tmp_path: Path) -> None:
     """register/load/sync check an adapter against the --max-lora-rank the release's vLLM pods run with
     (the chart's serving.maxLoraRank), not against a default."""
-    from conftest import write_fake_adapter
+    from support import write_fake_adapter
 
     from loraplane.common.adapter_dir import AdapterPreflightError
     from loraplane.platform.adapters import register_adapter

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, BASE, Cluster, Live, http
+from support import API_KEY, BASE, Cluster, Live, http
 
 from loraplane.common.files import sha256_file
 from loraplane.common.settings import Settings

@@ -8,7 +8,7 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from conftest import write_fake_adapter
+from support import write_fake_adapter
 
 from loraplane.common.adapter_dir import AdapterPreflightError
 from loraplane.common.errors import InvalidInputError

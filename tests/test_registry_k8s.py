@@ -11,7 +11,7 @@ import sys
 import threading
 
 import pytest
-from conftest import ROOT, Cluster, write_fake_adapter
+from support import ROOT, Cluster, write_fake_adapter
 
 from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter, set_canary

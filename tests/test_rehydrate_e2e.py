@@ -38,8 +38,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens, vllm_metric
-from conftest import wait_until as shared_wait_until
+from support import API_KEY, BASE, Live, engine_core, http, vllm_generated_tokens, vllm_metric
+from support import wait_until as shared_wait_until
 
 from loraplane.common.settings import Settings
 from loraplane.platform.adapters import register_adapter, unload_adapter

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BASE, SENTIMENT_PROMPT, Live, wait_until, write_fake_adapter
+from support import BASE, SENTIMENT_PROMPT, Live, wait_until, write_fake_adapter
 
 from loraplane.platform.quickstart import free_port
 

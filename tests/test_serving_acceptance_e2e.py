@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, BASE, Cluster, Live, write_fake_adapter
+from support import API_KEY, BASE, Cluster, Live, write_fake_adapter
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.settings import Settings

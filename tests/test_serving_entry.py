@@ -75,7 +75,7 @@ def test_a_starting_server_serves_every_servable_registered_version(tmp_path: Pa
     once vLLM is up, see test_rehydrate_e2e.py)."""
     import json
 
-    from conftest import write_fake_adapter
+    from support import write_fake_adapter
 
     from loraplane.common.settings import Settings
     from loraplane.platform.adapters import register_adapter, unload_adapter

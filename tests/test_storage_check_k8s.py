@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Cluster
+from support import ROOT, Cluster
 
 from loraplane.common.settings import Settings
 from loraplane.platform.storage_check import check_claim, wait_for_claim

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, Cluster
+from support import ROOT, Cluster
 
 from loraplane.common.settings import Settings
 
@@ -225,7 +225,7 @@ def _serve_log(cluster: Cluster, ns: str, pod: str, log_file: Path) -> None:
 
 def _published_adapter(tmp_path: Path, name: str, version: str) -> dict[str, Any]:
     """The result line run_report prints for an adapter directory (real files, real sha256)."""
-    from conftest import write_fake_adapter
+    from support import write_fake_adapter
 
     from loraplane.common.files import sha256_file
     from loraplane.platform.run_report import published

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Cluster
+from support import Cluster
 from test_training_k8s import CHART, RELEASE, TOLERATE_GPU, _cli, _config, _status, _submit
 
 from loraplane.trainer.exit_codes import PEER_LOST

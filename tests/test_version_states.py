@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import write_fake_adapter
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -35,6 +34,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support import write_fake_adapter
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.settings import Settings

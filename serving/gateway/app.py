@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.logs import configure_logging
-from loraplane.common.settings import Settings
+from loraplane.common.settings import Settings, default_home
 from loraplane.registry.backends import open_registry
 from loraplane.serving.gateway.auth import KeyChecker
 from loraplane.serving.gateway.config import GatewayConfig, config_from_args
@@ -244,9 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m loraplane.serving.gateway",
         description="The OpenAI-compatible gateway in front of a vLLM server (see docs/serving.md).",
     )
-    env_home = os.environ.get("LORAPLANE_HOME")
     p.add_argument("--upstream", default=os.environ.get("LORAPLANE_SERVER_URL"), help="vLLM's base URL")
-    p.add_argument("--home", type=Path, default=Path(env_home) if env_home else Path.home() / ".loraplane")
+    p.add_argument("--home", type=Path, default=default_home(), help="state directory (the local registry)")
     p.add_argument(
         "--registry",
         choices=("local", "kubernetes"),
