@@ -189,7 +189,7 @@ def test_read_commands_answer_json(settings: Settings, fake_adapter: Path, tmp_p
     listed = json.loads(_cli(settings, "adapters", "list", "-o", "json").stdout)
     assert listed["adapters"]["demo"]["versions"]["v1"]["state"] == "registered"
     typo = _cli(settings, "adapters", "list", "-o", "yaml")
-    assert typo.returncode == 2 and "'yaml': use table (or text) or json" in typo.stderr
+    assert typo.returncode == 2 and "'yaml': use text (or table) or json" in typo.stderr
 
     (tmp_path / "e.jsonl").write_text('{"prompt": "2+2?", "reference": "4"}\n')
     suite = tmp_path / "suite.yaml"
