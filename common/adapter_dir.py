@@ -13,10 +13,14 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from loraplane.common.errors import InvalidInputError
 
+# The LoRA ranks vLLM serves (--max-lora-rank takes only these): an adapter of another rank needs the
+# next one up. The training config and the server config both check against this one list.
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+VLLM_LORA_RANKS: tuple[int, ...] = get_args(LoraRank)
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

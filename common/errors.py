@@ -1,8 +1,38 @@
-"""Errors every component raises, and how a pydantic validation error is shown to a user."""
+"""Errors every component raises, the exit codes they map to, and how a validation error is shown.
+
+Every error a user can act on is a :class:`LoraplaneError` (it says what is wrong, where, and what
+to do); the CLI prints it and exits with its ``exit_code``, one of :class:`ExitCode`::
+
+    FAILED 1      LoraplaneError itself; common.kube.KubernetesError, serving.client.ServerError,
+                  a failed training run, a Helm error
+    BAD_INPUT 2   InvalidInputError and its subclasses (ConfigError: one line per field;
+                  common.adapter_dir.AdapterPreflightError; the trainer's data errors), and
+                  registry.model.RegistryError, registry.version_states.TransitionRefusedError,
+                  serving.client.AdapterError, platform.helm_release.HelmValuesError
+    REFUSED 3     registry.model.IntegrityError (weights changed since registration),
+                  platform.adapters.PromotionRefusedError (the gate failed)
+    CONFLICT 4    registry.model.ConflictError (another command moved the alias meanwhile)
+
+Ctrl-C exits ``INTERRUPTED`` (130). The trainer's own exit codes (75 preempted, 76 lost pod 0, ...)
+are in ``trainer/exit_codes.py``: the Job's podFailurePolicy reads them.
+"""
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from pydantic import ValidationError
+
+
+class ExitCode(IntEnum):
+    """What the ``loraplane`` command exits with."""
+
+    OK = 0
+    FAILED = 1
+    BAD_INPUT = 2
+    REFUSED = 3
+    CONFLICT = 4
+    INTERRUPTED = 130
 
 
 class LoraplaneError(Exception):
@@ -12,7 +42,7 @@ class LoraplaneError(Exception):
     1 for everything else (a server that is down, a failed run).
     """
 
-    exit_code = 1
+    exit_code: int = ExitCode.FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -26,7 +56,7 @@ class LoraplaneError(Exception):
 class InvalidInputError(LoraplaneError):
     """Bad input: a config value, a dataset line, an adapter directory."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class ConfigError(InvalidInputError):

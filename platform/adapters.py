@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from loraplane.common.adapter_dir import WEIGHTS_FILE
-from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.common.errors import ExitCode, InvalidInputError, LoraplaneError
 from loraplane.common.settings import Settings
 from loraplane.evals.render import write_report
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
@@ -72,7 +72,7 @@ NAME_CHARS = "lowercase letters, digits and '-'"
 class PromotionRefusedError(LoraplaneError):
     """The promotion gate said no (no evaluation, or the evaluation failed)."""
 
-    exit_code = 3
+    exit_code = ExitCode.REFUSED
 
 
 def register_adapter(

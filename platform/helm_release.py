@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from loraplane.common.durations import go_duration
-from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.common.errors import ExitCode, InvalidInputError, LoraplaneError
 from loraplane.common.settings import Settings
 
 T = TypeVar("T")
@@ -51,7 +51,7 @@ class HelmError(LoraplaneError):
 class HelmValuesError(HelmError):
     """The chart's values.schema.json rejected the values: bad input (exit 2)."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 @dataclass(frozen=True)

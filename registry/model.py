@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
-from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.common.errors import ExitCode, InvalidInputError, LoraplaneError
 from loraplane.common.files import sha256_file
 from loraplane.registry.version_states import Command, VersionState, transition
 
@@ -46,7 +46,7 @@ class GateCheck(BaseModel):
 class RegistryError(LoraplaneError):
     """The registry cannot do what was asked (unknown adapter, duplicate version, ...)."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 def now() -> str:
@@ -252,7 +252,7 @@ class RegistryState(BaseModel):
 class IntegrityError(LoraplaneError):
     """An adapter's files changed after it was registered."""
 
-    exit_code = 3
+    exit_code = ExitCode.REFUSED
 
 
 def verify_weights(entry: AdapterVersion) -> None:
@@ -344,7 +344,7 @@ def mark_load_failed(state: RegistryState, entry: AdapterVersion, reason: str, s
 class ConflictError(RegistryError):
     """Another command changed what this one decided on (an alias moved meanwhile): nothing changed."""
 
-    exit_code = 4
+    exit_code = ExitCode.CONFLICT
 
 
 class AliasUnchangedError(RegistryError):

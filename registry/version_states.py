@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from loraplane.common.errors import LoraplaneError
+from loraplane.common.errors import ExitCode, LoraplaneError
 
 VersionState = Literal["registered", "serving", "retired"]
 Command = Literal["register", "load", "sync", "eval", "promote", "rollback", "unload", "retire"]
@@ -68,7 +68,7 @@ _VERB: Final[Mapping[Command, str]] = {
 class TransitionRefusedError(LoraplaneError):
     """The version's state does not allow the command; nothing was changed."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class RetiredError(TransitionRefusedError):

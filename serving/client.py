@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from loraplane.common.errors import LoraplaneError
+from loraplane.common.errors import ExitCode, LoraplaneError
 
 log = logging.getLogger("loraplane.serving")
 T = TypeVar("T")
@@ -42,7 +42,7 @@ class ServerUnavailableError(ServerError):
 class AdapterError(ServerError):
     """vLLM answered an adapter request with an error (the request, not the server, is the problem)."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class AdapterBadRequestError(AdapterError):

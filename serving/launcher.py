@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from loraplane.common.adapter_dir import LoraRank
 from loraplane.common.errors import LoraplaneError
 
 log = logging.getLogger("loraplane.serving")
@@ -83,7 +84,7 @@ class VLLMServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     max_loras: Annotated[int, Field(ge=1)] = 4
-    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    max_lora_rank: LoraRank = 16
     max_cpu_loras: Annotated[int, Field(ge=1)] | None = None
     max_model_len: Annotated[int, Field(ge=16)] = 512
     max_num_seqs: Annotated[int, Field(ge=1)] = 16

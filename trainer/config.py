@@ -12,10 +12,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraplane.common.adapter_dir import VLLM_LORA_RANKS
 from loraplane.common.errors import ConfigError, format_validation_error
-
-# vLLM's --max-lora-rank accepts only these values; an adapter of another rank needs the next one up.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a DNS label: usable in Kubernetes names too
 VERSION_PATTERN = r"^v[0-9]{1,6}$"

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 import typer.core
 
-from loraplane.common.errors import InvalidInputError
+from loraplane.common.errors import ExitCode, InvalidInputError
 from loraplane.platform.cli.app import (
     _escape,
     _output_option,
@@ -439,7 +439,7 @@ def adapters_sync(
                     for n, why in problems.items():
                         out.print(f"  [red]{kind}[/] {_escape(n)}: {_escape(why)}")
         if not report.ok:
-            raise typer.Exit(1)
+            raise typer.Exit(ExitCode.FAILED)
 
     _run(body)
 

@@ -23,7 +23,7 @@ import typer
 import typer.core
 from rich.console import Console, ConsoleDimensions
 
-from loraplane.common.errors import InvalidInputError, LoraplaneError
+from loraplane.common.errors import ExitCode, InvalidInputError, LoraplaneError
 
 T = TypeVar("T")
 
@@ -279,7 +279,7 @@ def _run(fn: Callable[[], T]) -> T:
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise  # a command's own exit code (e.g. evals run --check: 3)
     except ModuleNotFoundError as exc:
@@ -299,7 +299,7 @@ def _run(fn: Callable[[], T]) -> T:
             "  hint: run again with --debug for the traceback, and report it if it is a loraplane bug",
             highlight=False,
         )
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
 
 
 @contextlib.contextmanager
