@@ -1,7 +1,10 @@
 """``loraplane data push``: check a training file with the trainer's own checks, then put it on the
 release's shared volume under a name that is its content.
 
-Bad data exits 2 with the report's reasons and uploads nothing. Good data lands at
+The data is checked for the ``method`` of the runs it is for (``--method``): conversations (``sft``)
+or preference pairs (``dpo``: prompt/chosen/rejected, or OpenAI's preference format); the push records
+it, and ``train submit`` refuses a pushed name of the other method. Bad data exits 2 with the report's
+reasons (error class and line) and uploads nothing. Good data lands at
 ``datasets/<name>/sha256-<digest><suffix>`` (through :func:`loraplane.platform.volume.put`: staged,
 checked and renamed into place), so the path a run's config names says exactly which bytes it
 trained on, and pushing the same file again finds it there instead of uploading it twice.
@@ -29,9 +32,10 @@ class DataPushResult:
     name: str
     path: str  # where pods read it: <mount>/datasets/<name>/sha256-<digest><suffix>
     sha256: str
-    rows: int  # usable training rows, as the trainer counts them
+    rows: int  # usable training rows (preference pairs for dpo), as the trainer counts them
     bytes: int
     uploaded: bool  # False when the same content was already there
+    method: str = "sft"  # what it was checked as, the `method` of the runs it is for: sft or dpo
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,12 +66,17 @@ def push_dataset(
     release: str = "platform",
     max_seq_length: int = 1024,
     data_format: str | None = None,
+    method: str | None = None,
     revision: str | None = None,
     chat_template: Path | None = None,
     timeout: float = 1800.0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> DataPushResult:
-    """Validate ``file`` against ``base_model``'s tokenizer, then put it on the volume; see the module."""
+    """Validate ``file`` against ``base_model``'s tokenizer, then put it on the volume; see the module.
+
+    ``method`` (``sft`` or ``dpo``; default: ``dpo`` for a preference ``data_format``, else ``sft``) is
+    what the data is checked as: conversations, or preference pairs; it is recorded with the push.
+    """
     from pydantic import ValidationError
 
     from loraplane.common.errors import format_validation_error
@@ -75,8 +84,10 @@ def push_dataset(
     from loraplane.platform.volume import VolumeRefused, put, volume_target
     from loraplane.trainer.config import BaseModelSpec, DatasetSpec
     from loraplane.trainer.data import load_tokenizer, validate_dataset
+    from loraplane.trainer.preference_data import data_method, looks_like_preference
 
     chosen = dataset_name(file, name)
+    checked_as = data_method(method, data_format)
     if not file.is_file():
         raise InvalidInputError(f"{file}: no such file", hint="give a JSONL or Parquet training file")
     try:
@@ -89,14 +100,27 @@ def push_dataset(
     except ValidationError as exc:
         raise format_validation_error(exc, source="the data push options") from None
     prepared = validate_dataset(
-        dataset, load_tokenizer(model), max_seq_length=max_seq_length, assistant_only_loss=True, seed=0
+        dataset,
+        load_tokenizer(model),
+        max_seq_length=max_seq_length,
+        assistant_only_loss=True,
+        seed=0,
+        method=checked_as,
     )
     reasons = prepared.failures()
     if reasons:
+        as_dpo = " --method dpo" if checked_as == "dpo" else ""
+        hint = f"see `loraplane data validate {file} -m {base_model}{as_dpo}` for the whole report"
+        if checked_as == "sft" and looks_like_preference(file):
+            hint = (
+                "its rows are preference pairs (chosen / rejected): push them for DPO runs with "
+                f"--method dpo; or {hint}"
+            )
+        kind = " as preference pairs (--method dpo)" if checked_as == "dpo" else ""
         raise DatasetError(
-            f"{file} is not usable for training; nothing was uploaded:\n"
+            f"{file} is not usable for training{kind}; nothing was uploaded:\n"
             + "\n".join(f"  - {r}" for r in reasons),
-            hint=f"see `loraplane data validate {file} -m {base_model}` for the whole report",
+            hint=hint,
         )
     digest = sha256_file(file)
     dest = destination(chosen, digest, file.suffix)
@@ -105,14 +129,22 @@ def push_dataset(
     try:
         put_result = put(settings, file, dest, release=release, timeout=timeout, on_progress=on_progress)
         result = DataPushResult(
-            chosen, f"{put_result.mount_path}/{put_result.path}", digest, rows, size, uploaded=True
+            chosen,
+            f"{put_result.mount_path}/{put_result.path}",
+            digest,
+            rows,
+            size,
+            uploaded=True,
+            method=checked_as,
         )
     except VolumeRefused as exc:
         if "already exists" not in str(exc):
             raise
         # the name is the content: the same bytes are there already
         mount = volume_target(settings, release).mount_path
-        result = DataPushResult(chosen, f"{mount}/{dest}", digest, rows, size, uploaded=False)
+        result = DataPushResult(
+            chosen, f"{mount}/{dest}", digest, rows, size, uploaded=False, method=checked_as
+        )
     record_push(settings, result, file=file, release=release)
     return result
 
@@ -136,6 +168,7 @@ def _index_map(result: DataPushResult, *, file: Path, release: str) -> dict[str,
             "sha256": result.sha256,
             "rows": str(result.rows),
             "bytes": str(result.bytes),
+            "method": result.method,
             "file": file.name,
             "pushed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
@@ -168,8 +201,11 @@ def record_push(settings: Settings, result: DataPushResult, *, file: Path, relea
         ) from None
 
 
-def resolve_pushed(settings: Settings, name: str) -> dict[str, str]:
-    """The newest file pushed as ``name`` (its ``path``, ``sha256``, ``rows``, ...)."""
+def resolve_pushed(settings: Settings, name: str, *, method: str | None = None) -> dict[str, str]:
+    """The newest file pushed as ``name`` (its ``path``, ``sha256``, ``rows``, ``method``, ...).
+
+    ``method``: the run's; refused (exit 2) unless the file was checked for it (a push recorded before
+    pushes had a method was checked as supervised data: ``sft``)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -189,4 +225,13 @@ def resolve_pushed(settings: Settings, name: str) -> dict[str, str]:
     data: dict[str, str] = dict(found.data or {})
     if "path" not in data:
         raise InvalidInputError(f"dataset.pushed: the record of {name!r} names no path; push it again")
+    data.setdefault("method", "sft")
+    if method is not None and data["method"] != method:
+        what = {"sft": "supervised data", "dpo": "preference pairs"}
+        raise InvalidInputError(
+            f"dataset.pushed: {name!r} was pushed as {what.get(data['method'], data['method'])} "
+            f"(method {data['method']}), but this run's method is {method}",
+            hint=f"push the {what.get(method, method)} it needs: loraplane -n {settings.namespace} data push "
+            f"FILE -m BASE_MODEL --method {method} --name NAME; or set method: {data['method']}",
+        )
     return data

@@ -1,9 +1,11 @@
 """Training runs on Kubernetes: one Job per run, made from the training template the chart installs.
 
 ``submit_training`` validates the run's config here (the trainer's own checks of every value, before
-anything reaches the cluster), reads the template ConfigMap of the Helm release, and creates the Job
-and a ConfigMap with the run's config owned by the Job (deleted with it). A multi-node template may
-be a JobSet (trainer.gang.backend): the same steps, on the JobSet and its one replicated Job's pods.
+anything reaches the cluster), resolves what only the CLI user can read (a pushed dataset's path, a DPO
+``base_adapter`` in the registry: passed to the pod as ``LORAPLANE_BASE_ADAPTER``), reads the template
+ConfigMap of the Helm release, and creates the Job and a ConfigMap with the run's config owned by the
+Job (deleted with it). A multi-node template may be a JobSet (trainer.gang.backend): the same steps, on
+the JobSet and its one replicated Job's pods.
 ``training_status`` reads the Job's conditions and its pods' exit codes and says what they mean;
 ``cancel_training`` deletes the Job (its pods get SIGTERM: the trainer saves a checkpoint and exits 75).
 """
@@ -25,6 +27,7 @@ from loraplane.common.errors import ConfigError, InvalidInputError, LoraplaneErr
 from loraplane.common.kube import KubernetesError, api_client, api_message
 from loraplane.common.settings import Settings
 from loraplane.trainer.config import load_config
+from loraplane.trainer.dpo import BASE_ADAPTER_ENV, resolve_for_submit
 from loraplane.trainer.exit_codes import DO_NOT_RETRY, FAILED, PEER_LOST, PREEMPTED, SUCCESS
 
 TEMPLATE_COMPONENT = "trainer-template"
@@ -146,6 +149,11 @@ def _with_report(command: list[str]) -> list[str]:
     return command
 
 
+def _set_env(container: dict[str, Any], name: str, value: str) -> None:
+    env = [e for e in container.get("env") or [] if e.get("name") != name]
+    container["env"] = [*env, {"name": name, "value": value}]
+
+
 def _template(core: Any, namespace: str, release: str) -> dict[str, Any]:
     from kubernetes.client.exceptions import ApiException
 
@@ -178,9 +186,12 @@ def submit_training(
     if config.dataset.pushed is not None:  # the run's stored config names the exact file
         from loraplane.platform.data_push import resolve_pushed
 
-        pushed = resolve_pushed(settings, config.dataset.pushed)
+        pushed = resolve_pushed(settings, config.dataset.pushed, method=config.method)
         dataset = config.dataset.model_copy(update={"pushed": None, "path": Path(pushed["path"])})
         config = config.model_copy(update={"dataset": dataset})
+    # DPO from NAME@vN: resolved here with this user's registry access (the pod has no API token) and
+    # handed to the trainer, which verifies the weights again before it trains
+    base_adapter = resolve_for_submit(settings, config)
     api = api_client(settings)
     core: Any = client.CoreV1Api(api)
     batch: Any = client.BatchV1Api(api)
@@ -201,6 +212,8 @@ def submit_training(
                 del container["resources"][kind]
     for container in pod["spec"]["containers"]:  # the trainer, reporting what it published
         container["command"] = _with_report(container.get("command") or [])
+        if base_adapter is not None and container.get("name") == TRAINER_CONTAINER:
+            _set_env(container, BASE_ADAPTER_ENV, base_adapter.to_env())
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     if RUN_CONFIG_VOLUME not in volumes:
         raise InvalidInputError(

@@ -48,6 +48,58 @@ def test_bad_data_is_refused_with_the_trainers_reasons_before_anything_is_upload
     assert "kubeconfig" not in done.stderr, "refused before any Kubernetes call"
 
 
+def _preference_file(path: Path, *bad_rows: tuple[int, dict[str, object]]) -> Path:
+    """The DPO tests' sentiment pairs (trl's prompt/chosen/rejected), with ``bad_rows`` put at lines."""
+    from test_dpo import TRAIN_PAIRS, _trl_rows, _write
+
+    rows: list[object] = list(_trl_rows(TRAIN_PAIRS[:12]))
+    for line, row in bad_rows:
+        rows.insert(line - 1, row)
+    return _write(path, rows)
+
+
+def test_bad_preference_data_is_refused_naming_line_and_class_before_anything_is_uploaded(
+    demo_model: Path, tmp_path: Path, no_cluster: dict[str, str]
+) -> None:
+    pair = {"prompt": "Is it good?", "chosen": "yes", "rejected": "yes"}
+    bad = _preference_file(tmp_path / "prefs.jsonl", (3, pair), (5, {"prompt": "Is it?", "chosen": "no"}))
+    done = _cli("data", "push", str(bad), "-m", str(demo_model), "--method", "dpo", env=no_cluster)
+    assert done.returncode == 2, done.stderr
+    assert (
+        "is not usable for training as preference pairs (--method dpo); nothing was uploaded" in done.stderr
+    )
+    assert "identical_pair" in done.stderr and "(line 3)" in done.stderr, done.stderr
+    assert "missing_preference" in done.stderr and "(line 5)" in done.stderr, done.stderr
+    assert "kubeconfig" not in done.stderr, "refused before any Kubernetes call"
+    # OpenAI's preference format, named by --format (which implies --method dpo)
+    reply_is_user = {
+        "input": {"messages": [{"role": "user", "content": "Is it good?"}]},
+        "preferred_output": [{"role": "user", "content": "yes"}],
+        "non_preferred_output": [{"role": "assistant", "content": "no"}],
+    }
+    openai = _preference_file(tmp_path / "openai.jsonl", (2, reply_is_user))
+    openai_format = ("--format", "openai_preference")
+    done = _cli("data", "push", str(openai), "-m", str(demo_model), *openai_format, env=no_cluster)
+    assert done.returncode == 2 and "unknown_role" in done.stderr and "(line 2)" in done.stderr, done.stderr
+    assert "kubeconfig" not in done.stderr
+
+
+def test_preference_pairs_pushed_as_supervised_data_say_to_use_method_dpo(
+    demo_model: Path, tmp_path: Path, no_cluster: dict[str, str]
+) -> None:
+    prefs = _preference_file(tmp_path / "prefs.jsonl")
+    done = _cli("data", "push", str(prefs), "-m", str(demo_model), env=no_cluster)
+    assert done.returncode == 2, done.stderr
+    assert "is not usable for training; nothing was uploaded" in done.stderr
+    assert "push them for DPO runs with --method dpo" in done.stderr, done.stderr
+    sft_format = ("--method", "sft", "--format", "preference")
+    wrong = _cli("data", "push", str(prefs), "-m", str(demo_model), *sft_format, env=no_cluster)
+    assert wrong.returncode == 2 and "preference data is checked with --method dpo" in wrong.stderr
+    # the right method passes the checks and goes on to the cluster (none here: exit 1, nothing pushed)
+    right = _cli("data", "push", str(prefs), "-m", str(demo_model), "--method", "dpo", env=no_cluster)
+    assert right.returncode == 1 and "not usable" not in right.stderr, right.stderr
+
+
 def test_dataset_names_are_labels_and_paths_name_the_content() -> None:
     assert dataset_name(Path("Support Chats.v2.jsonl"), None) == "support-chats-v2"
     assert dataset_name(Path("x.jsonl"), "support") == "support"

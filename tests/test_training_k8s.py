@@ -9,6 +9,7 @@ annotation such as cluster-autoscaler's safe-to-evict.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -361,3 +362,243 @@ def test_a_run_names_a_pushed_dataset_and_its_job_trains_on_that_exact_file(
     assert "dataset.pushed: no dataset 'never-pushed' was pushed to namespace" in unknown.stderr
     assert "data push FILE -m BASE_MODEL --name never-pushed" in unknown.stderr
     assert k8s_cluster.kubectl("-n", ns, "get", "jobs", "-o", "name").stdout == before
+
+
+# --- DPO: base_adapter and preference data, resolved at submit ------------------------------------
+
+
+def _k8s_registry(cluster: Cluster, ns: str, tmp_path: Path) -> Settings:
+    cluster.kubectl("apply", "-f", str(ROOT / "charts" / "loraplane" / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/loraadapters.loraplane.dev")
+    return Settings(
+        home=tmp_path / "home", registry="kubernetes", namespace=ns, kubeconfig=cluster.kubeconfig
+    )
+
+
+def _dpo_config(tmp_path: Path, **tree: Any) -> Path:
+    """A DPO run's config (a file of its own per call); a None value removes its key."""
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    del raw["lora"]  # a DPO run on a base adapter continues the adapter's LoRA
+    raw.update({"method": "dpo", "dpo": {"beta": 0.1}, **tree})
+    path = tmp_path / f"dpo-{len(list(tmp_path.glob('dpo-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not None}))
+    return path
+
+
+def _trainer_env(cluster: Cluster, ns: str, job: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The Job's pod spec and its trainer container's plain environment."""
+    pod_spec = json.loads(cluster.kubectl("-n", ns, "get", "job", job, "-o", "json").stdout)["spec"][
+        "template"
+    ]
+    (trainer,) = [c for c in pod_spec["spec"]["containers"] if c["name"] == "trainer"]
+    return pod_spec["spec"], {e["name"]: e["value"] for e in trainer.get("env") or [] if "value" in e}
+
+
+def test_a_dpo_run_gets_its_base_adapter_resolved_at_submit_and_bad_refs_create_nothing(
+    k8s_cluster: Cluster, release: str, tmp_path: Path
+) -> None:
+    """The pod has no API token: `train submit` reads NAME@vN in the registry (as the CLI user) and puts
+    what the trainer needs into the pod's environment; a version the trainer would refuse, or a pushed
+    dataset of the other method, is refused here, exit 2, before anything is created."""
+    from test_dpo_base_adapter import _register
+
+    from loraplane.platform.data_push import DataPushResult, record_push
+
+    ns = release
+    settings = _k8s_registry(k8s_cluster, ns, tmp_path)
+    base = {"path": "/data/models/base", "files_sha256": "f" * 64}
+    _register(
+        settings, "sft-bot@v1", "/data/adapters/sft-bot/v1", {"base_model": base, "weights_sha256": "a" * 64}
+    )
+    _register(settings, "sft-bot@v2", "/data/adapters/sft-bot/v2", {"base_model": base}, state="retired")
+    _register(
+        settings, "other-bot@v1", "/data/adapters/other-bot/v1", {"base_model": {"path": "/data/models/x"}}
+    )
+    pushed = {"prefs": "dpo", "chats": "sft"}
+    for name, method in pushed.items():
+        path = f"/data/datasets/{name}/sha256-{'d' * 64}.jsonl"
+        result = DataPushResult(name, path, "d" * 64, 12, 3400, True, method=method)
+        record_push(settings, result, file=tmp_path / f"{name}.jsonl", release=RELEASE)
+
+    before = k8s_cluster.kubectl("-n", ns, "get", "jobs,configmaps", "-o", "name").stdout
+    refusals = {
+        "base_adapter: 'sft-bot@v9' is not in the registry (kubernetes registry namespace": _dpo_config(
+            tmp_path, base_adapter="sft-bot@v9"
+        ),
+        "base_adapter: sft-bot@v2 is retired": _dpo_config(tmp_path, base_adapter="sft-bot@v2"),
+        "base_adapter: other-bot@v1 was trained on base model '/data/models/x', not on this job's "
+        "base_model.path '/data/models/base'": _dpo_config(tmp_path, base_adapter="other-bot@v1"),
+        "dataset.pushed: 'chats' was pushed as supervised data (method sft), but this run's method is "
+        "dpo": _dpo_config(tmp_path, base_adapter="sft-bot@v1", dataset={"pushed": "chats"}),
+        "dataset.pushed: 'prefs' was pushed as preference pairs (method dpo), but this run's method is "
+        "sft": _dpo_config(tmp_path, method="sft", dpo=None, dataset={"pushed": "prefs"}),
+    }
+    for message, config in refusals.items():
+        refused = _cli(k8s_cluster, ns, "train", "submit", str(config))
+        assert refused.returncode == 2, refused.stderr
+        assert message in " ".join(refused.stderr.split()), refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert k8s_cluster.kubectl("-n", ns, "get", "jobs,configmaps", "-o", "name").stdout == before
+
+    job = _submit(
+        k8s_cluster, ns, _dpo_config(tmp_path, base_adapter="sft-bot@v1", dataset={"pushed": "prefs"})
+    )
+    pod_spec, env = _trainer_env(k8s_cluster, ns, job)
+    assert json.loads(env["LORAPLANE_BASE_ADAPTER"]) == {
+        "ref": "sft-bot@v1", "path": "/data/adapters/sft-bot/v1", "weights_sha256": "a" * 64,
+    }  # fmt: skip
+    assert pod_spec["automountServiceAccountToken"] is False, "why submit resolves it: no registry access"
+    cm = json.loads(k8s_cluster.kubectl("-n", ns, "get", "configmap", job, "-o", "json").stdout)
+    run = yaml.safe_load(cm["data"]["train.yaml"])
+    assert (run["method"], run["base_adapter"]) == ("dpo", "sft-bot@v1"), "the config keeps the ref"
+    assert run["dataset"]["path"] == f"/data/datasets/prefs/sha256-{'d' * 64}.jsonl"
+    assert _cli(k8s_cluster, ns, "train", "cancel", job).returncode == 0
+
+    # without a base adapter the pod gets no such variable
+    sft = _submit(k8s_cluster, ns, _config(tmp_path))
+    assert "LORAPLANE_BASE_ADAPTER" not in _trainer_env(k8s_cluster, ns, sft)[1]
+    assert _cli(k8s_cluster, ns, "train", "cancel", sft).returncode == 0
+
+
+def test_the_pods_command_trains_dpo_from_the_resolved_adapter_without_a_registry(
+    k8s_cluster: Cluster, release: str, tmp_path: Path, demo_model: Path
+) -> None:
+    """The submitted Job's trainer command and environment, run here as the pod runs them (no registry:
+    a kubeconfig that does not exist), on the demo model: it refuses a swapped weights file before
+    training, then trains from the SFT version and records it in the manifest as a local run does."""
+    from test_dpo import TRAIN_PAIRS, _published, _train, _trl_rows, _write
+    from test_dpo import _config as train_config
+
+    from loraplane.platform.run_report import RESULT_PREFIX, published
+    from loraplane.platform.training_k8s import register_published
+    from loraplane.trainer.demo_tasks import SENTIMENT, write_task_files
+
+    ns = release
+    settings = _k8s_registry(k8s_cluster, ns, tmp_path)
+    adapters = tmp_path / "volume" / "adapters"
+
+    # 1. An SFT version, trained and registered from its result line as `train status` registers it.
+    sft_data, _ = write_task_files(SENTIMENT, tmp_path / "sft-data", repeats=1)
+    output = {"adapters_root": str(adapters), "name": "pod-sft", "run_dir": str(tmp_path / "sft-run")}
+    sft_config = train_config(
+        tmp_path / "sft", demo_model, sft_data, max_steps=4, method="sft", dpo=None, output=output
+    )
+    code, out, err = _train(sft_config)
+    assert code == 0, err[-3000:]
+    sft_adapter = _published(out)
+    entry, _ = register_published(settings, published(out) or {}, job="sft-job")
+    assert entry.ref == "pod-sft@v1" and entry.path == str(sft_adapter)
+
+    # 2. The DPO run, submitted: its Job's command, environment and stored config.
+    data = _write(tmp_path / "volume" / "datasets" / "prefs.jsonl", _trl_rows(TRAIN_PAIRS))
+    output = {"adapters_root": str(adapters), "name": "pod-dpo", "run_dir": str(tmp_path / "dpo-run")}
+    config = train_config(
+        tmp_path / "dpo", demo_model, data, max_steps=3, base_adapter="pod-sft@v1", output=output
+    )
+    job = _submit(k8s_cluster, ns, config)
+    pod_spec, pod_env = _trainer_env(k8s_cluster, ns, job)
+    (container,) = [c for c in pod_spec["containers"] if c["name"] == "trainer"]
+    cm = json.loads(k8s_cluster.kubectl("-n", ns, "get", "configmap", job, "-o", "json").stdout)
+    assert _cli(k8s_cluster, ns, "train", "cancel", job).returncode == 0
+    run_config = tmp_path / "run-config" / "train.yaml"
+    run_config.parent.mkdir()
+    run_config.write_text(cm["data"]["train.yaml"])
+    command = [*container["command"], *(container.get("args") or [])]
+    assert command[0] == "python" and "/etc/loraplane/run/train.yaml" in command, command
+    argv = [
+        sys.executable,
+        *(str(run_config) if a == "/etc/loraplane/run/train.yaml" else a for a in command[1:]),
+    ]
+    env = {
+        **os.environ,
+        **pod_env,
+        "LORAPLANE_REGISTRY": "kubernetes",  # any registry read would fail: nothing to connect to
+        "KUBECONFIG": str(tmp_path / "no-kubeconfig"),
+        "LORAPLANE_HOME": str(tmp_path / "pod-home"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    assert "LORAPLANE_BASE_ADAPTER" in env
+
+    def pod() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL
+        )
+
+    # 3. A swapped weights file is refused before anything loads: exit 2, the Job's FailJob.
+    weights = sft_adapter / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-8] + bytes(8))
+    swapped = pod()
+    assert swapped.returncode == 2, swapped.stderr[-3000:]
+    assert "base_adapter: pod-sft@v1:" in swapped.stderr and "changed since registration" in swapped.stderr
+    assert not (adapters / "pod-dpo").exists() and not (tmp_path / "dpo-run").exists()
+
+    # 4. The registered bytes: it trains, publishes, and records the base adapter.
+    weights.write_bytes(original)
+    done = pod()
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    result = json.loads(line[len(RESULT_PREFIX) :])
+    manifest = result["manifest"]
+    sft_manifest = json.loads((sft_adapter / "manifest.json").read_text())
+    assert manifest["method"] == "dpo" and manifest["config"]["base_adapter"] == "pod-sft@v1"
+    assert manifest["base_adapter"] == {
+        "ref": "pod-sft@v1",
+        "path": str(sft_adapter),
+        "weights_sha256": entry.weights_sha256,
+        "method": "sft",
+        "run_id": sft_manifest["run_id"],
+    }
+    assert manifest["lora"]["r"] == sft_manifest["lora"]["r"]
+    dpo_entry, created = register_published(settings, result, job=job)
+    assert created and dpo_entry.ref == "pod-dpo@v1"
+    assert dpo_entry.manifest["base_adapter"]["ref"] == "pod-sft@v1"
+
+
+def test_preference_data_pushed_for_dpo_is_what_a_dpo_run_trains_on(
+    k8s_cluster: Cluster, release: str, tmp_path: Path, demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data push --method dpo`` checks the pairs with the trainer's preference checks and records the
+    method with the push; ``train submit`` then resolves the name for a DPO run only. The upload
+    itself is ``volume put``'s pod (run for real in tests/test_cluster_walk.py); kwok runs no
+    containers, so here a stand-in puts the file into a directory, as the receiver would."""
+    from test_dpo import TRAIN_PAIRS, _openai_rows, _write
+
+    from loraplane.common.jsonl import DatasetError
+    from loraplane.platform import volume
+    from loraplane.platform.data_push import push_dataset, resolve_pushed
+
+    ns = release
+    settings = _k8s_registry(k8s_cluster, ns, tmp_path)
+    on_volume = tmp_path / "volume"
+    uploads: list[str] = []
+
+    def put(_settings: Settings, local: Path, dest: str, **_: Any) -> volume.PutResult:
+        uploads.append(dest)
+        (on_volume / dest).parent.mkdir(parents=True, exist_ok=True)
+        (on_volume / dest).write_bytes(local.read_bytes())
+        size = local.stat().st_size
+        return volume.PutResult(path=dest, mount_path="/data", files=1, bytes=size, sha256="-", seconds=0.0)
+
+    monkeypatch.setattr(volume, "put", put)
+    prefs = _write(tmp_path / "prefs.jsonl", _openai_rows(TRAIN_PAIRS))  # OpenAI's preference format
+    pushed = push_dataset(settings, prefs, base_model=str(demo_model), name="openai-prefs", method="dpo")
+    assert (pushed.method, pushed.rows, pushed.uploaded) == ("dpo", len(TRAIN_PAIRS), True)
+    assert (on_volume / pushed.path.removeprefix("/data/")).read_bytes() == prefs.read_bytes()
+    assert resolve_pushed(settings, "openai-prefs")["method"] == "dpo"
+
+    # a bad pair: refused by line and class, nothing uploaded, the name still names the good file
+    bad = _write(tmp_path / "bad.jsonl", [*_openai_rows(TRAIN_PAIRS[:5]), {"input": {"messages": []}}])
+    with pytest.raises(DatasetError) as refused:
+        push_dataset(settings, bad, base_model=str(demo_model), name="openai-prefs", method="dpo")
+    assert refused.value.exit_code == 2 and "nothing was uploaded" in refused.value.message
+    assert "missing_preference" in refused.value.message and "(line 6)" in refused.value.message
+    assert len(uploads) == 1 and resolve_pushed(settings, "openai-prefs")["path"] == pushed.path
+
+    job = _submit(k8s_cluster, ns, _dpo_config(tmp_path, dataset={"pushed": "openai-prefs"}))
+    cm = json.loads(k8s_cluster.kubectl("-n", ns, "get", "configmap", job, "-o", "json").stdout)
+    assert yaml.safe_load(cm["data"]["train.yaml"])["dataset"]["path"] == pushed.path
+    assert _cli(k8s_cluster, ns, "train", "cancel", job).returncode == 0
+    sft_run = (str(_config(tmp_path)), "dataset.pushed=openai-prefs", "dataset.path=null")
+    sft = _cli(k8s_cluster, ns, "train", "submit", *sft_run)
+    assert sft.returncode == 2 and "was pushed as preference pairs (method dpo)" in sft.stderr, sft.stderr

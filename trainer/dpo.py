@@ -5,8 +5,10 @@ Everything around the trainer is the SFT run's (``loraplane.trainer.train``): th
 SIGTERM, checkpoint markers and retention (:class:`~loraplane.trainer.sft.CompleteCheckpoints`) and the
 atomic publish with its manifest. This module adds what differs:
 
-* :func:`resolve_base_adapter`: ``base_adapter: NAME@vN`` through the registry (the weights must still
-  match the sha256 recorded at registration), on the same base model, with its LoRA shape;
+* :func:`resolve_base_adapter`: ``base_adapter: NAME@vN`` through the registry, or as ``train submit``
+  resolved it for a pod that reads no registry (:func:`resolve_for_submit`, ``LORAPLANE_BASE_ADAPTER``);
+  either way the weights must still match the sha256 recorded at registration, the base model must be
+  the job's, and its LoRA shape is used. The checks are these functions', written once for both;
 * :func:`build_trainer`: the DPO trainer. Starting from a base adapter, that adapter is both the
   starting LoRA weights and the frozen reference (trl copies it into a ``ref`` adapter); otherwise a
   fresh LoRA is trained and the reference is the base model (adapter disabled).
@@ -18,17 +20,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraplane.common.errors import InvalidInputError, LoraplaneError
-from loraplane.trainer.config import LoraSpec, TrainJobConfig
+from loraplane.trainer.config import ADAPTER_REF_PATTERN, LoraSpec, TrainJobConfig
+from loraplane.trainer.exit_codes import DoNotRetryError
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
+    from loraplane.common.settings import Settings
+    from loraplane.registry.model import AdapterVersion
     from loraplane.trainer.data import TokenizedExample
 
 log = logging.getLogger("loraplane.trainer")
@@ -54,21 +61,62 @@ class BaseAdapter:
         }
 
 
-def resolve_base_adapter(config: TrainJobConfig) -> tuple[TrainJobConfig, BaseAdapter | None]:
-    """Look ``config.base_adapter`` up in the registry; return the config with the adapter's LoRA shape.
+BASE_ADAPTER_ENV = "LORAPLANE_BASE_ADAPTER"
+ADAPTER_REF = re.compile(ADAPTER_REF_PATTERN)
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
-    Raises InvalidInputError (exit 2) naming ``base_adapter`` when the version is unknown, was trained
-    on another base model, or has another LoRA shape than an explicit ``lora`` section; IntegrityError
-    (exit 3) when its weights changed since registration.
+
+class BaseAdapterChangedError(DoNotRetryError):
+    """The base adapter's weights are gone or are not the ones registered: the same every attempt."""
+
+
+@dataclass(frozen=True)
+class ResolvedBaseAdapter:
+    """``base_adapter: NAME@vN`` as the registry knows it: what a trainer needs to start from it without
+    reading the registry. ``loraplane train submit`` resolves it with the CLI user's access and hands it
+    to the training pod (which has no API token) as JSON in ``LORAPLANE_BASE_ADAPTER``; the trainer
+    still checks the weights against ``weights_sha256`` before it trains."""
+
+    ref: str
+    path: str  # the adapter's directory as the trainer sees it (on the shared volume, in a cluster)
+    weights_sha256: str
+
+    def to_env(self) -> str:
+        return json.dumps(
+            {"ref": self.ref, "path": self.path, "weights_sha256": self.weights_sha256}, sort_keys=True
+        )
+
+    @classmethod
+    def from_env(cls, text: str) -> ResolvedBaseAdapter:
+        problem = None
+        try:
+            data = json.loads(text)
+            resolved = cls(ref=data["ref"], path=data["path"], weights_sha256=data["weights_sha256"])
+        except (ValueError, TypeError, KeyError) as exc:
+            problem = f"not JSON with ref, path and weights_sha256 ({type(exc).__name__}: {exc})"
+        else:
+            if not isinstance(resolved.ref, str) or not ADAPTER_REF.match(resolved.ref):
+                problem = f"ref {resolved.ref!r} is not NAME@vN"
+            elif not isinstance(resolved.path, str) or not resolved.path.startswith("/"):
+                problem = f"path {resolved.path!r} is not an absolute directory"
+            elif not isinstance(resolved.weights_sha256, str) or not SHA256.match(resolved.weights_sha256):
+                problem = f"weights_sha256 {resolved.weights_sha256!r} is not a sha256"
+        if problem is not None:
+            raise InvalidInputError(
+                f"{BASE_ADAPTER_ENV}: {problem}",
+                hint="`loraplane train submit` sets it; unset it to look base_adapter up in the registry",
+            )
+        return resolved
+
+
+def registered_base_adapter(settings: Settings, ref: str, *, hint: str = "") -> AdapterVersion:
+    """``ref`` (NAME@vN) in ``settings``' registry: it must be registered and not retired.
+
+    Raises InvalidInputError (exit 2) naming ``base_adapter``; ``hint`` is added to the unknown one's.
     """
-    ref = config.base_adapter
-    if ref is None:
-        return config, None
-    from loraplane.common.settings import Settings
     from loraplane.registry.backends import open_registry
-    from loraplane.registry.model import RegistryError, verify_weights
+    from loraplane.registry.model import RegistryError
 
-    settings = Settings()
     where = f"at {settings.home}" if settings.registry == "local" else f"namespace {settings.namespace}"
     try:
         entry = open_registry(settings).read().resolve(ref)
@@ -76,28 +124,114 @@ def resolve_base_adapter(config: TrainJobConfig) -> tuple[TrainJobConfig, BaseAd
         raise InvalidInputError(
             f"base_adapter: {ref!r} is not in the registry ({settings.registry} registry {where}): "
             f"{exc.message}",
-            hint="register the SFT adapter first (loraplane adapters register PATH), and run the trainer "
-            "with the same LORAPLANE_HOME / LORAPLANE_REGISTRY as the CLI",
+            hint="register the SFT adapter first (loraplane adapters register PATH)" + hint,
         ) from None
-    verify_weights(entry)
-    path = Path(entry.path)
+    if entry.state == "retired":
+        raise InvalidInputError(
+            f"base_adapter: {ref} is retired ({settings.registry} registry {where}); a retired version "
+            "is not trained on",
+            hint=f"start from a version that is not retired (see loraplane adapters show {entry.name})",
+        )
+    return entry
+
+
+def verify_base_weights(resolved: ResolvedBaseAdapter) -> None:
+    """Refuse (exit 2: a retry fails the same way) a base adapter whose weights file is gone or differs
+    from the sha256 recorded at registration; the registry's own check, on the resolved values."""
+    from loraplane.registry.model import AdapterVersion, IntegrityError, verify_weights
+
+    name, _, version = resolved.ref.partition("@")
+    entry = AdapterVersion(
+        name=name,
+        version=version,
+        served_name=resolved.ref,
+        path=resolved.path,
+        weights_sha256=resolved.weights_sha256,
+    )
+    try:
+        verify_weights(entry)
+    except IntegrityError as exc:
+        raise BaseAdapterChangedError(f"base_adapter: {exc.message}", hint=exc.hint) from None
+
+
+def resolve_for_submit(settings: Settings, config: TrainJobConfig) -> ResolvedBaseAdapter | None:
+    """``train submit``'s half of :func:`resolve_base_adapter`, with the CLI user's registry access.
+
+    The checks that need no adapter files: registered, not retired, trained on this job's base model (by
+    the base model's recorded name and source; the trainer compares the files too). The weights are
+    verified here when this machine can read them (a shared mount), and always by the trainer.
+    """
+    ref = config.base_adapter
+    if ref is None:
+        return None
+    entry = registered_base_adapter(settings, ref)
+    resolved = ResolvedBaseAdapter(ref=entry.ref, path=entry.path, weights_sha256=entry.weights_sha256)
+    if not entry.path.startswith("/"):
+        raise InvalidInputError(
+            f"base_adapter: {ref} is registered at {entry.path!r}, not an absolute path a pod can read"
+        )
+    if (Path(entry.path) / "adapter_model.safetensors").is_file():
+        verify_base_weights(resolved)
+    _check_same_base(config, ref, entry.manifest, {})
+    return resolved
+
+
+def _pre_resolved(ref: str) -> ResolvedBaseAdapter | None:
+    """The base adapter ``train submit`` resolved for this pod (``LORAPLANE_BASE_ADAPTER``), if any."""
+    text = os.environ.get(BASE_ADAPTER_ENV, "").strip()
+    if not text:
+        return None
+    resolved = ResolvedBaseAdapter.from_env(text)
+    if resolved.ref != ref:
+        raise InvalidInputError(
+            f"{BASE_ADAPTER_ENV} was resolved for {resolved.ref}, but base_adapter is {ref}",
+            hint="submit the run again (loraplane train submit resolves base_adapter for the pod)",
+        )
+    return resolved
+
+
+def resolve_base_adapter(config: TrainJobConfig) -> tuple[TrainJobConfig, BaseAdapter | None]:
+    """Find ``config.base_adapter``; return the config with the adapter's LoRA shape.
+
+    Pre-resolved by ``train submit`` (``LORAPLANE_BASE_ADAPTER``: a pod reads no registry), else looked
+    up in the registry of ``LORAPLANE_HOME`` / ``LORAPLANE_REGISTRY``. Either way the weights must match
+    the registered sha256 (else BaseAdapterChangedError, exit 2). Raises InvalidInputError (exit 2)
+    naming ``base_adapter`` when the version is unknown or retired, was trained on another base model,
+    or has another LoRA shape than an explicit ``lora`` section.
+    """
+    ref = config.base_adapter
+    if ref is None:
+        return config, None
+    resolved, manifest = _pre_resolved(ref), {}  # the pod of `train submit`: resolved for it
+    if resolved is None:
+        from loraplane.common.settings import Settings
+
+        entry = registered_base_adapter(
+            Settings(),
+            ref,
+            hint=", and run the trainer with the same LORAPLANE_HOME / LORAPLANE_REGISTRY as the CLI",
+        )
+        resolved = ResolvedBaseAdapter(ref=entry.ref, path=entry.path, weights_sha256=entry.weights_sha256)
+        manifest = entry.manifest
+    verify_base_weights(resolved)
+    path = Path(resolved.path)
     try:
         adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InvalidInputError(
             f"base_adapter: {ref}: cannot read {path / 'adapter_config.json'}: {exc}"
         ) from None
-    manifest = entry.manifest or _read_manifest(path)
+    manifest = manifest or _read_manifest(path)
     _check_same_base(config, ref, manifest, adapter_config)
     lora = _lora_of(config, ref, adapter_config)
     adapter = BaseAdapter(
-        ref=entry.ref,
+        ref=resolved.ref,
         path=path,
-        weights_sha256=entry.weights_sha256,
+        weights_sha256=resolved.weights_sha256,
         method=str(manifest.get("method") or "sft"),
         run_id=manifest.get("run_id"),
     )
-    log.info("starting from a registered adapter", extra={"base_adapter": entry.ref, "path": str(path)})
+    log.info("starting from a registered adapter", extra={"base_adapter": resolved.ref, "path": str(path)})
     return config.model_copy(update={"lora": lora}), adapter
 
 
@@ -109,24 +243,54 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _model_names(value: str, revision: str | None = None) -> set[str]:
+    """The names a base model goes by: the text, and for an ``hf://`` / ``s3://`` reference the directory
+    it is fetched to (``ORG--NAME@REV``), which is also the last part of that directory's path."""
+    from loraplane.common.model_ref import ModelRefError, is_reference, parse_model_ref
+
+    names = {value.rstrip("/")}
+    try:
+        if is_reference(value):
+            names.add(parse_model_ref(value, revision=revision).dir_name())
+        elif "@" in Path(value).name:
+            names.add(Path(value).name)
+    except ModelRefError:
+        pass
+    return names
+
+
 def _check_same_base(
     config: TrainJobConfig, ref: str, manifest: dict[str, Any], adapter_config: dict[str, Any]
 ) -> None:
+    """Refuse an adapter trained on another base model: by the files' digest when both are known (the
+    trainer's view), else by the model's names (its path, the reference it was fetched from)."""
     from loraplane.trainer.checkpoints import base_model_files_digest
 
     recorded = manifest.get("base_model") or {}
     theirs_digest = recorded.get("files_sha256")
-    ours_digest = base_model_files_digest(config.base_model.path)
-    if theirs_digest and ours_digest:
+    ours = config.base_model.path
+    ours_digest = base_model_files_digest(ours)
+    by_files = bool(theirs_digest and ours_digest)
+    if by_files:
         same = theirs_digest == ours_digest
     else:
-        theirs = recorded.get("path") or adapter_config.get("base_model_name_or_path")
-        same = theirs is None or _same_path(str(theirs), config.base_model.path)
+        theirs = [
+            str(name)
+            for name in (
+                recorded.get("path"),
+                recorded.get("source"),
+                adapter_config.get("base_model_name_or_path"),
+            )
+            if name
+        ]
+        ours_names = _model_names(ours, config.base_model.revision)
+        same = not theirs or any(_same_path(name, ours) or _model_names(name) & ours_names for name in theirs)
     if not same:
         theirs_path = recorded.get("path") or adapter_config.get("base_model_name_or_path")
+        how = "their config.json / weight files differ" if by_files else "by its recorded name and source"
         raise InvalidInputError(
             f"base_adapter: {ref} was trained on base model {theirs_path!r}, not on this job's "
-            f"base_model.path {config.base_model.path!r} (their config.json / weight files differ)",
+            f"base_model.path {ours!r} ({how})",
             hint="set base_model.path to the model the adapter was trained on, or start from another adapter",
         )
 

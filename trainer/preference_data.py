@@ -22,10 +22,13 @@ prompt, then prompt + each reply); a row whose longer sequence exceeds ``max_seq
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from loraplane.common.errors import InvalidInputError
 from loraplane.trainer.chat_format import MESSAGE_KEYS, Turn, _chat_turns, _keys_of, _text, check_order
 from loraplane.trainer.chat_render import IGNORE_INDEX, ChatRenderer
 from loraplane.trainer.data import TokenizedExample
@@ -35,6 +38,42 @@ PREFERENCE_KEYS = {
     "preference": ("prompt", "chosen", "rejected"),
     "openai_preference": ("input", "preferred_output", "non_preferred_output"),
 }
+
+
+def data_method(method: str | None, data_format: str | None) -> str:
+    """The ``method`` a data file is checked for (``data validate``, ``data push``), as a run's: the one
+    given, else ``dpo`` for a preference ``--format``, else ``sft``. A format of the other method, or an
+    unknown method, is refused (InvalidInputError, exit 2)."""
+    preference_format = data_format in PREFERENCE_KEYS
+    chosen = method or ("dpo" if preference_format else "sft")
+    if chosen not in ("sft", "dpo"):
+        raise InvalidInputError(f"--method {method!r}: use sft or dpo")
+    if chosen == "sft" and preference_format:
+        raise InvalidInputError(f"--format {data_format}: preference data is checked with --method dpo")
+    if chosen == "dpo" and data_format not in (None, "auto", *PREFERENCE_KEYS):
+        raise InvalidInputError(
+            f"--format {data_format}: --method dpo reads preference pairs "
+            "(auto, preference, openai_preference)"
+        )
+    return chosen
+
+
+def looks_like_preference(path: Path) -> bool:
+    """Whether the first row of a JSONL file holds a preference pair's replies (``chosen`` / ``rejected``,
+    or OpenAI's ``preferred_output`` / ``non_preferred_output``): for the hint when such a file is
+    checked as supervised data. Never raises."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    break
+            else:
+                return False
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    replies = ("chosen", "rejected", "preferred_output", "non_preferred_output")
+    return isinstance(row, dict) and any(row.get(key) is not None for key in replies)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from typing import Any
 import typer
 import typer.core
 
-from loraplane.common.errors import InvalidInputError
 from loraplane.platform.cli.app import (
     _duration_option,
     _output_option,
@@ -86,9 +85,6 @@ def data_validate(
         from loraplane.common.jsonl import DatasetError
         from loraplane.trainer.config import BaseModelSpec, DatasetSpec, TrainingSpec
         from loraplane.trainer.data import load_tokenizer, validate_dataset
-
-        if output not in ("table", "json"):
-            raise InvalidInputError(f"--output {output!r}: use table or json")
         from loraplane.trainer.preference_data import data_method
 
         chosen_method = data_method(method, data_format)
