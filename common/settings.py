@@ -33,12 +33,20 @@ def vllm_key_path(home: Path) -> Path:
 
 
 class Settings(BaseModel):
+    """Where loraplane keeps state and which cluster and servers it talks to; each field's environment
+    variable is its ``LORAPLANE_`` name (``KUBECONFIG`` for ``kubeconfig``). The CLI's global options
+    take their help from the descriptions here."""
+
     model_config = ConfigDict(frozen=True)
 
-    home: Path = Field(default_factory=default_home, description="State directory (registry, logs).")
-    adapters_root: Path | None = Field(default=None, description="Default: <home>/adapters.")
+    home: Path = Field(
+        default_factory=default_home,
+        description="State directory: local registry, reports, logs (default: ~/.loraplane).",
+    )
+    adapters_root: Path | None = Field(default=None, description="Adapters root (default: HOME/adapters).")
     server_url: str = Field(
-        default_factory=lambda: os.environ.get("LORAPLANE_SERVER_URL", "http://127.0.0.1:8000")
+        default_factory=lambda: os.environ.get("LORAPLANE_SERVER_URL", "http://127.0.0.1:8000"),
+        description="vLLM server (default: http://127.0.0.1:8000).",
     )
     server_urls: tuple[str, ...] = Field(
         default=(),
@@ -49,11 +57,15 @@ class Settings(BaseModel):
     max_lora_rank: int = 16
     registry: Literal["local", "kubernetes"] = Field(
         default_factory=lambda: _registry_from_env(),
-        description="local: <home>/registry.json; kubernetes: LoraAdapter objects in `namespace`.",
+        description="Registry backend: local (HOME/registry.json) or kubernetes (LoraAdapter objects in the "
+        "namespace); it also decides where training runs (platform/training.py).",
     )
-    namespace: str = Field(default_factory=lambda: os.environ.get("LORAPLANE_NAMESPACE", "default"))
-    kubeconfig: Path | None = Field(default=None, description="Default: KUBECONFIG, else ~/.kube/config.")
-    kube_context: str | None = None
+    namespace: str = Field(
+        default_factory=lambda: os.environ.get("LORAPLANE_NAMESPACE", "default"),
+        description="Kubernetes namespace (default: default).",
+    )
+    kubeconfig: Path | None = Field(default=None, description="Kubeconfig file (default: ~/.kube/config).")
+    kube_context: str | None = Field(default=None, description="Kubeconfig context (default: current).")
 
     @model_validator(mode="after")
     def _key_of_the_local_server(self) -> Settings:

@@ -13,12 +13,19 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from loraplane.common.config_defaults import field_default
 from loraplane.common.errors import ConfigError, format_validation_error
 
 if TYPE_CHECKING:
     from loraplane.common.settings import Settings
+
+
+def _default(field: str) -> Any:
+    from loraplane.serving.launcher import VLLMServerConfig
+
+    return field_default(VLLMServerConfig, field)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -37,14 +44,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "~/.loraplane/models)",
     )
     p.add_argument("--served-model-name", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--host", default=_default("host"))
+    p.add_argument("--port", type=int, default=_default("port"))
+    p.add_argument("--max-loras", type=int, default=_default("max_loras"))
+    p.add_argument("--max-lora-rank", type=int, default=_default("max_lora_rank"))
     p.add_argument("--max-cpu-loras", type=int)
-    p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=_default("max_model_len"))
+    p.add_argument(
+        "--max-num-seqs", type=int, default=_default("max_num_seqs"), help="sequences the engine runs at once"
+    )
+    p.add_argument("--dtype", default=_default("dtype"))
     p.add_argument("--tensor-parallel-size", type=int, help="GPUs one replica shards the model over")
     p.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use")
     p.add_argument(

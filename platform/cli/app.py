@@ -126,33 +126,34 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _about(setting: str) -> str:
+    """A global option's help: the description of the setting it sets (common/settings.py)."""
+    from loraplane.common.settings import Settings
+
+    return Settings.model_fields[setting].description or setting
+
+
 @app.callback()
 def _global(
-    home: Path | None = typer.Option(
-        None, envvar="LORAPLANE_HOME", help="State directory (default: ~/.loraplane)."
-    ),
+    home: Path | None = typer.Option(None, envvar="LORAPLANE_HOME", help=_about("home")),
     adapters_root: Path | None = typer.Option(
-        None, envvar="LORAPLANE_ADAPTERS_ROOT", help="Adapters root (default: HOME/adapters)."
+        None, envvar="LORAPLANE_ADAPTERS_ROOT", help=_about("adapters_root")
     ),
-    server_url: str | None = typer.Option(
-        None, envvar="LORAPLANE_SERVER_URL", help="vLLM server (default: http://127.0.0.1:8000)."
-    ),
+    server_url: str | None = typer.Option(None, envvar="LORAPLANE_SERVER_URL", help=_about("server_url")),
     registry: str | None = typer.Option(
         None,
         envvar="LORAPLANE_REGISTRY",
-        help="Registry backend: local (HOME/registry.json) or kubernetes (LoraAdapter objects).",
+        help=_about("registry"),
     ),
     namespace: str | None = typer.Option(
         None,
         "--namespace",
         "-n",
         envvar="LORAPLANE_NAMESPACE",
-        help="Kubernetes namespace (default: default).",
+        help=_about("namespace"),
     ),
-    kubeconfig: Path | None = typer.Option(
-        None, envvar="KUBECONFIG", help="Kubeconfig file (default: ~/.kube/config)."
-    ),
-    context: str | None = typer.Option(None, "--context", help="Kubeconfig context (default: current)."),
+    kubeconfig: Path | None = typer.Option(None, envvar="KUBECONFIG", help=_about("kubeconfig")),
+    context: str | None = typer.Option(None, "--context", help=_about("kube_context")),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug logs on stderr."),
     debug: bool = typer.Option(
         False, "--debug", envvar="LORAPLANE_DEBUG", help="Show the traceback of an unexpected error."

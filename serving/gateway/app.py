@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from loraplane.common.config_defaults import field_default
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.logs import configure_logging
 from loraplane.common.settings import Settings, default_home
@@ -256,8 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-keys-file", type=Path, help="client API keys, one per line (# comments)")
     p.add_argument("--upstream-api-key-file", type=Path, help="vLLM's --api-key (else LORAPLANE_API_KEY)")
     p.add_argument("--allow-unauthenticated", action="store_true", help="run without client API keys")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default=field_default(GatewayConfig, "host"))
+    p.add_argument("--port", type=int, default=field_default(GatewayConfig, "port"))
     p.add_argument(
         "--canary",
         action="append",
@@ -266,7 +267,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="send PERCENT of NAME and NAME:prod requests to NAME:ALIAS (repeatable); merged with "
         "LORAPLANE_GATEWAY_CANARIES, this flag winning for the same NAME",
     )
-    p.add_argument("--upstream-timeout", type=float, default=600.0, help="seconds to wait for upstream bytes")
+    p.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=field_default(GatewayConfig, "upstream_timeout_s"),
+        help="seconds to wait for upstream bytes",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p.parse_args(argv)
 
