@@ -74,40 +74,31 @@ def train_submit(
     """
 
     def body() -> None:
-        settings = _settings()
-        if settings.registry != "kubernetes":
-            from loraplane.platform.training_local import train_locally
+        from loraplane.platform.training import train
 
-            local = train_locally(settings, config, overrides or [])
-            _print_registration(local.adapter, local.registered, output)
-            return
-        from loraplane.platform.training_k8s import submit_training, wait_for_training
+        def submitted(outcome: Any) -> None:
+            if output != "json":
+                err.print(f"submitted {outcome.job}; waiting for it to finish", highlight=False)
 
-        run = submit_training(settings, config, overrides or [], release=release)
-        result: dict[str, Any] = {"job": run.job, "namespace": run.namespace, "adapter": run.adapter}
-        if not wait:
-            if output == "json":
-                out.print_json(json.dumps(result))
-                return
-            out.print(f"submitted {run.job} (adapter {run.adapter}) in namespace {run.namespace}")
-            follow_cmd = f"loraplane --registry kubernetes -n {run.namespace} train logs {run.job} -f"
-            out.print(f"follow it: {follow_cmd}")
+        outcome = train(
+            _settings(),
+            config,
+            overrides or [],
+            release=release,
+            wait=wait,
+            timeout=timeout,
+            on_submitted=submitted,
+        )
+        if output == "json" and outcome.backend == "kubernetes":
+            out.print_json(json.dumps(outcome.to_dict()))
             return
-        if output != "json":
-            err.print(f"submitted {run.job}; waiting for it to finish", highlight=False)
-        final = wait_for_training(settings, run.job, timeout=timeout)
-        result["state"] = final.state
-        if final.state != "Succeeded":
-            raise LoraplaneError(
-                f"training Job {run.job} failed: {final.reason}: {final.message}",
-                hint=f"see its log: loraplane --registry kubernetes -n {run.namespace} train logs {run.job}",
-            )
-        entry, created = _register_run(settings, run.job)
-        result["registered"] = {"ref": entry.ref, "path": entry.path, "new": created}
-        if output == "json":
-            out.print_json(json.dumps(result))
+        if outcome.registered is not None:  # local (its json: the entry), or a cluster run waited for
+            _print_registration(outcome.registered, outcome.created, output)
             return
-        out.print(_registered_line(entry, created), highlight=False, soft_wrap=True)
+        out.print(f"submitted {outcome.job} (adapter {outcome.adapter}) in namespace {outcome.namespace}")
+        out.print(
+            f"follow it: loraplane --registry kubernetes -n {outcome.namespace} train logs {outcome.job} -f"
+        )
 
     _run(body)
 
