@@ -13,11 +13,12 @@ the alias meanwhile: nothing changed, re-run); 130 interrupted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import typer
 import typer.core
@@ -26,6 +27,7 @@ from rich.console import Console, ConsoleDimensions
 from loraplane.common.errors import ExitCode, InvalidInputError, LoraplaneError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def _flag_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
@@ -301,6 +303,17 @@ def _run(fn: Callable[[], T]) -> T:
             highlight=False,
         )
         raise typer.Exit(ExitCode.FAILED) from None
+
+
+def handled(command: Callable[P, None]) -> Callable[P, None]:
+    """A command whose errors :func:`_run` turns into a message and an exit code (put it under
+    ``@app.command``; typer reads the wrapped function's signature)."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        _run(lambda: command(*args, **kwargs))
+
+    return run
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ from loraplane.platform.cli.app import (
     _duration_option,
     _output_option,
     _progress_bar,
-    _run,
     _settings,
     data_app,
     err,
+    handled,
     models_app,
     out,
     volume_app,
@@ -27,6 +27,7 @@ from loraplane.platform.cli.release import _release_option
 
 
 @data_app.command("validate")
+@handled
 def data_validate(
     file: Path | None = typer.Argument(None, help="Training data: JSONL (one example per line) or Parquet."),
     base_model: str = typer.Option(
@@ -76,83 +77,81 @@ def data_validate(
       loraplane data validate train.jsonl -m ./base-model --max-seq-length 2048
     """
 
-    def body() -> None:
-        import json
+    import json
 
-        from pydantic import BaseModel, ValidationError
+    from pydantic import BaseModel, ValidationError
 
-        from loraplane.common.errors import format_validation_error
-        from loraplane.common.jsonl import DatasetError
-        from loraplane.trainer.config import BaseModelSpec, DatasetSpec, TrainingSpec
-        from loraplane.trainer.data import load_tokenizer, validate_dataset
-        from loraplane.trainer.preference_data import data_method
+    from loraplane.common.errors import format_validation_error
+    from loraplane.common.jsonl import DatasetError
+    from loraplane.trainer.config import BaseModelSpec, DatasetSpec, TrainingSpec
+    from loraplane.trainer.data import load_tokenizer, validate_dataset
+    from loraplane.trainer.preference_data import data_method
 
-        chosen_method = data_method(method, data_format)
+    chosen_method = data_method(method, data_format)
 
-        def given(**values: Any) -> dict[str, Any]:
-            return {k: v for k, v in values.items() if v is not None}
+    def given(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None}
 
-        def build(model: type[BaseModel], section: str, values: dict[str, Any]) -> Any:
-            try:
-                return model.model_validate(values)
-            except ValidationError as exc:
-                raise format_validation_error(exc, source=f"the {section} options") from None
+    def build(model: type[BaseModel], section: str, values: dict[str, Any]) -> Any:
+        try:
+            return model.model_validate(values)
+        except ValidationError as exc:
+            raise format_validation_error(exc, source=f"the {section} options") from None
 
-        dataset = build(
-            DatasetSpec,
-            "dataset",
-            given(
-                path=file,
-                hub=hub,
-                split=split,
-                eval_path=eval_file,
-                eval_split=eval_split,
-                eval_fraction=eval_fraction,
-                format=data_format,
-                min_examples=min_examples,
-                max_overlength_share=max_overlength_share,
-            ),
+    dataset = build(
+        DatasetSpec,
+        "dataset",
+        given(
+            path=file,
+            hub=hub,
+            split=split,
+            eval_path=eval_file,
+            eval_split=eval_split,
+            eval_fraction=eval_fraction,
+            format=data_format,
+            min_examples=min_examples,
+            max_overlength_share=max_overlength_share,
+        ),
+    )
+    model_spec = build(
+        BaseModelSpec,
+        "base model",
+        given(
+            path=base_model,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            chat_template=chat_template,
+        ),
+    )
+    training = build(
+        TrainingSpec,
+        "training",
+        given(max_seq_length=max_seq_length, seed=seed, assistant_only_loss=not all_tokens),
+    )
+    prepared = validate_dataset(
+        dataset,
+        load_tokenizer(model_spec),
+        max_seq_length=training.max_seq_length,
+        assistant_only_loss=training.assistant_only_loss,
+        seed=training.seed,
+        method=chosen_method,
+    )
+    if output == "json":
+        sys.stdout.write(json.dumps(prepared.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(prepared.to_text() + "\n")
+    sys.stdout.flush()
+    reasons = prepared.failures()
+    if reasons:
+        raise DatasetError(
+            "the dataset is not usable for training:\n" + "\n".join(f"  - {r}" for r in reasons),
+            hint="fix the rows the report lists, or change the limits (--max-seq-length, "
+            "--max-overlength-share, --min-examples)",
         )
-        model_spec = build(
-            BaseModelSpec,
-            "base model",
-            given(
-                path=base_model,
-                revision=revision,
-                trust_remote_code=trust_remote_code,
-                chat_template=chat_template,
-            ),
-        )
-        training = build(
-            TrainingSpec,
-            "training",
-            given(max_seq_length=max_seq_length, seed=seed, assistant_only_loss=not all_tokens),
-        )
-        prepared = validate_dataset(
-            dataset,
-            load_tokenizer(model_spec),
-            max_seq_length=training.max_seq_length,
-            assistant_only_loss=training.assistant_only_loss,
-            seed=training.seed,
-            method=chosen_method,
-        )
-        if output == "json":
-            sys.stdout.write(json.dumps(prepared.to_dict(), indent=2) + "\n")
-        else:
-            sys.stdout.write(prepared.to_text() + "\n")
-        sys.stdout.flush()
-        reasons = prepared.failures()
-        if reasons:
-            raise DatasetError(
-                "the dataset is not usable for training:\n" + "\n".join(f"  - {r}" for r in reasons),
-                hint="fix the rows the report lists, or change the limits (--max-seq-length, "
-                "--max-overlength-share, --min-examples)",
-            )
-
-    _run(body)
 
 
 @data_app.command("push")
+@handled
 def data_push(
     file: Path = typer.Argument(..., help="Training data: JSONL (one example per line) or Parquet."),
     base_model: str = typer.Option(
@@ -195,41 +194,38 @@ def data_push(
       # preference pairs, for runs with method: dpo
     """
 
-    def body() -> None:
-        from loraplane.platform.data_push import push_dataset
+    from loraplane.platform.data_push import push_dataset
 
-        with _progress_bar(f"uploading {file.name}") as progress:
-            result = push_dataset(
-                _settings(),
-                file,
-                base_model=base_model,
-                name=name,
-                release=release,
-                max_seq_length=max_seq_length,
-                data_format=data_format,
-                method=method,
-                revision=revision,
-                chat_template=chat_template,
-                timeout=timeout,
-                on_progress=progress,
-            )
-        if output == "json":
-            out.print_json(json.dumps(result.to_dict()))
-            return
-        verb = "pushed" if result.uploaded else "already on the volume:"
-        what = "usable preference pairs" if result.method == "dpo" else "usable rows"
-        out.print(f"{verb} {file} ({result.rows} {what}) as {result.name}", highlight=False)
-        out.print(f"  path:   {result.path}\n  sha256: {result.sha256}", highlight=False)
-        out.print(
-            f"  in train.yaml: dataset: {{pushed: {result.name}}}  "
-            f"(the newest push; or {{path: {result.path}}})",
-            highlight=False,
+    with _progress_bar(f"uploading {file.name}") as progress:
+        result = push_dataset(
+            _settings(),
+            file,
+            base_model=base_model,
+            name=name,
+            release=release,
+            max_seq_length=max_seq_length,
+            data_format=data_format,
+            method=method,
+            revision=revision,
+            chat_template=chat_template,
+            timeout=timeout,
+            on_progress=progress,
         )
-
-    _run(body)
+    if output == "json":
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    verb = "pushed" if result.uploaded else "already on the volume:"
+    what = "usable preference pairs" if result.method == "dpo" else "usable rows"
+    out.print(f"{verb} {file} ({result.rows} {what}) as {result.name}", highlight=False)
+    out.print(f"  path:   {result.path}\n  sha256: {result.sha256}", highlight=False)
+    out.print(
+        f"  in train.yaml: dataset: {{pushed: {result.name}}}  (the newest push; or {{path: {result.path}}})",
+        highlight=False,
+    )
 
 
 @models_app.command("pull")
+@handled
 def models_pull(
     model: str = typer.Argument(..., help="hf://ORG/NAME@REVISION or s3://BUCKET/PREFIX."),
     release: str = _release_option(),
@@ -266,45 +262,43 @@ def models_pull(
       loraplane models pull s3://models/llama-8b --local
     """
 
-    def body() -> None:
-        from loraplane.platform.models_pull import pull_local, pull_to_volume
-        from loraplane.platform.volume import PodSecrets
+    from loraplane.platform.models_pull import pull_local, pull_to_volume
+    from loraplane.platform.volume import PodSecrets
 
-        def say(line: str) -> None:
-            if output != "json":
-                err.print(line, highlight=False)
+    def say(line: str) -> None:
+        if output != "json":
+            err.print(line, highlight=False)
 
-        settings = _settings()
-        if local or settings.registry != "kubernetes":
-            result = pull_local(model, say=say)
-        else:
-            secrets = PodSecrets(hf_token_secret, hf_token_key, s3_secret, s3_endpoint)
-            endpoint = hf_endpoint or os.environ.get("HF_ENDPOINT")
-            result = pull_to_volume(
-                settings,
-                model,
-                release=release,
-                secrets=secrets,
-                timeout=timeout,
-                say=say,
-                hf_endpoint=endpoint,
-            )
-        if output == "json":
-            out.print_json(json.dumps(result.to_dict()))
-            return
-        verb = "fetched" if result.fetched else "already there:"
-        out.print(
-            f"{verb} {result.source} at {result.path} ({result.files} files, {result.bytes} bytes)",
-            highlight=False,
+    settings = _settings()
+    if local or settings.registry != "kubernetes":
+        result = pull_local(model, say=say)
+    else:
+        secrets = PodSecrets(hf_token_secret, hf_token_key, s3_secret, s3_endpoint)
+        endpoint = hf_endpoint or os.environ.get("HF_ENDPOINT")
+        result = pull_to_volume(
+            settings,
+            model,
+            release=release,
+            secrets=secrets,
+            timeout=timeout,
+            say=say,
+            hf_endpoint=endpoint,
         )
-        out.print(
-            f"  serving.model / base_model.path: {result.source}  (or the directory itself)", highlight=False
-        )
-
-    _run(body)
+    if output == "json":
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    verb = "fetched" if result.fetched else "already there:"
+    out.print(
+        f"{verb} {result.source} at {result.path} ({result.files} files, {result.bytes} bytes)",
+        highlight=False,
+    )
+    out.print(
+        f"  serving.model / base_model.path: {result.source}  (or the directory itself)", highlight=False
+    )
 
 
 @volume_app.command("put")
+@handled
 def volume_put(
     local: Path = typer.Argument(..., help="A local file or directory (a base model, a dataset)."),
     dest: str = typer.Argument(..., help="Where it goes on the volume, relative to its root: models/base."),
@@ -325,26 +319,23 @@ def volume_put(
       loraplane -n ml volume put ./train.jsonl datasets/support/train.jsonl
     """
 
-    def body() -> None:
-        from loraplane.platform.volume import put
+    from loraplane.platform.volume import put
 
-        with _progress_bar(f"uploading {local.name}") as progress:
-            result = put(
-                _settings(),
-                local,
-                dest,
-                release=release,
-                replace=replace,
-                timeout=timeout,
-                on_progress=progress,
-            )
-        if output == "json":
-            out.print_json(json.dumps(result.to_dict()))
-            return
-        out.print(
-            f"put {local} at {result.mount_path}/{result.path}: {result.files} file(s), {result.bytes} bytes "
-            f"in {result.seconds:.1f}s (sha256 {result.sha256[:12]})",
-            highlight=False,
+    with _progress_bar(f"uploading {local.name}") as progress:
+        result = put(
+            _settings(),
+            local,
+            dest,
+            release=release,
+            replace=replace,
+            timeout=timeout,
+            on_progress=progress,
         )
-
-    _run(body)
+    if output == "json":
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(
+        f"put {local} at {result.mount_path}/{result.path}: {result.files} file(s), {result.bytes} bytes "
+        f"in {result.seconds:.1f}s (sha256 {result.sha256[:12]})",
+        highlight=False,
+    )

@@ -14,16 +14,17 @@ from loraplane.platform.cli.app import (
     _duration_option,
     _escape,
     _output_option,
-    _run,
     _settings,
     app,
     demo_app,
     err,
+    handled,
     out,
 )
 
 
 @demo_app.command("build-model")
+@handled
 def demo_build_model(
     directory: Path = typer.Argument(..., help="Output directory (must not exist)."),
 ) -> None:
@@ -32,35 +33,31 @@ def demo_build_model(
     Example: loraplane demo build-model ./demo-model
     """
 
-    def body() -> None:
-        from loraplane.trainer.demo_model import build_demo_model
+    from loraplane.trainer.demo_model import build_demo_model
 
-        if directory.exists():
-            raise LoraplaneError(f"{directory} already exists", hint="give a new directory")
-        build_demo_model(directory)
-        out.print(f"demo base model written to {directory}")
-
-    _run(body)
+    if directory.exists():
+        raise LoraplaneError(f"{directory} already exists", hint="give a new directory")
+    build_demo_model(directory)
+    out.print(f"demo base model written to {directory}")
 
 
 @demo_app.command("write-data")
+@handled
 def demo_write_data(directory: Path = typer.Argument(..., help="Output directory.")) -> None:
     """Write the two demo tasks' training (chat JSONL) and eval (prompt + expected) files.
 
     Example: loraplane demo write-data ./demo-data
     """
 
-    def body() -> None:
-        from loraplane.trainer.demo_tasks import TASKS, write_task_files
+    from loraplane.trainer.demo_tasks import TASKS, write_task_files
 
-        for task in TASKS.values():
-            train, ev = write_task_files(task, directory)
-            out.print(f"{task.name}: {train} {ev}")
-
-    _run(body)
+    for task in TASKS.values():
+        train, ev = write_task_files(task, directory)
+        out.print(f"{task.name}: {train} {ev}")
 
 
 @app.command()
+@handled
 def quickstart(
     workdir: Path = typer.Option(
         Path("quickstart-out"), help="Working directory (cleared if an earlier run made it)."
@@ -83,36 +80,33 @@ def quickstart(
       loraplane quickstart --keep-serving   # then query NAME:prod through the printed URL
     """
 
-    def body() -> None:
-        from loraplane.platform.quickstart import QuickstartOptions, run_quickstart, summary_table
+    from loraplane.platform.quickstart import QuickstartOptions, run_quickstart, summary_table
 
-        result = run_quickstart(QuickstartOptions(workdir=workdir, port=port), console=err)
-        if output == "json":
-            out.print_json(
-                json.dumps(
-                    {
-                        "winner": result.winner,
-                        "promoted": result.promoted,
-                        "question": result.question,
-                        "answer": result.answer,
-                        "seconds": result.seconds,
-                        "timings": result.timings,
-                        "evals": {k: v.model_dump() for k, v in result.evals.items()},
-                    }
-                )
+    result = run_quickstart(QuickstartOptions(workdir=workdir, port=port), console=err)
+    if output == "json":
+        out.print_json(
+            json.dumps(
+                {
+                    "winner": result.winner,
+                    "promoted": result.promoted,
+                    "question": result.question,
+                    "answer": result.answer,
+                    "seconds": result.seconds,
+                    "timings": result.timings,
+                    "evals": {k: v.model_dump() for k, v in result.evals.items()},
+                }
             )
-        else:
-            out.print(summary_table(result))
-            out.print(f"[bold]{result.winner}:prod[/] -> {result.promoted}")
-            out.print(f"Q: {result.question}\nA: {result.answer}")
-        if keep_serving:
-            from loraplane.platform.quickstart import keep_serving_options
-            from loraplane.platform.serve_local import serve_forever
+        )
+    else:
+        out.print(summary_table(result))
+        out.print(f"[bold]{result.winner}:prod[/] -> {result.promoted}")
+        out.print(f"Q: {result.question}\nA: {result.answer}")
+    if keep_serving:
+        from loraplane.platform.quickstart import keep_serving_options
+        from loraplane.platform.serve_local import serve_forever
 
-            settings, opts = keep_serving_options(result.workdir, gateway_port=gateway_port)
-            serve_forever(settings, opts, on_phase=_serve_phase, on_ready=_serve_ready)
-
-    _run(body)
+        settings, opts = keep_serving_options(result.workdir, gateway_port=gateway_port)
+        serve_forever(settings, opts, on_phase=_serve_phase, on_ready=_serve_ready)
 
 
 def _serve_phase(phase: str) -> None:
@@ -139,6 +133,7 @@ def _serve_ready(ep: Any) -> None:
 
 
 @app.command()
+@handled
 def serve(
     model: str = typer.Option(
         ..., "--model", "-m", help="Base model: a directory, or a hub id in the HF cache."
@@ -174,26 +169,23 @@ def serve(
       #           model="NAME:prod", messages=[...])
     """
 
-    def body() -> None:
-        from urllib.parse import urlparse
+    from urllib.parse import urlparse
 
-        from pydantic import ValidationError
+    from pydantic import ValidationError
 
-        from loraplane.common.errors import format_validation_error
-        from loraplane.platform.serve_local import ServeOptions, serve_forever
+    from loraplane.common.errors import format_validation_error
+    from loraplane.platform.serve_local import ServeOptions, serve_forever
 
-        settings = _settings()
-        try:
-            opts = ServeOptions(
-                model=model, served_model_name=served_model_name, host=host, port=port,
-                vllm_port=vllm_port or urlparse(settings.server_url).port or 8000,
-                max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
-                max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, dtype=dtype,
-                startup_timeout=startup_timeout,
-            )  # fmt: skip
-        except ValidationError as exc:
-            raise format_validation_error(exc, source="loraplane serve") from None
+    settings = _settings()
+    try:
+        opts = ServeOptions(
+            model=model, served_model_name=served_model_name, host=host, port=port,
+            vllm_port=vllm_port or urlparse(settings.server_url).port or 8000,
+            max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, dtype=dtype,
+            startup_timeout=startup_timeout,
+        )  # fmt: skip
+    except ValidationError as exc:
+        raise format_validation_error(exc, source="loraplane serve") from None
 
-        serve_forever(settings, opts, on_phase=_serve_phase, on_ready=_serve_ready)
-
-    _run(body)
+    serve_forever(settings, opts, on_phase=_serve_phase, on_ready=_serve_ready)

@@ -9,11 +9,12 @@ import typer
 import typer.core
 
 from loraplane.common.errors import InvalidInputError
-from loraplane.platform.cli.app import _run, _settings, err, pipeline_app
+from loraplane.platform.cli.app import _settings, err, handled, pipeline_app
 from loraplane.platform.cli.release import _release_option
 
 
 @pipeline_app.command("export")
+@handled
 def pipeline_export(
     train_config: Path = typer.Argument(..., help="Training config (YAML), as `train submit` takes it."),
     suite: Path = typer.Argument(..., help="Evaluation suite (YAML), as `adapters eval --suite` takes it."),
@@ -46,27 +47,24 @@ def pipeline_export(
       loraplane -n ml pipeline export train.yaml suite.yaml --format kfp -O pipeline.py
     """
 
-    def body() -> None:
-        from loraplane.platform.pipeline_export import FORMATS, export, load_spec
+    from loraplane.platform.pipeline_export import FORMATS, export, load_spec
 
-        if fmt not in FORMATS:
-            raise InvalidInputError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
-        spec = load_spec(
-            train_config,
-            suite,
-            namespace=_settings().namespace,
-            release=release,
-            image=image,
-            service_account=service_account,
-            alias=alias,
-            vllm_url=vllm_url,
-            api_key_secret=api_key_secret,
-        )
-        text = export(spec, fmt, filename=out.name if out is not None else "pipeline.py")
-        if out is None:
-            sys.stdout.write(text)
-        else:
-            out.write_text(text)
-            err.print(f"wrote {out} ({fmt})", highlight=False)
-
-    _run(body)
+    if fmt not in FORMATS:
+        raise InvalidInputError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    spec = load_spec(
+        train_config,
+        suite,
+        namespace=_settings().namespace,
+        release=release,
+        image=image,
+        service_account=service_account,
+        alias=alias,
+        vllm_url=vllm_url,
+        api_key_secret=api_key_secret,
+    )
+    text = export(spec, fmt, filename=out.name if out is not None else "pipeline.py")
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        err.print(f"wrote {out} ({fmt})", highlight=False)

@@ -19,6 +19,7 @@ from loraplane.platform.cli.app import (
     _settings,
     app,
     err,
+    handled,
     out,
 )
 from loraplane.platform.helm_release import GPU_OPERATOR_REPO, GPU_OPERATOR_VERSION
@@ -232,6 +233,7 @@ def install(
 
 
 @app.command()
+@handled
 def upgrade(
     values: list[Path] | None = typer.Option(None, "--values", "-f", help=_VALUES_HELP),
     sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
@@ -250,22 +252,20 @@ def upgrade(
       loraplane -n ml upgrade -f my-values.yaml --set serving.maxLoras=8 --wait
     """
 
-    def body() -> None:
-        info = _deploy(
-            upgrade=True,
-            values=values,
-            sets=[*_gpu_mode_sets(gpu_mode), *(sets or [])],
-            release=release,
-            chart=chart,
-            wait=wait,
-            timeout=timeout,
-        )
-        _print_release("upgraded", info, output)
-
-    _run(body)
+    info = _deploy(
+        upgrade=True,
+        values=values,
+        sets=[*_gpu_mode_sets(gpu_mode), *(sets or [])],
+        release=release,
+        chart=chart,
+        wait=wait,
+        timeout=timeout,
+    )
+    _print_release("upgraded", info, output)
 
 
 @app.command()
+@handled
 def uninstall(
     release: str = _release_option(),
     wait: bool = typer.Option(False, "--wait", help="Wait until the release's objects are gone."),
@@ -279,17 +279,15 @@ def uninstall(
       loraplane -n ml uninstall --wait
     """
 
-    def body() -> None:
-        from loraplane.platform.helm_release import uninstall as helm_uninstall
+    from loraplane.platform.helm_release import uninstall as helm_uninstall
 
-        settings = _settings()
-        helm_uninstall(settings, release, wait=wait, timeout=timeout)
-        out.print(f"uninstalled {release} from namespace {settings.namespace}", highlight=False)
-
-    _run(body)
+    settings = _settings()
+    helm_uninstall(settings, release, wait=wait, timeout=timeout)
+    out.print(f"uninstalled {release} from namespace {settings.namespace}", highlight=False)
 
 
 @app.command()
+@handled
 def status(
     release: str = _release_option(),
     output: str = _output_option(),
@@ -302,60 +300,57 @@ def status(
       loraplane -n ml status -o json
     """
 
-    def body() -> None:
-        from rich.table import Table
+    from rich.table import Table
 
-        from loraplane.platform.cluster_status import cluster_status
+    from loraplane.platform.cluster_status import cluster_status
 
-        found = cluster_status(_settings(), release)
-        if output == "json":
-            out.print_json(json.dumps(found.to_dict()))
-            return
-        r = found.release
-        if r is None:
-            out.print(f"release {release}: not installed in namespace {found.namespace}", highlight=False)
-        else:
-            out.print(
-                f"release {r.name}: {r.chart}, revision {r.revision}, {r.status} (updated {r.updated})",
-                highlight=False,
-            )
-        for rep in found.vllm:
-            out.print(f"vLLM {rep.deployment}: {rep.ready}/{rep.desired} ready", highlight=False)
-        if found.gpu is not None:
-            g = found.gpu
-            out.print(
-                f"GPUs ({g.mode}): {g.advertising}/{g.nodes} nodes offer {g.resource}"
-                + (f", {g.gpu_labelled} GPU-labelled" if g.resource == "nvidia.com/gpu" else ""),
-                highlight=False,
-            )
-            if g.warning:
-                out.print(f"  warning: {_escape(g.warning)}", highlight=False)
-        elif found.gpu_error:
-            out.print(f"GPUs: unknown ({_escape(found.gpu_error)})", highlight=False)
-        for fetch in found.model_fetch:
-            out.print(f"model {fetch.model}: fetch {fetch.state} (job {fetch.job})", highlight=False)
-            if fetch.message:
-                out.print(f"  reason: {_escape(fetch.message)}", highlight=False)
-        if found.storage is not None:
-            st = found.storage
-            out.print(f"volume {st.claim}: {st.phase} ({st.storage_class or 'no class'})", highlight=False)
-            if st.problem:
-                out.print(f"  problem: {_escape(st.problem)}", highlight=False)
-        elif found.storage_error:
-            out.print(f"volume: unknown ({_escape(found.storage_error)})", highlight=False)
-        if found.loaded_error:
-            out.print(f"loaded adapters: unknown ({_escape(found.loaded_error)})", highlight=False)
-        else:
-            out.print("loaded adapters: " + (", ".join(found.loaded_adapters) or "none"), highlight=False)
-        table = Table(title="aliases")
-        for col in ("adapter", "alias", "version"):
-            table.add_column(col)
-        for name, aliases in sorted(found.aliases.items()):
-            for alias, version in sorted(aliases.items()):
-                table.add_row(name, alias, version)
-        if found.aliases_error:
-            out.print(f"aliases: unknown ({_escape(found.aliases_error)})", highlight=False)
-        else:
-            out.print(table)
-
-    _run(body)
+    found = cluster_status(_settings(), release)
+    if output == "json":
+        out.print_json(json.dumps(found.to_dict()))
+        return
+    r = found.release
+    if r is None:
+        out.print(f"release {release}: not installed in namespace {found.namespace}", highlight=False)
+    else:
+        out.print(
+            f"release {r.name}: {r.chart}, revision {r.revision}, {r.status} (updated {r.updated})",
+            highlight=False,
+        )
+    for rep in found.vllm:
+        out.print(f"vLLM {rep.deployment}: {rep.ready}/{rep.desired} ready", highlight=False)
+    if found.gpu is not None:
+        g = found.gpu
+        out.print(
+            f"GPUs ({g.mode}): {g.advertising}/{g.nodes} nodes offer {g.resource}"
+            + (f", {g.gpu_labelled} GPU-labelled" if g.resource == "nvidia.com/gpu" else ""),
+            highlight=False,
+        )
+        if g.warning:
+            out.print(f"  warning: {_escape(g.warning)}", highlight=False)
+    elif found.gpu_error:
+        out.print(f"GPUs: unknown ({_escape(found.gpu_error)})", highlight=False)
+    for fetch in found.model_fetch:
+        out.print(f"model {fetch.model}: fetch {fetch.state} (job {fetch.job})", highlight=False)
+        if fetch.message:
+            out.print(f"  reason: {_escape(fetch.message)}", highlight=False)
+    if found.storage is not None:
+        st = found.storage
+        out.print(f"volume {st.claim}: {st.phase} ({st.storage_class or 'no class'})", highlight=False)
+        if st.problem:
+            out.print(f"  problem: {_escape(st.problem)}", highlight=False)
+    elif found.storage_error:
+        out.print(f"volume: unknown ({_escape(found.storage_error)})", highlight=False)
+    if found.loaded_error:
+        out.print(f"loaded adapters: unknown ({_escape(found.loaded_error)})", highlight=False)
+    else:
+        out.print("loaded adapters: " + (", ".join(found.loaded_adapters) or "none"), highlight=False)
+    table = Table(title="aliases")
+    for col in ("adapter", "alias", "version"):
+        table.add_column(col)
+    for name, aliases in sorted(found.aliases.items()):
+        for alias, version in sorted(aliases.items()):
+            table.add_row(name, alias, version)
+    if found.aliases_error:
+        out.print(f"aliases: unknown ({_escape(found.aliases_error)})", highlight=False)
+    else:
+        out.print(table)

@@ -15,9 +15,9 @@ from loraplane.platform.cli.app import (
     _duration_option,
     _escape,
     _output_option,
-    _run,
     _settings,
     err,
+    handled,
     out,
     train_app,
 )
@@ -53,6 +53,7 @@ def _print_registration(entry: Any, created: bool, output: str) -> None:
 
 
 @train_app.command("submit")
+@handled
 def train_submit(
     config: Path = typer.Argument(..., help="Training config (YAML); on a cluster, paths are on its volume."),
     overrides: list[str] | None = typer.Argument(None, help="section.key=value overrides."),
@@ -73,34 +74,31 @@ def train_submit(
       loraplane train submit train.yaml        # local: trains on this machine
     """
 
-    def body() -> None:
-        from loraplane.platform.training import train
+    from loraplane.platform.training import train
 
-        def submitted(outcome: Any) -> None:
-            if output != "json":
-                err.print(f"submitted {outcome.job}; waiting for it to finish", highlight=False)
+    def submitted(outcome: Any) -> None:
+        if output != "json":
+            err.print(f"submitted {outcome.job}; waiting for it to finish", highlight=False)
 
-        outcome = train(
-            _settings(),
-            config,
-            overrides or [],
-            release=release,
-            wait=wait,
-            timeout=timeout,
-            on_submitted=submitted,
-        )
-        if output == "json" and outcome.backend == "kubernetes":
-            out.print_json(json.dumps(outcome.to_dict()))
-            return
-        if outcome.registered is not None:  # local (its json: the entry), or a cluster run waited for
-            _print_registration(outcome.registered, outcome.created, output)
-            return
-        out.print(f"submitted {outcome.job} (adapter {outcome.adapter}) in namespace {outcome.namespace}")
-        out.print(
-            f"follow it: loraplane --registry kubernetes -n {outcome.namespace} train logs {outcome.job} -f"
-        )
-
-    _run(body)
+    outcome = train(
+        _settings(),
+        config,
+        overrides or [],
+        release=release,
+        wait=wait,
+        timeout=timeout,
+        on_submitted=submitted,
+    )
+    if output == "json" and outcome.backend == "kubernetes":
+        out.print_json(json.dumps(outcome.to_dict()))
+        return
+    if outcome.registered is not None:  # local (its json: the entry), or a cluster run waited for
+        _print_registration(outcome.registered, outcome.created, output)
+        return
+    out.print(f"submitted {outcome.job} (adapter {outcome.adapter}) in namespace {outcome.namespace}")
+    out.print(
+        f"follow it: loraplane --registry kubernetes -n {outcome.namespace} train logs {outcome.job} -f"
+    )
 
 
 def _training_progress(settings: Any, job: str) -> dict[str, float] | None:
@@ -136,6 +134,7 @@ def _training_cost(
 
 
 @train_app.command("status")
+@handled
 def train_status(
     job: str = typer.Argument(..., help="Job name printed by train submit."),
     register: bool = typer.Option(
@@ -149,54 +148,52 @@ def train_status(
     Example: loraplane --registry kubernetes -n ml train status train-support-bot-x7k2p
     """
 
-    def body() -> None:
-        from rich.table import Table
+    from rich.table import Table
 
-        from loraplane.platform.training_k8s import training_status
+    from loraplane.platform.training_k8s import training_status
 
-        settings = _cluster_settings()
-        status = training_status(settings, job)
-        registered: dict[str, Any] | None = None
-        manifest: dict[str, Any] | None = None
-        if register and status.state == "Succeeded":
-            try:
-                entry, created = _register_run(settings, job)
-                registered = {"ref": entry.ref, "path": entry.path, "new": created}
-                manifest = entry.manifest
-            except LoraplaneError as exc:  # the status stands; registering is retried by the next call
-                registered = {"error": str(exc)}
-                err.print(f"[yellow]warning:[/] not registered: {_escape(str(exc))}", highlight=False)
-        progress = _training_progress(settings, job)
-        cost = _training_cost(settings, job, status.state, manifest)
-        if output == "json":
-            payload = {**status.to_dict(), "registered": registered, "progress": progress, "cost": cost}
-            out.print_json(json.dumps(payload))
-            return
-        why = f": {status.reason}: {status.message}" if status.reason else ""
-        out.print(f"{status.job} ({status.adapter or '?'}): {status.state}{why}", highlight=False)
-        if progress is not None:
-            from loraplane.trainer.metrics import progress_summary
+    settings = _cluster_settings()
+    status = training_status(settings, job)
+    registered: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+    if register and status.state == "Succeeded":
+        try:
+            entry, created = _register_run(settings, job)
+            registered = {"ref": entry.ref, "path": entry.path, "new": created}
+            manifest = entry.manifest
+        except LoraplaneError as exc:  # the status stands; registering is retried by the next call
+            registered = {"error": str(exc)}
+            err.print(f"[yellow]warning:[/] not registered: {_escape(str(exc))}", highlight=False)
+    progress = _training_progress(settings, job)
+    cost = _training_cost(settings, job, status.state, manifest)
+    if output == "json":
+        payload = {**status.to_dict(), "registered": registered, "progress": progress, "cost": cost}
+        out.print_json(json.dumps(payload))
+        return
+    why = f": {status.reason}: {status.message}" if status.reason else ""
+    out.print(f"{status.job} ({status.adapter or '?'}): {status.state}{why}", highlight=False)
+    if progress is not None:
+        from loraplane.trainer.metrics import progress_summary
 
-            out.print(f"training: {progress_summary(progress)}", highlight=False)
-        if cost is not None:
-            from loraplane.trainer.cost import cost_summary
+        out.print(f"training: {progress_summary(progress)}", highlight=False)
+    if cost is not None:
+        from loraplane.trainer.cost import cost_summary
 
-            out.print(f"cost: {cost_summary(cost)}", highlight=False)
-        table = Table()
-        for col in ("pod", "phase", "node", "exit code", "meaning"):
-            table.add_column(col)
-        for pod in status.pods:
-            code = "" if pod.exit_code is None else str(pod.exit_code)
-            table.add_row(pod.name, pod.phase, pod.node or "", code, pod.meaning or "")
-        out.print(table)
-        if registered is not None and "error" not in registered:
-            verb = "registered" if registered["new"] else "already registered"
-            out.print(f"{verb} {registered['ref']} ({registered['path']})", highlight=False, soft_wrap=True)
-
-    _run(body)
+        out.print(f"cost: {cost_summary(cost)}", highlight=False)
+    table = Table()
+    for col in ("pod", "phase", "node", "exit code", "meaning"):
+        table.add_column(col)
+    for pod in status.pods:
+        code = "" if pod.exit_code is None else str(pod.exit_code)
+        table.add_row(pod.name, pod.phase, pod.node or "", code, pod.meaning or "")
+    out.print(table)
+    if registered is not None and "error" not in registered:
+        verb = "registered" if registered["new"] else "already registered"
+        out.print(f"{verb} {registered['ref']} ({registered['path']})", highlight=False, soft_wrap=True)
 
 
 @train_app.command("register")
+@handled
 def train_register(
     job: str = typer.Argument(..., help="Job name of a succeeded run."),
     output: str = _output_option(),
@@ -206,14 +203,12 @@ def train_register(
     Example: loraplane --registry kubernetes -n ml train register train-support-bot-x7k2p
     """
 
-    def body() -> None:
-        entry, created = _register_run(_cluster_settings(), job)
-        _print_registration(entry, created, output)
-
-    _run(body)
+    entry, created = _register_run(_cluster_settings(), job)
+    _print_registration(entry, created, output)
 
 
 @train_app.command("logs")
+@handled
 def train_logs(
     job: str = typer.Argument(..., help="Job name printed by train submit."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the trainer exits."),
@@ -223,28 +218,22 @@ def train_logs(
     Example: loraplane --registry kubernetes -n ml train logs train-support-bot-x7k2p -f
     """
 
-    def body() -> None:
+    from loraplane.platform.training_k8s import training_logs
 
-        from loraplane.platform.training_k8s import training_logs
-
-        for line in training_logs(_cluster_settings(), job, follow=follow):
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-
-    _run(body)
+    for line in training_logs(_cluster_settings(), job, follow=follow):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 @train_app.command("cancel")
+@handled
 def train_cancel(job: str = typer.Argument(..., help="Job name printed by train submit.")) -> None:
     """Delete a run's Job; its pod gets SIGTERM, saves a checkpoint and stops.
 
     Example: loraplane --registry kubernetes -n ml train cancel train-support-bot-x7k2p
     """
 
-    def body() -> None:
-        from loraplane.platform.training_k8s import cancel_training
+    from loraplane.platform.training_k8s import cancel_training
 
-        cancel_training(_cluster_settings(), job)
-        out.print(f"cancelled {job}")
-
-    _run(body)
+    cancel_training(_cluster_settings(), job)
+    out.print(f"cancelled {job}")
