@@ -86,7 +86,7 @@ pay the process's one-time CUDA costs). **tok/s** = non-padding tokens of the me
 their time (every token of an example goes forward and backward, prompt included); **loss tok/s**
 counts only the tokens with a label (what ``bench/train_throughput.py`` calls tok/s). **MFU_4N** = 4 x N
 x tok/s / the device's dense bf16 peak, N = the base model's parameter count (unique tensors,
-embeddings included, as performance-anchors.md §1.3 counts Llama-2-7B as 6.74e9: forward 2N + input
+embeddings included, as Llama-2-7B is usually counted at 6.74e9: forward 2N + input
 gradients 2N; attention FLOPs and the LoRA matrices' 6 N_lora are left out, so MFU_4N understates
 the work a little). Peaks come from the table ``PEAK_BF16_TFLOPS`` by ``torch.cuda.get_device_name``,
 or ``--peak-tflops``. **peak GPU memory** = ``torch.cuda.max_memory_allocated`` from model load to
@@ -576,6 +576,7 @@ def our_trainer(arm: Arm, ctx: Context, out: Path) -> Any:
             f"training.seed={SEED}",
             "training.logging_steps=1",
             f"training.batching={arm.batching}",
+            "tracking.tensorboard=false",  # as the reference arm's report_to="none"
         ],
     )
     train = [

@@ -1,6 +1,6 @@
 """Training throughput: plain trl/peft SFT against loraplane's trainer, on variable-length chat data.
 
-Numbers, not a test (performance-anchors.md §6.3 / §7 B1). Arms, each a LoRA (r=16, alpha=32, all
+Numbers, not a test (target B1, stated below). Arms, each a LoRA (r=16, alpha=32, all
 linear layers, no dropout) fine-tune of the same model on the same examples, one epoch, batch size 8,
 learning rate 1e-3 (linear decay, no warm-up), max length 512:
 
@@ -63,7 +63,7 @@ hypervisor does not show there: the interleaving and the medians have to absorb 
 
 Ratios B0/A, B/A, B/A2, B-packed/A and B-packed/B are paired per round (same round, runs seconds
 apart); the printed figure is the median over rounds with a seeded bootstrap 95% interval of that
-median (10,000 resamples of the rounds). Targets (performance-anchors.md §7 B1): B0/A >= 0.97 with
+median (10,000 resamples of the rounds). Targets (B1): B0/A >= 0.97 with
 the interval's lower bound >= 0.90; B/A >= 1.5; B/A2 >= 1.0.
 
 Dataset size matters for A2: transformers sorts within mega-batches of min(50, N/32) batches, so on
@@ -287,6 +287,7 @@ def _our_trainer(arm: str, model_dir: Path, examples: list[Example], out: Path, 
             f"training.seed={SEED}",
             "training.logging_steps=1",
             f"training.batching={BATCHING[arm]}",
+            "tracking.tensorboard=false",  # as the reference arm's report_to="none"
         ],
     )
     train = [

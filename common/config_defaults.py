@@ -11,14 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 
 def field_default(model: type[BaseModel], name: str) -> Any:
     """The default of ``model.name`` (its factory called); a field without one is a programming error."""
     field = model.model_fields[name]
-    if field.default_factory is not None:
-        return field.default_factory()  # type: ignore[call-arg]
-    if field.default is PydanticUndefined:
+    if field.is_required():
         raise KeyError(f"{model.__name__}.{name} has no default")
-    return field.default
+    return field.get_default(call_default_factory=True)

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # The training image: CUDA PyTorch plus transformers, peft, trl, bitsandbytes (QLoRA) and loraplane's
 # trainer (python -m loraplane.trainer, also under torchrun). The chart's training Job template runs it.
+# Experiment tracking: tensorboard (event files, on by default) and the MLflow client (mlflow-skinny).
 #   docker build -f docker/trainer.Dockerfile -t ghcr.io/loraplane/loraplane-trainer:0.1.0 .
 # Every Python package comes at the version requirements/lock.txt pins (constraints), so the image
 # trains with what CI tested; bitsandbytes is the one GPU-only addition.
@@ -35,7 +36,7 @@ RUN python -m pip install --no-deps . \
  && python -m pip install -c requirements/lock.txt \
       transformers peft trl datasets accelerate safetensors tokenizers numpy pydantic pyyaml httpx \
       filelock matplotlib rich typer jsonschema rouge-score kubernetes pyhelm3 openai jinja2 pyarrow \
-      huggingface-hub boto3 botocore prometheus-client \
+      huggingface-hub boto3 botocore prometheus-client tensorboard mlflow-skinny \
       "bitsandbytes==${BITSANDBYTES_VERSION}" \
  && (python -m pip uninstall -y torchvision torchaudio torchcodec || true) \
  && python -c "import loraplane.trainer.train, peft, trl"

@@ -314,13 +314,17 @@ async def evaluate_adapter(
     *,
     report_dir: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> EvalRecord:
     """Run an eval suite on ``ref``, the current ``prod`` of that adapter and the base model, side by side,
     through the live server; write the report files and store the verdict with the version.
 
     ``suite`` is a loaded suite, a suite YAML file, or a JSONL eval set (then the default suite:
     common metrics, gated on beating the base model beyond noise). A run that cannot finish writes
-    a partial report marked incomplete and records nothing in the registry.
+    a partial report marked incomplete and records nothing in the registry. When the version's
+    manifest names the MLflow run that trained it (``tracking.mlflow``), the figures and the report
+    are logged to that run too; a tracking server that fails is a warning (``on_warning``, default:
+    the log), the registry's record stands.
     """
     target = open_registry(settings).read().resolve(ref)
     transition("eval", target.state, ref=target.ref, path=target.path)  # a retired one: refused first
@@ -365,6 +369,19 @@ async def evaluate_adapter(
     )
     with open_registry(settings).transaction() as state:
         record_eval(state, entry.ref, record)  # refused if it was retired meanwhile: nothing recorded
+        evaluations = len(state.resolve(entry.ref).evals)
+    from loraplane.trainer.tracking import log_eval_to_mlflow  # light; mlflow only when a run is named
+
+    log_eval_to_mlflow(
+        entry.manifest,
+        scores=record.scores,
+        passed=record.passed,
+        suite=record.suite,
+        report=report.model_dump(mode="json"),
+        files=[files.markdown, files.png],
+        step=evaluations,
+        on_warning=on_warning,
+    )
     return record
 
 

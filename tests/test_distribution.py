@@ -22,7 +22,7 @@ from test_evals_e2e import _suite
 from loraplane import __version__
 
 CACHE = Path(os.environ.get("LORAPLANE_CACHE", Path.home() / ".cache" / "loraplane"))
-HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "vllm")
+HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "vllm", "mlflow", "tensorboard")
 # Records every attempt to import a heavy module (even one caught by the caller) into IMPORT_LOG.
 GUARD = """
 import os, sys
@@ -114,9 +114,16 @@ def test_the_wheel_metadata_declares_the_heavy_parts_as_extras(wheel_env: WheelE
     ]
     always = [r for r in requires if "extra ==" not in r]
     assert not [r for r in always if r.split("<")[0].split(">")[0].split("=")[0].strip() in HEAVY], always
-    for extra, dist in (("train", "torch"), ("train", "trl"), ("serve", "fastapi"), ("serve", "aiohttp")):
+    for extra, dist in (
+        ("train", "torch"),
+        ("train", "trl"),
+        ("train", "tensorboard"),
+        ("serve", "fastapi"),
+        ("serve", "aiohttp"),
+        ("track", "mlflow-skinny"),
+    ):
         assert any(r.startswith(dist) and f'extra == "{extra}"' in r for r in requires), (extra, dist)
-    assert 'loraplane[serve,train]; extra == "all"' in requires
+    assert 'loraplane[serve,track,train]; extra == "all"' in requires
     assert f"Version: {__version__}" in meta
     # the chart and its subcharts are package data, with NVIDIA's operator archive
     chart = "loraplane/charts/loraplane/"

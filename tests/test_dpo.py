@@ -326,6 +326,7 @@ def test_dpo_moves_the_preference_toward_chosen_and_records_it(tmp_path: Path, d
         "loss.png",
         "manifest.json",
         "metrics.jsonl",
+        "tensorboard",  # TensorBoard's event files (tracking.tensorboard, on by default)
     ]
     manifest = json.loads((adapter / "manifest.json").read_text())
     assert manifest["method"] == "dpo"

@@ -41,6 +41,7 @@ def test_published_adapter_has_weights_config_and_manifest(live: Live) -> None:
             "loss.png",
             "manifest.json",
             "metrics.jsonl",
+            "tensorboard",  # TensorBoard's event files (tracking.tensorboard, on by default)
         ]
         manifest = json.loads((path / "manifest.json").read_text())
         assert manifest["name"] == name and manifest["version"] == "v1"

@@ -61,7 +61,8 @@ def test_components_import_as_loraplane_subpackages() -> None:
 def test_cli_help_does_not_import_heavy_libraries() -> None:
     code = (
         "import sys; from loraplane.platform import cli; "
-        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'peft') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm', 'peft', 'mlflow', 'tensorboard') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

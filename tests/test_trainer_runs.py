@@ -146,6 +146,7 @@ def test_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(
         "loss.png",
         "manifest.json",
         "metrics.jsonl",
+        "tensorboard",  # TensorBoard's event files (tracking.tensorboard, on by default)
     ]
     assert (resumed / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]

@@ -6,8 +6,10 @@ with its dotted field name, the value given and what to change.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -235,6 +237,126 @@ class DpoSpec(_Strict):
     )
 
 
+MLFLOW_URI_HINT = (
+    "use the tracking server's http(s)://HOST:PORT (e.g. http://mlflow.ml.svc:5000), 'databricks' "
+    "(or databricks://PROFILE), or sqlite:////ABSOLUTE/PATH.db for a local store"
+)
+# MLflow's own tag/param key characters; its system tags (mlflow.*) and ours (loraplane.*) are reserved.
+TAG_KEY_PATTERN = re.compile(r"^[0-9A-Za-z_\-. /:]{1,250}$")
+WANDB_FORBIDDEN = set("/\\#?%:")
+
+
+class MlflowSpec(_Strict):
+    """Log the run to an MLflow tracking server (transformers' MLflowCallback), eval results too."""
+
+    uri: str = Field(
+        description="Tracking URI: http(s)://HOST:PORT of an `mlflow server`, 'databricks' / "
+        "databricks://PROFILE, or sqlite:////ABSOLUTE/PATH.db. Credentials come from MLflow's own "
+        "environment variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD), never the URI.",
+    )
+    experiment: str | None = Field(
+        default=None,
+        description="Experiment name (created when missing). Default: the adapter's name (output.name).",
+    )
+    run_name: str | None = Field(default=None, description="Run name. Default: NAME@VERSION.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags set on the run.")
+
+    @field_validator("uri")
+    @classmethod
+    def _tracking_uri(cls, v: str) -> str:
+        if re.match(r"^[A-Za-z0-9.-]+:[0-9]+(/.*)?$", v.strip()):
+            raise ValueError(f"the URI has no scheme; use http://{v.strip()} (or https://)")
+        parsed = urlsplit(v.strip())
+        scheme = parsed.scheme.lower()
+        if scheme in ("http", "https"):
+            if not parsed.hostname:
+                raise ValueError(f"no host in the URI; {MLFLOW_URI_HINT}")
+            if parsed.username or parsed.password:
+                raise ValueError(
+                    "credentials in the URI would be written into the config and the manifest; remove them "
+                    "and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in "
+                    "the trainer's environment"
+                )
+            try:
+                _ = parsed.port
+            except ValueError:
+                raise ValueError(f"the port is not a number; {MLFLOW_URI_HINT}") from None
+            return v.strip().rstrip("/")
+        if scheme == "databricks" or v.strip() == "databricks":
+            return v.strip()
+        if scheme == "sqlite":
+            if not v.startswith("sqlite:////"):
+                raise ValueError(
+                    "a relative sqlite path depends on the trainer's working directory; "
+                    "use sqlite:////ABSOLUTE/PATH.db"
+                )
+            return v
+        if scheme == "file" or (not scheme and v.strip()):
+            raise ValueError(
+                "MLflow's file store is deprecated and a bare path is not a tracking URI; " + MLFLOW_URI_HINT
+            )
+        raise ValueError(f"unsupported tracking URI scheme {scheme or '(none)'!r}; {MLFLOW_URI_HINT}")
+
+    @field_validator("experiment", "run_name")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty; remove it to get the default")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not TAG_KEY_PATTERN.match(key):
+                raise ValueError(
+                    f"tag {key!r}: use letters, digits, '_', '-', '.', ' ', '/' or ':' (at most 250)"
+                )
+            if key.startswith(("mlflow.", "loraplane.")):
+                raise ValueError(f"tag {key!r}: the prefixes 'mlflow.' and 'loraplane.' are reserved")
+        return v
+
+
+class WandbSpec(_Strict):
+    """Log the run to Weights & Biases (transformers' WandbCallback). Needs `pip install wandb` and the
+    W&B credentials (WANDB_API_KEY) in the trainer's environment; not covered by loraplane's tests."""
+
+    project: str = Field(description="W&B project.")
+    entity: str | None = Field(default=None, description="W&B team or user (default: the key's).")
+    run_name: str | None = Field(default=None, description="Run name. Default: NAME@VERSION.")
+    tags: list[str] = Field(default_factory=list, description="Tags set on the run.")
+
+    @field_validator("project")
+    @classmethod
+    def _project_name(cls, v: str) -> str:
+        bad = sorted(WANDB_FORBIDDEN & set(v))
+        if not v.strip() or len(v) > 128 or bad:
+            raise ValueError(
+                "a W&B project name is 1-128 characters without / \\ # ? % : "
+                + (f"(found {' '.join(bad)})" if bad else "")
+            )
+        return v
+
+
+class TrackingSpec(_Strict):
+    """Experiment tracking through the Trainer's own integrations (transformers' report_to)."""
+
+    tensorboard: bool = Field(
+        default=True,
+        description="Write TensorBoard event files (loss, learning rate, grad norm, eval loss per step); "
+        "published with the adapter as <version>/tensorboard/.",
+    )
+    mlflow: MlflowSpec | None = Field(
+        default=None, description="Log params, per-step metrics and the result to this MLflow server."
+    )
+    wandb: WandbSpec | None = Field(default=None, description="Log to Weights & Biases (untested).")
+
+    def report_to(self) -> list[str]:
+        """transformers' ``report_to`` for these settings."""
+        chosen = [("tensorboard", self.tensorboard), ("mlflow", self.mlflow), ("wandb", self.wandb)]
+        return [name for name, wanted in chosen if wanted]
+
+
 class TrainJobConfig(_Strict):
     method: Literal["sft", "dpo"] = Field(
         default="sft",
@@ -253,6 +375,7 @@ class TrainJobConfig(_Strict):
     dpo: DpoSpec = DpoSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()
     distributed: DistributedSpec = DistributedSpec()
+    tracking: TrackingSpec = TrackingSpec()
     output: OutputSpec
 
     @field_validator("base_adapter", mode="before")

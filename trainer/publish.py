@@ -7,6 +7,8 @@
     manifest.json                provenance: base model, dataset, config, versions, metrics, sha256
     metrics.jsonl                one line per logged step (loss, learning rate, grad norm, tokens)
     loss.png                     training (and eval) loss against the step
+    tensorboard/                 TensorBoard event files (``tracking.tensorboard``, on by default;
+                                 copied in by loraplane.trainer.tracking)
 """
 
 from __future__ import annotations

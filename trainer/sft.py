@@ -168,7 +168,9 @@ def common_args(config: TrainJobConfig, output_dir: Path, *, has_eval: bool) -> 
         "save_steps": every or 500,
         "save_total_limit": None,  # retention is ours: it never deletes the checkpoint resumed from
         "include_num_input_tokens_seen": "non_padding",
-        "report_to": "none",
+        # transformers' own integrations (TensorBoard, MLflow, W&B); loraplane.trainer.tracking sets
+        # up where they write and the runs they log to
+        "report_to": config.tracking.report_to() or "none",
         "disable_tqdm": True,
         "use_cpu": not cuda,
         "bf16": dtype == torch.bfloat16,

@@ -2,7 +2,8 @@
 
 Order of work, so that a bad input costs seconds and not GPU hours:
 
-1. the configuration (already validated), the hardware it asks for (QLoRA and FSDP need CUDA);
+1. the configuration (already validated), the MLflow tracking server it names (one quick request,
+   ``loraplane.trainer.tracking``), the hardware it asks for (QLoRA and FSDP need CUDA);
 2. the tokenizer and every data row (``loraplane.trainer.data``): any structural error stops here;
 3. the run directory: a new run, a resumable one (same base model, LoRA shape and dataset), or a
    refusal when its checkpoints belong to a different job;
@@ -44,6 +45,7 @@ from loraplane.trainer.checkpoints import (
 from loraplane.trainer.config import TrainJobConfig
 from loraplane.trainer.data import PreparedData, load_tokenizer, prepare_datasets
 from loraplane.trainer.exit_codes import DoNotRetryError, PreemptedError
+from loraplane.trainer.tracking import TENSORBOARD_DIR
 
 log = logging.getLogger("loraplane.trainer")
 
@@ -162,6 +164,7 @@ def _plan_run(config: TrainJobConfig, data: PreparedData) -> _Plan:
             hint="published versions are immutable: leave output.version unset to get the next free one",
         )
     run = new_run(out.name, version, fingerprint, digest)
+    shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)  # an earlier run's event files
     run_dir.mkdir(parents=True, exist_ok=True)
     run.save(run_dir)
     return _Plan(run, None, None)
@@ -260,10 +263,28 @@ def train_and_publish(
 
     Raises InvalidInputError (exit 2, do not retry) for bad config/data/model or a foreign run
     directory, PreemptedError (exit 75) after SIGTERM once a checkpoint is saved, and
-    LoraplaneError (exit 1) for failures a retry may fix.
+    LoraplaneError (exit 1) for failures a retry may fix. The experiment-tracking runs it started
+    (``tracking:``, loraplane.trainer.tracking) end FINISHED, KILLED (preempted) or FAILED accordingly.
     """
+    from loraplane.trainer.tracking import RunTracking
+
+    tracking = RunTracking(config, config.output.resolved_run_dir, is_main=_world()[0] == 0)
+    try:
+        published = _train_and_publish(config, tracking, on_log=on_log, handle_sigterm=handle_sigterm)
+    except BaseException as exc:
+        tracking.end(exc)
+        raise
+    tracking.end(None)
+    return published
+
+
+def _train_and_publish(
+    config: TrainJobConfig, tracking: Any, *, on_log: Any, handle_sigterm: bool
+) -> PublishedAdapter:
     rank, world_size = _world()
     is_main = rank == 0
+    # tracking's packages; on rank 0 the MLflow server must answer, before a base model is fetched
+    tracking.check()
     config = _with_local_base_model(config)
     config = _with_local_dataset(config)
     from loraplane.trainer.dpo import resolve_base_adapter
@@ -299,6 +320,8 @@ def train_and_publish(
     assert plan is not None
     if plan.published is not None:
         return plan.published
+    # rank 0: the MLflow run (reopened when this run resumes), active for the Trainer's callback
+    tracking.start(config, f"{plan.run.name}@{plan.run.version}", plan.run.run_id, data.sha256)
 
     progress = ProgressReporter(on_log, is_main=is_main)
     preemption = PreemptionHandler()
@@ -323,6 +346,7 @@ def train_and_publish(
             run_dir,
             callbacks=[progress, preemption],
         )
+    tracking.attach(trainer)  # TensorBoard event files into RUN_DIR/tensorboard, every attempt
     trainer.loraplane_run = plan.run
     trainer.loraplane_protect = plan.resume_from.path if plan.resume_from else None
     clock = _clock(plan, is_main=is_main)
@@ -391,6 +415,7 @@ def train_and_publish(
 
         metrics.update(dpo_metrics(history))
 
+    tracking.close_writers(trainer)
     final_dir = run_dir / "final"
     if is_main and final_dir.exists():
         shutil.rmtree(final_dir)
@@ -411,6 +436,7 @@ def train_and_publish(
             history,
             base_adapter=base_adapter,
             cost=cost,
+            tracking=tracking,
         )
     _barrier()
     if published is None:  # other ranks: report what rank 0 published
@@ -453,6 +479,7 @@ def _publish(
     *,
     base_adapter: Any = None,
     cost: dict[str, Any] | None = None,
+    tracking: Any = None,
 ) -> PublishedAdapter:
     from loraplane.trainer.publish import (
         build_manifest,
@@ -482,6 +509,8 @@ def _publish(
                 shutil.copyfile(final_dir / name, staging / name)
             write_metrics_jsonl(staging / "metrics.jsonl", history)
             write_loss_plot(staging / "loss.png", history, f"{run.name}@{run.version}")
+            if tracking is not None:
+                tracking.publish_tensorboard(staging)  # <version>/tensorboard/: event files
             manifest = build_manifest(
                 config,
                 version=run.version,
@@ -496,6 +525,8 @@ def _publish(
             )
             if cost is not None:
                 manifest["cost"] = cost  # GPU-seconds, tokens trained, tokens/s (loraplane.trainer.cost)
+            if tracking is not None:
+                manifest["tracking"] = tracking.manifest_record()  # event files, MLflow / W&B runs
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     except FileExistsError:
         raise LoraplaneError(
@@ -505,5 +536,8 @@ def _publish(
     run.published().save(run_dir)
     clear_checkpoints(run_dir)
     shutil.rmtree(final_dir, ignore_errors=True)
+    shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)  # published with the adapter
     log.info("published adapter", extra={"adapter": f"{run.name}@{run.version}", "path": str(target)})
+    if tracking is not None:
+        tracking.published(manifest, target)  # final metrics and the manifest to the MLflow run
     return PublishedAdapter(name=run.name, version=run.version, path=target, manifest=manifest)
