@@ -120,7 +120,12 @@ TEMPLATE = "ConfigMap/platform-loraplane-trainer-template"
         ("trainer.enabled=false", [TEMPLATE], VLLM),
         (
             "serving.enabled=false",
-            [VLLM, "Deployment/platform-loraplane-gateway", "Secret/platform-loraplane-vllm-key"],
+            [
+                VLLM,
+                "Deployment/platform-loraplane-gateway",
+                "Secret/platform-loraplane-vllm-key",
+                "ConfigMap/platform-loraplane-eval-template",
+            ],
             TEMPLATE,
         ),
     ],
@@ -332,7 +337,7 @@ SAME_NODE = {
             {
                 "key": "app.kubernetes.io/component",
                 "operator": "In",
-                "values": ["vllm", "trainer", "volume-put", "model-fetch"],
+                "values": ["vllm", "trainer", "volume-put", "model-fetch", "eval"],
             }
         ],
     },
@@ -535,9 +540,8 @@ def test_pod_templates_carry_only_stable_labels(profile: Path | None) -> None:
     for key, (owner, template) in pods.items():
         labels = template["metadata"]["labels"]
         assert set(labels) >= STABLE_POD_LABELS, key
-        assert set(labels) - STABLE_POD_LABELS <= {"loraplane.dev/adapter", "loraplane.dev/reconciler"}, (
-            f"{key}: {labels}"
-        )
+        extra = {"loraplane.dev/adapter", "loraplane.dev/reconciler", "loraplane.dev/vllm-client"}
+        assert set(labels) - STABLE_POD_LABELS <= extra, f"{key}: {labels}"
         assert labels["app.kubernetes.io/instance"] == "platform"
         for value in labels.values():
             assert chart["version"] not in value and chart["appVersion"] not in value, f"{key}: {labels}"
@@ -1526,3 +1530,100 @@ def test_the_registry_crd_keeps_reports_in_its_status_subresource() -> None:
         "resources": ["loraadapters/status"],
         "verbs": ["get", "patch"],
     } in edit["rules"]
+
+
+EVAL_TEMPLATE = "ConfigMap/platform-loraplane-eval-template"
+
+
+def test_the_eval_job_template_is_a_hardened_vllm_client_that_reads_the_volume_and_records_verdicts() -> None:
+    """`loraplane evals submit` instantiates it (platform/eval_jobs.py): `adapters eval` in a pod that
+    vLLM's NetworkPolicy admits, through vLLM's Service, with vLLM's key as a file, the volume read-only,
+    and a token that may only update LoraAdapter objects and list pods."""
+    objs = _render()
+    job = yaml.safe_load(objs[EVAL_TEMPLATE]["data"]["job.yaml"])
+    assert objs[EVAL_TEMPLATE]["metadata"]["labels"]["app.kubernetes.io/component"] == "eval-template"
+    assert job["kind"] == "Job" and job["metadata"]["labels"]["app.kubernetes.io/component"] == "eval"
+    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (1, 3600)
+    assert job["spec"]["ttlSecondsAfterFinished"] == 86400
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "eval", "operator": "In", "values": [2, 3]},
+    }
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    pod = job["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    # vLLM's NetworkPolicy admits it (the policy's second peer), and only that label is needed
+    peers = [p["podSelector"]["matchLabels"] for p in objs["NetworkPolicy/platform-loraplane-vllm"]["spec"]
+             ["ingress"][0]["from"]]  # fmt: skip
+    assert any(peer.items() <= pod["metadata"]["labels"].items() for peer in peers)
+    assert pod["metadata"]["labels"]["loraplane.dev/vllm-client"] == "true"
+    assert not objs["NetworkPolicy/platform-loraplane-eval"]["spec"].get("ingress"), "it serves nothing"
+    assert container["image"] == _vllm(objs)[2]["image"], "vLLM's image: already on its nodes"
+    assert container["command"] == [
+        "python", "-m", "loraplane.platform.cli", "adapters", "eval", "TO-BE-SET-BY-SUBMIT",
+        "--suite", "/etc/loraplane/eval/suite.yaml",
+    ]  # fmt: skip
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["LORAPLANE_SERVER_URL"] == "http://platform-loraplane-vllm.ml.svc:8000", "the Service"
+    assert env["LORAPLANE_REGISTRY"] == "kubernetes"
+    assert env["LORAPLANE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert (env["LORAPLANE_HOME"], env["LORAPLANE_ADAPTERS_ROOT"]) == ("/tmp/loraplane", "/data/adapters")
+    assert "LORAPLANE_API_KEY" not in env, "the key is a file: $LORAPLANE_HOME/serving/vllm-api-key"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert mounts["api-key"]["mountPath"] == "/tmp/loraplane/serving"
+    assert volumes["api-key"]["secret"] == {
+        "secretName": "platform-loraplane-vllm-key",
+        "items": [{"key": "api-key", "path": "vllm-api-key"}],
+    }
+    assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+    assert volumes["data"]["persistentVolumeClaim"] == {
+        "claimName": "platform-loraplane-data",
+        "readOnly": True,
+    }
+    assert volumes["suite"] == {"name": "suite", "configMap": {"name": "TO-BE-NAMED-BY-SUBMIT"}}
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert spec["securityContext"]["runAsUser"] == 10001 and spec["restartPolicy"] == "Never"
+    assert spec["serviceAccountName"] == "platform-loraplane-eval" and spec["automountServiceAccountToken"]
+    assert objs["ServiceAccount/platform-loraplane-eval"]["automountServiceAccountToken"] is False
+    assert objs["Role/platform-loraplane-eval"]["rules"] == [
+        {
+            "apiGroups": ["loraplane.dev"],
+            "resources": ["loraadapters"],
+            "verbs": ["get", "list", "watch", "update"],
+        },
+        {"apiGroups": ["loraplane.dev"], "resources": ["loraadapters/status"], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    ]
+    binding = objs["RoleBinding/platform-loraplane-eval"]
+    assert binding["roleRef"]["name"] == "platform-loraplane-eval"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "platform-loraplane-eval", "namespace": "ml"}
+    ]
+
+    # values reach it; the user's Secret and port too
+    own = _render(
+        "evals.image.repository=r/eval", "evals.image.tag=t1", "evals.image.pullPolicy=Always",
+        "serving.port=8123", "serving.apiKeySecret.name=mine", "serving.apiKeySecret.key=k",
+        "evals.podAnnotations.team=ml", "evals.activeDeadlineSeconds=0",
+    )  # fmt: skip
+    job = yaml.safe_load(own[EVAL_TEMPLATE]["data"]["job.yaml"])
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert (container["image"], container["imagePullPolicy"]) == ("r/eval:t1", "Always")
+    assert {
+        "name": "LORAPLANE_SERVER_URL",
+        "value": "http://platform-loraplane-vllm.ml.svc:8123",
+    } in container["env"]
+    secret = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["api-key"]["secret"]
+    assert secret == {"secretName": "mine", "items": [{"key": "k", "path": "vllm-api-key"}]}
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"team": "ml"}
+    assert "activeDeadlineSeconds" not in job["spec"]
+
+    for switch in ("evals.enabled=false", "serving.enabled=false"):
+        off = _render(switch)
+        assert not [k for k in off if k.endswith(("-eval", "-eval-template"))], switch

@@ -15,8 +15,9 @@ repeat its failure). Each failed step's report carries the cluster's pods, event
 3. ``loraplane upgrade`` adds ``trainer.initialRun``: the Job trains in a pod and publishes onto the
    volume, ``loraplane train register JOB`` registers the adapter from the pod's result line;
 4. ``loraplane adapters load`` puts it on both replicas; ``adapters eval`` and ``adapters promote``
-   run from outside (kubelet port-forwards); the official ``openai`` client gets the demo task's
-   answer from ``animals:prod`` through the gateway Service;
+   run from outside (kubelet port-forwards), ``evals submit --wait`` runs the evaluation again as a
+   Job in the cluster (through vLLM's Service, the verdict written by the pod); the official
+   ``openai`` client gets the demo task's answer from ``animals:prod`` through the gateway Service;
 5. one vLLM pod is deleted while requests run through the gateway: none fails, and the replacement
    is Ready only once it has loaded the promoted version;
 6. NetworkPolicy (kube-router): a pod without the client label cannot reach vLLM, a labelled one can;
@@ -463,6 +464,20 @@ def test_4_load_eval_promote_and_the_openai_client_gets_the_adapters_answer(walk
         evaluated = walk.cli("adapters", "eval", f"{TASK}@v1", "--dataset", str(suite), "-o", "json")
         record = json.loads(evaluated.stdout)
         assert record["passed"] and record["candidate_model"] == f"{TASK}@v1", record["checks"]
+        # The same evaluation in the cluster: a Job of the image next to vLLM, through its Service
+        # (the pod carries the label vLLM's NetworkPolicy admits, the key as a file), the verdict
+        # written into the registry by the pod with its own ServiceAccount; promote then gates on it.
+        started = time.monotonic()
+        submit = ["evals", "submit", f"{TASK}@v1", "--dataset", str(suite), "--wait", "--timeout", "10m"]
+        submitted = walk.cli(*submit, "-o", "json")
+        walk.timings["evals_submit_wait"] = round(time.monotonic() - started, 1)
+        answer = json.loads(submitted.stdout)
+        verdict = answer["verdict"]
+        assert answer["state"] == "Succeeded" and verdict["passed"], verdict["checks"]
+        assert verdict["endpoint"] == f"http://{FULLNAME}-vllm.{walk.ns}.svc:8000", verdict
+        (eval_pod,) = walk.node.get("-n", walk.ns, "pods", "-l", f"job-name={answer['job']}")["items"]
+        assert eval_pod["spec"]["securityContext"]["runAsUser"] == UID
+        assert eval_pod["metadata"]["labels"]["loraplane.dev/vllm-client"] == "true"
         walk.cli("adapters", "promote", f"{TASK}@v1", "--alias", "prod")
 
         from openai import OpenAI

@@ -46,15 +46,16 @@ app.kubernetes.io/part-of: loraplane
 
 {{/*
 The pod's affinity: serving.affinity, plus with global.storage.singleNode a required pod affinity on
-the node's hostname to the release's pods that mount the shared volume (vLLM, trainer, and the
-CLI's `volume put` pod): a ReadWriteOnce volume attaches to one node only. The first such pod lands
-anywhere (a pod matching its own term is schedulable while no other matches), the others follow it.
-The same term in the trainer's and serving's helpers: change both.
+the node's hostname to the release's pods that mount the shared volume (vLLM, trainer, the
+model-fetch Job, `evals submit`'s eval pods and the CLI's `volume put` pod): a ReadWriteOnce volume
+attaches to one node only. The first such pod lands anywhere (a pod matching its own term is
+schedulable while no other matches), the others follow it. The same term in the trainer's and
+serving's helpers (the eval pods use serving's volumeAffinity): change both.
 */}}
 {{- define "loraplane-serving.affinity" -}}
 {{- $affinity := deepCopy (.Values.affinity | default dict) -}}
 {{- if ((.Values.global).storage).singleNode -}}
-{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/instance" .Release.Name) "matchExpressions" (list (dict "key" "app.kubernetes.io/component" "operator" "In" "values" (list "vllm" "trainer" "volume-put" "model-fetch")))) -}}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/instance" .Release.Name) "matchExpressions" (list (dict "key" "app.kubernetes.io/component" "operator" "In" "values" (list "vllm" "trainer" "volume-put" "model-fetch" "eval")))) -}}
 {{- $pod := $affinity.podAffinity | default dict -}}
 {{- $_ := set $pod "requiredDuringSchedulingIgnoredDuringExecution" (append ($pod.requiredDuringSchedulingIgnoredDuringExecution | default list) $term) -}}
 {{- $_ := set $affinity "podAffinity" $pod -}}
@@ -128,7 +129,7 @@ podAffinity:
       labelSelector:
         matchLabels: {app.kubernetes.io/instance: {{ .Release.Name }}}
         matchExpressions:
-          - {key: app.kubernetes.io/component, operator: In, values: [vllm, trainer, volume-put, model-fetch]}
+          - {key: app.kubernetes.io/component, operator: In, values: [vllm, trainer, volume-put, model-fetch, eval]}
 {{- end -}}
 {{- end -}}
 
