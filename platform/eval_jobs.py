@@ -33,6 +33,7 @@ from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.kube import KubernetesError, api_client, api_message
 from loraplane.common.settings import Settings
 from loraplane.evals.suite import LoadedSuite, load_suite, suite_for_dataset
+from loraplane.platform.job_templates import read_job_template
 from loraplane.registry.backends import open_registry
 from loraplane.registry.model import EvalRecord
 from loraplane.registry.version_states import transition
@@ -160,24 +161,15 @@ def bundle_suite(loaded: LoadedSuite, source: str) -> SuiteBundle:
 
 
 def _template(core: Any, namespace: str, release: str) -> dict[str, Any]:
-    from kubernetes.client.exceptions import ApiException
-
-    selector = f"app.kubernetes.io/component={TEMPLATE_COMPONENT},app.kubernetes.io/instance={release}"
-    try:
-        found = core.list_namespaced_config_map(namespace, label_selector=selector).items
-    except ApiException as exc:
-        raise KubernetesError(
-            f"cannot read the evaluation template in {namespace!r}: {api_message(exc)}"
-        ) from None
-    if len(found) != 1:
-        raise InvalidInputError(
-            f"no evaluation Job template of Helm release {release!r} in namespace {namespace!r}"
-            + (f" ({len(found)} match)" if found else ""),
-            hint="install or upgrade the chart with serving.enabled=true and evals.enabled=true (the "
-            "defaults), or name the release with --release",
-        )
-    job: dict[str, Any] = yaml.safe_load(found[0].data["job.yaml"])
-    return job
+    return read_job_template(
+        core,
+        namespace,
+        release,
+        component=TEMPLATE_COMPONENT,
+        what="evaluation Job template",
+        hint="install or upgrade the chart with serving.enabled=true and evals.enabled=true (the "
+        "defaults), or name the release with --release",
+    )
 
 
 def _job_name(name: str, version: str) -> str:

@@ -1,6 +1,6 @@
 """Where a training run happens, and the whole ``train submit`` workflow as one library call.
 
-Two backends (:class:`TrainingBackend`): ``local`` runs the trainer as a process on this machine and
+Two backends (:data:`Backend`): ``local`` runs the trainer as a process on this machine and
 registers what it publishes in the local registry (``platform/training_local.py``); ``kubernetes``
 creates a Job from the release's training template (``platform/training_k8s.py``) and, when asked to
 wait, follows it and registers the version it published in the cluster's registry. Which one runs is

@@ -26,6 +26,7 @@ import yaml
 from loraplane.common.errors import ConfigError, InvalidInputError, LoraplaneError
 from loraplane.common.kube import KubernetesError, api_client, api_message
 from loraplane.common.settings import Settings
+from loraplane.platform.job_templates import read_job_template
 from loraplane.trainer.config import load_config
 from loraplane.trainer.dpo import BASE_ADAPTER_ENV, resolve_for_submit
 from loraplane.trainer.exit_codes import DO_NOT_RETRY, FAILED, PEER_LOST, PREEMPTED, SUCCESS
@@ -155,23 +156,14 @@ def _set_env(container: dict[str, Any], name: str, value: str) -> None:
 
 
 def _template(core: Any, namespace: str, release: str) -> dict[str, Any]:
-    from kubernetes.client.exceptions import ApiException
-
-    selector = f"app.kubernetes.io/component={TEMPLATE_COMPONENT},app.kubernetes.io/instance={release}"
-    try:
-        found = core.list_namespaced_config_map(namespace, label_selector=selector).items
-    except ApiException as exc:
-        raise KubernetesError(
-            f"cannot read the training template in {namespace!r}: {api_message(exc)}"
-        ) from None
-    if len(found) != 1:
-        raise InvalidInputError(
-            f"no training template of Helm release {release!r} in namespace {namespace!r}"
-            + (f" ({len(found)} match)" if found else ""),
-            hint="install the chart with trainer.enabled=true, or name the release with --release",
-        )
-    job: dict[str, Any] = yaml.safe_load(found[0].data["job.yaml"])
-    return job
+    return read_job_template(
+        core,
+        namespace,
+        release,
+        component=TEMPLATE_COMPONENT,
+        what="training template",
+        hint="install the chart with trainer.enabled=true, or name the release with --release",
+    )
 
 
 def submit_training(

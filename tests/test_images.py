@@ -84,9 +84,9 @@ def test_the_gateway_imports_in_its_image_and_the_ml_stack_does_not(rootfs: Path
         rootfs,
         "python",
         "-c",
-        "import os, loraplane.serving.gateway, loraplane.registry.kubernetes, kubernetes.client, "
+        "import os, loraplane.serving.gateway.app, loraplane.registry.kubernetes, kubernetes.client, "
         "kubernetes.config, uvicorn; "
-        "print(os.getuid(), loraplane.serving.gateway.__file__)",
+        "print(os.getuid(), loraplane.serving.gateway.app.__file__)",
     )
     assert ok.returncode == 0, ok.stderr
     uid, module = ok.stdout.split()

@@ -26,6 +26,24 @@ from loraplane.platform.cli.app import (
 from loraplane.platform.cli.release import _release_option
 
 
+def _format_option() -> Any:
+    return typer.Option(
+        None,
+        "--format",
+        help="auto (default), chat, prompt_completion or alpaca; with --method dpo: auto, preference "
+        "(prompt/chosen/rejected) or openai_preference.",
+    )
+
+
+def _method_option() -> Any:
+    return typer.Option(
+        None,
+        "--method",
+        help="sft (conversations) or dpo (preference pairs): the `method` of the runs that train on the "
+        "data; default: dpo for a preference --format, else sft.",
+    )
+
+
 @data_app.command("validate")
 @handled
 def data_validate(
@@ -46,18 +64,8 @@ def data_validate(
         False, "--trust-remote-code", help="Allow the base model's own tokenizer code."
     ),
     max_seq_length: int | None = typer.Option(None, help="Longest row in tokens (default: 1024)."),
-    data_format: str | None = typer.Option(
-        None,
-        "--format",
-        help="auto (default), chat, prompt_completion or alpaca; with --method dpo: auto, preference "
-        "(prompt/chosen/rejected) or openai_preference.",
-    ),
-    method: str | None = typer.Option(
-        None,
-        "--method",
-        help="sft (conversations) or dpo (preference pairs), as the run's `method`; default: dpo for a "
-        "preference --format, else sft.",
-    ),
+    data_format: str | None = _format_option(),
+    method: str | None = _method_option(),
     min_examples: int | None = typer.Option(None, help="Fewest usable training rows (default: 10)."),
     max_overlength_share: float | None = typer.Option(
         None, help="Share of over-length rows that may be dropped (default: 0)."
@@ -160,18 +168,8 @@ def data_push(
     name: str | None = typer.Option(None, help="Dataset name (default: from the file name)."),
     release: str = _release_option(),
     max_seq_length: int = typer.Option(1024, help="Longest row in tokens, as in the run's config."),
-    data_format: str | None = typer.Option(
-        None,
-        "--format",
-        help="auto (default), chat, prompt_completion or alpaca; with --method dpo: auto, preference "
-        "(prompt/chosen/rejected) or openai_preference.",
-    ),
-    method: str | None = typer.Option(
-        None,
-        "--method",
-        help="sft (conversations) or dpo (preference pairs): the `method` of the runs that will train on "
-        "it; default: dpo for a preference --format, else sft.",
-    ),
+    data_format: str | None = _format_option(),
+    method: str | None = _method_option(),
     revision: str | None = typer.Option(None, help="Hub revision of the base model."),
     chat_template: Path | None = typer.Option(
         None, help="Jinja chat template file (as in the run's config)."
