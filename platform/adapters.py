@@ -50,8 +50,9 @@ from loraplane.registry.model import (
 )
 from loraplane.registry.version_states import Command, transition
 from loraplane.serving.adapter_weights import verify_adapter_weights
+from loraplane.serving.capacity import require_room
 from loraplane.serving.client import VLLMAdminClient
-from loraplane.serving.limits import max_lora_rank
+from loraplane.serving.limits import adapter_capacity, max_lora_rank
 from loraplane.serving.output_probe import AdapterHasNoEffectError, require_effect
 from loraplane.serving.preflight import preflight_adapter
 from loraplane.serving.reconcile import (
@@ -262,8 +263,11 @@ async def _load_everywhere(settings: Settings, entry: AdapterVersion, urls: list
     try:
         for url in urls:
             async with VLLMAdminClient(url, api_key=settings.api_key) as client:
+                cards = await client.list_models()
                 if here:
-                    check_servable(settings, entry, served_base(await client.list_models()), url=url)
+                    check_servable(settings, entry, served_base(cards), url=url)
+                served = [c.id for c in cards if c.is_adapter]
+                require_room(served, entry.served_name, adapter_capacity(settings, url), server=url)
                 loaded = await client.load_adapter(entry.served_name, entry.path)
                 if loaded:
                     newly.append(url)

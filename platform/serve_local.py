@@ -56,6 +56,11 @@ class ServeOptions(BaseModel):
     port: int = Field(default=8080, ge=1, le=65535, description="The gateway's port (what users call).")
     vllm_port: int = Field(default=8000, ge=1, le=65535, description="vLLM's port, on 127.0.0.1 only.")
     max_loras: int = Field(default=4, ge=1)
+    max_cpu_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters the server holds at most (vLLM --max-cpu-loras); None: serving/capacity.py's.",
+    )
     max_lora_rank: int = 16
     max_model_len: int | None = Field(default=None, ge=16, description="None: the model's, at most 2048.")
     max_num_seqs: int = Field(default=16, ge=1)
@@ -115,6 +120,7 @@ def supervisor_argv(settings: Settings, opts: ServeOptions, state_file: Path) ->
         "--max-model-len", str(opts.max_model_len or model_max_len(opts.model)),
         "--max-num-seqs", str(opts.max_num_seqs), "--dtype", opts.dtype,
         "--kv-cache-gib", str(opts.kv_cache_gib),
+        *(["--max-cpu-loras", str(opts.max_cpu_loras)] if opts.max_cpu_loras else []),
         "--registry-home", str(settings.home), "--adapters-root", str(settings.adapters_dir),
         "--state-file", str(state_file), "--startup-timeout", str(opts.startup_timeout),
         "--shutdown-timeout", "5",

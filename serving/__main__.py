@@ -29,6 +29,8 @@ def _default(field: str) -> Any:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from loraplane.serving.capacity import DEFAULT_CPU_LORAS
+
     p = argparse.ArgumentParser(prog="python -m loraplane.serving", description=__doc__)
     p.add_argument(
         "--model",
@@ -48,7 +50,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=_default("port"))
     p.add_argument("--max-loras", type=int, default=_default("max_loras"))
     p.add_argument("--max-lora-rank", type=int, default=_default("max_lora_rank"))
-    p.add_argument("--max-cpu-loras", type=int)
+    p.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        help="adapters the server holds at most (vLLM's worker cache; loads beyond it are refused, "
+        f"never evicted; default: {DEFAULT_CPU_LORAS} or --max-loras when larger)",
+    )
     p.add_argument("--max-model-len", type=int, default=_default("max_model_len"))
     p.add_argument(
         "--max-num-seqs", type=int, default=_default("max_num_seqs"), help="sequences the engine runs at once"
@@ -199,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             # so that one bad adapter fails alone; without it they can only be handed over at start.
             supervised = args.runtime_lora_updating
             if not supervised:
+                from loraplane.serving.capacity import cpu_lora_capacity
                 from loraplane.serving.rehydrate import registered_modules
 
-                found = registered_modules(settings, max_lora_rank=args.max_lora_rank, base=base)
+                found = registered_modules(
+                    settings,
+                    max_lora_rank=args.max_lora_rank,
+                    base=base,
+                    capacity=cpu_lora_capacity(args.max_loras, args.max_cpu_loras),
+                )
                 modules = tuple(found.modules)
                 skipped = "".join(f"\n  not serving {name}: {why}" for name, why in found.skipped.items())
                 print(  # noqa: T201

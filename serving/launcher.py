@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraplane.common.adapter_dir import LoraRank
 from loraplane.common.errors import LoraplaneError
+from loraplane.serving.capacity import cpu_lora_capacity
 
 log = logging.getLogger("loraplane.serving")
 
@@ -85,7 +86,11 @@ class VLLMServerConfig(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     max_loras: Annotated[int, Field(ge=1)] = 4
     max_lora_rank: LoraRank = 16
-    max_cpu_loras: Annotated[int, Field(ge=1)] | None = None
+    max_cpu_loras: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Adapters vLLM's worker cache holds (--max-cpu-loras); None: serving/capacity.py's "
+        "default. loraplane never loads more, so vLLM never evicts while serving.",
+    )
     max_model_len: Annotated[int, Field(ge=16)] = 512
     max_num_seqs: Annotated[int, Field(ge=1)] = 16
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -163,7 +168,7 @@ class VLLMServerConfig(BaseModel):
                 "--max-lora-rank",
                 str(self.max_lora_rank),
                 "--max-cpu-loras",
-                str(self.max_cpu_loras or self.max_loras),
+                str(cpu_lora_capacity(self.max_loras, self.max_cpu_loras)),
             ]
         if self.tensor_parallel_size is not None:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]

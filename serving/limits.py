@@ -17,6 +17,7 @@ import os
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.settings import Settings
+from loraplane.serving.capacity import cpu_lora_capacity
 from loraplane.serving.server_state import ServerLimits, find_local_server
 
 log = logging.getLogger("loraplane.serving")
@@ -63,6 +64,13 @@ def server_limits(settings: Settings, url: str | None = None) -> ServerLimits | 
         return limits_from_args(args) if args else None
     state = find_local_server(settings.home, url or settings.server_url)
     return state.limits if state else None
+
+
+def adapter_capacity(settings: Settings, url: str | None = None) -> int | None:
+    """How many adapters the server at ``url`` holds at most (``serving/capacity.py``); None when
+    its limits are not known (a server started by hand: vLLM's own default then applies, unchecked)."""
+    limits = server_limits(settings, url)
+    return cpu_lora_capacity(limits.max_loras, limits.max_cpu_loras) if limits else None
 
 
 def max_lora_rank(settings: Settings, url: str | None = None) -> int:

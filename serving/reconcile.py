@@ -23,8 +23,9 @@ from loraplane.registry.backends import open_registry
 from loraplane.registry.model import AdapterVersion, RegistryState, mark_serving, verify_weights
 from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.base_model import BaseModelFacts, load_base_model
+from loraplane.serving.capacity import require_room
 from loraplane.serving.client import ModelCard, VLLMAdminClient
-from loraplane.serving.limits import max_lora_rank
+from loraplane.serving.limits import adapter_capacity, max_lora_rank
 from loraplane.serving.output_probe import require_effect
 from loraplane.serving.preflight import preflight_adapter
 
@@ -134,10 +135,13 @@ async def sync_replica(
     prune_unknown: bool = True,
     dry_run: bool = False,
     rank_limit: int | None = None,
+    capacity: int | None = None,
 ) -> ReplicaReport:
-    """Load what ``url`` lacks of ``wanted``; unload adapters that are not wanted. ``prune_unknown``
-    False keeps adapters that are not in ``registered`` (the served names the registry knows: another
-    registry may share the server). ``rank_limit``: the server's ``--max-lora-rank``, when known."""
+    """Unload adapters that are not wanted, then load what ``url`` lacks of ``wanted`` (in that
+    order, so that the room the unloads free is there for the loads). ``prune_unknown`` False keeps
+    adapters that are not in ``registered`` (the served names the registry knows: another registry
+    may share the server). ``rank_limit``: the server's ``--max-lora-rank``, ``capacity``: how many
+    adapters it holds at most (``serving/capacity.py``), when known; a version beyond it fails."""
     report = ReplicaReport(url=url)
     registered = registered or {e.served_name for e in wanted}
     try:
@@ -147,6 +151,19 @@ async def sync_replica(
             base = served_base(cards)
             base_name = next((c.id for c in cards if not c.is_adapter), None)
             wanted_names = {e.served_name for e in wanted}
+            holding = set(served)
+            for name in sorted(served):
+                if name in wanted_names:
+                    continue
+                if not prune_unknown and name not in registered:
+                    continue
+                try:
+                    if not dry_run:
+                        await client.unload_adapter(name)
+                    report.unloaded.append(name)
+                    holding.discard(name)
+                except LoraplaneError as exc:
+                    report.failed[name] = exc.message
             for entry in wanted:
                 name = entry.served_name
                 if name in served:
@@ -158,24 +175,16 @@ async def sync_replica(
                     report.skipped[name] = exc.message
                     continue
                 try:
+                    require_room(holding, name, capacity, server=url)
                     if not dry_run:
                         await client.load_adapter(name, entry.path)
+                        holding.add(name)
                         # one that changes nothing is unloaded again and fails (serving/output_probe.py)
                         await require_effect(client, name, base=base_name)
                     report.loaded.append(name)
                 except LoraplaneError as exc:
                     report.failed[name] = exc.message
-            for name in sorted(served):
-                if name in wanted_names:
-                    continue
-                if not prune_unknown and name not in registered:
-                    continue
-                try:
-                    if not dry_run:
-                        await client.unload_adapter(name)
-                    report.unloaded.append(name)
-                except LoraplaneError as exc:
-                    report.failed[name] = exc.message
+                    holding.discard(name)  # never loaded, or unloaded again by the probe
     except LoraplaneError as exc:
         report.error = exc.message
     return report
@@ -193,7 +202,13 @@ async def sync_replicas(
     reports = await asyncio.gather(
         *(
             sync_replica(
-                settings, u, wanted, registered=registered, prune_unknown=prune_unknown, dry_run=dry_run
+                settings,
+                u,
+                wanted,
+                registered=registered,
+                prune_unknown=prune_unknown,
+                dry_run=dry_run,
+                capacity=adapter_capacity(settings, u),
             )
             for u in urls
         )

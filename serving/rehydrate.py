@@ -28,6 +28,7 @@ from loraplane.registry.backends import open_registry
 from loraplane.registry.model import AdapterVersion, mark_load_failed, verify_weights
 from loraplane.serving.adapter_weights import verify_adapter_weights
 from loraplane.serving.base_model import BaseModelFacts
+from loraplane.serving.capacity import require_room
 from loraplane.serving.client import VLLMAdminClient
 from loraplane.serving.launcher import LoraModule
 from loraplane.serving.output_probe import require_effect
@@ -50,14 +51,15 @@ def _skip(result: Rehydration, entry: AdapterVersion, why: str) -> None:
 
 
 def registered_modules(
-    settings: Settings, *, max_lora_rank: int, base: BaseModelFacts | None = None
+    settings: Settings, *, max_lora_rank: int, base: BaseModelFacts | None = None, capacity: int | None = None
 ) -> Rehydration:
     """Every servable version in the registry (``reconcile.servable_versions``: not retired, not
     unloaded) whose files are sound (read completely) and that passes the load checks (against
-    ``base``, the model being served), oldest first: for ``--lora-modules``."""
+    ``base``, the model being served), oldest first, at most ``capacity``: for ``--lora-modules``."""
     result = Rehydration()
     for entry in servable_versions(open_registry(settings).read()):
         try:
+            require_room([m.name for m in result.modules], entry.served_name, capacity, server="this server")
             verify_weights(entry)
             info = preflight_adapter(
                 Path(entry.path), adapters_root=settings.adapters_dir, max_lora_rank=max_lora_rank, base=base
@@ -76,11 +78,13 @@ async def rehydrate_at_runtime(
     *,
     base: BaseModelFacts | None,
     server: str,
+    capacity: int | None = None,
     stop: Callable[[], bool] = lambda: False,
 ) -> Rehydration:
     """Load every servable version on the running server at ``url``, one at a time; a version that
-    fails is skipped and recorded (``server`` names this server in the record). ``stop`` is asked
-    between versions: when it says so, the rest are not tried."""
+    fails is skipped and recorded (``server`` names this server in the record), as is every version
+    beyond ``capacity`` (``serving/capacity.py``). ``stop`` is asked between versions: when it says
+    so, the rest are not tried."""
     result = Rehydration()
     wanted = servable_versions(open_registry(settings).read())
     async with VLLMAdminClient(url, api_key=settings.api_key) as client:
@@ -89,6 +93,7 @@ async def rehydrate_at_runtime(
                 break
             try:
                 check_servable(settings, entry, base)
+                require_room(result.loaded, entry.served_name, capacity, server=server)
                 await client.load_adapter(entry.served_name, entry.path)
                 await require_effect(client, entry.served_name)  # else unloaded again, and skipped
             except LoraplaneError as exc:

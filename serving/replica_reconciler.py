@@ -41,6 +41,7 @@ from loraplane.registry.kubernetes import (
     server_reports,
     state_from_objects,
 )
+from loraplane.serving.capacity import cpu_lora_capacity
 from loraplane.serving.reconcile import ReplicaReport, servable_versions, sync_replica
 from loraplane.serving.replica_metrics import ReplicaMetrics
 from loraplane.serving.server_state import ServerState
@@ -117,6 +118,7 @@ class ReplicaReconciler:
                 registered=registered | set(self._failed),
                 prune_unknown=self.prune_unknown,
                 rank_limit=self.state.limits.max_lora_rank,
+                capacity=cpu_lora_capacity(self.state.limits.max_loras, self.state.limits.max_cpu_loras),
             )
         )
         if report.error is not None:  # vLLM did not answer: nothing is known, nothing is reported

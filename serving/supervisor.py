@@ -31,6 +31,7 @@ import httpx
 
 from loraplane.common.settings import Settings
 from loraplane.serving.base_model import BaseModelFacts
+from loraplane.serving.capacity import cpu_lora_capacity
 from loraplane.serving.launcher import VLLMServerConfig, flag_value
 from loraplane.serving.process_group import ProcessGroup, start_watchdog
 from loraplane.serving.rehydrate import rehydrate_at_runtime
@@ -88,7 +89,7 @@ def supervise(
         limits=ServerLimits(
             max_lora_rank=config.max_lora_rank,
             max_loras=config.max_loras,
-            max_cpu_loras=config.max_cpu_loras,
+            max_cpu_loras=cpu_lora_capacity(config.max_loras, config.max_cpu_loras),
             max_model_len=config.max_model_len,
         ),
         adapters_root=str(settings.adapters_dir),
@@ -137,6 +138,7 @@ def supervise(
                     local_url,
                     base=base,
                     server=_server_name(),
+                    capacity=cpu_lora_capacity(config.max_loras, config.max_cpu_loras),
                     stop=stopping.is_set,
                 )
             )

@@ -38,7 +38,10 @@ def vllm_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     """One real vLLM server for the whole session, started early so it loads while adapters train."""
     config = demo_server_config(demo_model, free_port(), API_KEY)
     # vLLM's GET /load: how many generation requests its API server holds (the gateway's disconnect test)
-    config = config.model_copy(update={"extra_args": ("--enable-server-load-tracking",)})
+    # Room for every adapter the session's tests load (they share this server and rarely unload):
+    # vLLM must never evict one while serving (serving/capacity.py).
+    extra = ("--enable-server-load-tracking",)
+    config = config.model_copy(update={"extra_args": extra, "max_cpu_loras": 256})
     server = VLLMServer(config, tmp_path_factory.mktemp("vllm") / "vllm.log")
     server.start()
     yield server

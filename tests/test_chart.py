@@ -1455,7 +1455,7 @@ def test_every_engine_value_reaches_vllms_command_line(tmp_path: Path) -> None:
     gpu_share.write_text("serving: {gpuMemoryUtilization: 0.85}\n")
     assert _arg(args, "--max-num-seqs") == "256" and _arg(args, "--tensor-parallel-size") == "1"
     assert _arg(args, "--gpu-memory-utilization") == "0.9" and "--enable-prefix-caching" in args
-    assert not any(a.startswith(("--kv-cache-gib", "--max-cpu-loras")) for a in args), "unset: vLLM's own"
+    assert not any(a.startswith(("--kv-cache-gib", "--max-cpu-loras")) for a in args), "unset: ours"
     assert "--" not in args, "no extraArgs, no separator"
     _, _, tuned = _vllm(
         _render(

@@ -7,11 +7,14 @@ One real stack (a vLLM start costs about a minute here), in order:
 2. admin commands (``adapters promote``) find vLLM's key in the home, with no LORAPLANE_API_KEY;
 3. limits come from the running server: with ``--max-lora-rank 8`` a rank-16 adapter is refused at
    registration, naming the server's limit (it registered before the server ran: 16 is the default);
-4. ``kill -9`` of ``loraplane serve``: neither vLLM, its engine nor the gateway outlives it.
+4. ``--max-cpu-loras 2``: a third adapter is refused (exit 3, naming the limit and the fix) before vLLM
+   sees it, the registry unchanged; after an unload it loads;
+5. ``kill -9`` of ``loraplane serve``: neither vLLM, its engine nor the gateway outlives it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -74,7 +77,7 @@ def stack(live: Live, demo_model: Path, tmp_path: Path) -> Iterator[Stack]:
                 sys.executable, "-m", "loraplane.platform.cli", "--adapters-root", str(adapters), "serve",
                 "--model", str(demo_model), "--served-model-name", BASE, "--port", str(free_port()),
                 "--max-loras", "2", "--max-lora-rank", "8", "--max-model-len", "256", "--dtype", "float32",
-                "--kv-cache-gib", "1",
+                "--kv-cache-gib", "1", "--max-cpu-loras", "2",
             ],
             stdout=sink, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
@@ -126,7 +129,28 @@ def test_serve_gives_a_url_and_key_for_any_openai_client_and_leaves_nothing_behi
         refused.stderr.split()
     )
 
-    # 4. kill -9: the watchdogs take every process down with it.
+    # 4. Two adapters fill a server started with --max-cpu-loras 2: a third is refused before vLLM sees
+    # it (vLLM would evict one while serving), and fits once one is unloaded.
+    for n in ("v2", "v3"):
+        shutil.copytree(stack.adapters / "sentiment" / "v1", stack.adapters / "sentiment" / n)
+        path = str(stack.adapters / "sentiment" / n)
+        assert stack.cli("adapters", "register", path, "--name", "sentiment", "--version", n).returncode == 0
+    loaded = stack.cli("adapters", "load", "sentiment@v2")
+    assert loaded.returncode == 0, loaded.stderr
+    full = stack.cli("adapters", "load", "sentiment@v3")
+    said = " ".join(full.stderr.split())
+    assert full.returncode == 3, full.stderr
+    assert "cannot load sentiment@v3" in said and "--max-cpu-loras 2" in said and "adapters unload" in said
+    listed = {m.id for m in client.models.list().data}
+    assert "sentiment@v3" not in listed and {"sentiment@v1", "sentiment@v2"} <= listed
+    shown = stack.cli("adapters", "show", "sentiment", "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["adapter"]["versions"]["v3"]["state"] == "registered"
+    assert stack.cli("adapters", "unload", "sentiment@v2").returncode == 0
+    loaded = stack.cli("adapters", "load", "sentiment@v3")
+    assert loaded.returncode == 0, loaded.stderr
+
+    # 5. kill -9: the watchdogs take every process down with it.
     assert stack.proc is not None
     tree = psutil.Process(stack.proc.pid).children(recursive=True)
     names = " ".join(" ".join(p.cmdline()) for p in tree)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from loraplane.serving.capacity import DEFAULT_CPU_LORAS
 from loraplane.serving.launcher import LoraModule, VLLMServerConfig
 
 
@@ -31,7 +32,7 @@ def test_config_becomes_exact_vllm_arguments_and_environment() -> None:
     argv = config.argv(python="python")
     assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--max-lora-rank") + 1] == "8"
-    assert argv[argv.index("--max-cpu-loras") + 1] == "2"  # defaults to max_loras
+    assert argv[argv.index("--max-cpu-loras") + 1] == str(DEFAULT_CPU_LORAS)  # room beyond max_loras
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback unless told otherwise
     assert (
         argv[argv.index("--lora-modules") + 1]

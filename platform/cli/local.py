@@ -21,6 +21,7 @@ from loraplane.platform.cli.app import (
     handled,
     out,
 )
+from loraplane.serving.capacity import DEFAULT_CPU_LORAS
 
 
 @demo_app.command("build-model")
@@ -143,6 +144,11 @@ def serve(
     port: int = typer.Option(8080, help="The gateway's port: the URL users call."),
     vllm_port: int | None = typer.Option(None, help="vLLM's port (default: the port of --server-url, 8000)."),
     max_loras: int = typer.Option(4, help="Adapters in one batch (vLLM --max-loras)."),
+    max_cpu_loras: int | None = typer.Option(
+        None,
+        help="Adapters the server holds at most (vLLM --max-cpu-loras): loads beyond it are refused, never "
+        f"evicted (default: {DEFAULT_CPU_LORAS}, or --max-loras when larger).",
+    ),
     max_lora_rank: int = typer.Option(16, help="Largest adapter rank served (vLLM --max-lora-rank)."),
     max_model_len: int | None = typer.Option(
         None, help="Context length (default: the model's, at most 2048)."
@@ -181,7 +187,8 @@ def serve(
         opts = ServeOptions(
             model=model, served_model_name=served_model_name, host=host, port=port,
             vllm_port=vllm_port or urlparse(settings.server_url).port or 8000,
-            max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+            max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+            max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, dtype=dtype,
             startup_timeout=startup_timeout,
         )  # fmt: skip
