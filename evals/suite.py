@@ -272,9 +272,20 @@ def load_suite(path: Path) -> LoadedSuite:
     return _load_datasets(suite, path)
 
 
-def suite_for_dataset(dataset: Path, *, max_tokens: int = 16) -> LoadedSuite:
+PROMPT_LOGPROBS_HAZARD = (
+    "perplexity needs the prompt's log-probabilities (echo + logprobs), which vLLM 0.32 computes with the "
+    "wrong LoRA mapping: its engine dies when another request shares the batch (vllm-project/vllm#16668), "
+    "and a server in a cluster always has other requests (every pod's readiness completion, users)"
+)
+
+
+def suite_for_dataset(dataset: Path, *, max_tokens: int = 16, perplexity: bool = False) -> LoadedSuite:
     """The suite ``--dataset FILE`` means: the common metrics, gated on beating the base model and on
-    not being worse than the current prod (both beyond noise: bootstrap CIs of paired differences)."""
+    not being worse than the current prod (both beyond noise: bootstrap CIs of paired differences).
+
+    ``perplexity`` only for a server the eval has to itself (the quickstart's): it needs prompt
+    log-probabilities, which kill vLLM 0.32's engine when another request shares the batch on a
+    LoRA server (:data:`PROMPT_LOGPROBS_HAZARD`)."""
     suite = EvalSuite(
         name=dataset.stem,
         datasets=[
@@ -285,6 +296,7 @@ def suite_for_dataset(dataset: Path, *, max_tokens: int = 16) -> LoadedSuite:
                 metrics=[
                     MetricSpec(name=m)
                     for m in ("exact_match", "contains", "token_f1", "perplexity", "latency")
+                    if perplexity or m != "perplexity"
                 ],
             )
         ],

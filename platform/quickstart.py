@@ -39,6 +39,7 @@ from rich.table import Table
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.settings import Settings
+from loraplane.evals.suite import suite_for_dataset
 from loraplane.platform.adapters import evaluate_adapter, promote_adapter, register_adapter
 from loraplane.registry.backends import open_registry
 from loraplane.registry.model import EvalRecord
@@ -290,7 +291,8 @@ def run_quickstart(opts: QuickstartOptions, console: Console | None = None) -> Q
                     evaluate_adapter(
                         settings,
                         ref,
-                        eval_sets[task_name],
+                        # perplexity too: the quickstart's server serves nothing but this eval
+                        suite_for_dataset(eval_sets[task_name], perplexity=True),
                         report_dir=work / "reports",
                         on_progress=_updater(progress, bar),
                     )

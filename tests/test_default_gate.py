@@ -22,7 +22,7 @@ N = 40
 def _default_suite(tmp_path: Path) -> LoadedSuite:
     data = tmp_path / "faq.jsonl"
     data.write_text("".join(f'{{"prompt": "q{i}", "reference": "a{i}"}}\n' for i in range(N)))
-    return suite_for_dataset(data)
+    return suite_for_dataset(data, perplexity=True)
 
 
 def _report(loaded: LoadedSuite, correct: dict[str, int]) -> SuiteReport:

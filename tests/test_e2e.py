@@ -134,6 +134,8 @@ def test_quickstart_command_runs_the_whole_loop(tmp_path: Path) -> None:
     for record in result["evals"].values():
         (scores,) = record["scores"].values()
         assert record["passed"] and scores["candidate"]["exact_match"] > scores["base"]["exact_match"]
+        # the quickstart's server serves nothing but its evals: perplexity is measured (evals/suite.py)
+        assert scores["candidate"]["perplexity"] >= 1.0 and scores["base"]["perplexity"] >= 1.0
     # The demo query is an eval prompt (an unseen template): the adapter must answer with one of its
     # task's labels; how often it is right is what the evals above measure.
     assert result["answer"] in set(TASKS[winner].answers.values())

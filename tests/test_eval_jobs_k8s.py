@@ -335,11 +335,18 @@ def test_bad_submissions_are_refused_before_anything_is_created(
     local = release.cli("evals", "submit", f"{adapter}@v1", "--suite", str(suite), registry="local")
     assert local.returncode == 2 and "in a Kubernetes cluster" in local.stderr
     assert f"loraplane adapters eval {adapter}@v1 --suite FILE" in local.stderr
+    ppl_suite = tmp_path / "ppl.yaml"
+    with_ppl = yaml.safe_load(suite.read_text())
+    with_ppl["datasets"][0]["metrics"].append("perplexity")
+    ppl_suite.write_text(yaml.safe_dump(with_ppl))
+    perplexity = release.cli("evals", "submit", f"{adapter}@v1", "--suite", str(ppl_suite))
+    said = " ".join(perplexity.stderr.split())
+    assert perplexity.returncode == 2 and "ask for perplexity" in said and "vllm#16668" in said, said
     unknown_job = release.cli("evals", "status", "eval-nothing-v1-abcde")
     assert unknown_job.returncode == 2 and "no evaluation Job 'eval-nothing-v1-abcde'" in unknown_job.stderr
 
     assert release.cluster.kubectl("-n", release.ns, "get", "jobs,configmaps", "-o", "name").stdout == before
-    for result in (unknown, no_version, missing, neither, too_big, other, local, unknown_job):
+    for result in (unknown, no_version, missing, neither, too_big, other, local, perplexity, unknown_job):
         assert "Traceback" not in result.stderr
 
 

@@ -217,7 +217,9 @@ GATEWAY_KEY = "evals-gateway-client-key"
 
 
 @contextmanager
-def gateway_with_prod(live: Live, tmp_path: Path) -> Iterator[tuple[str, str]]:
+def gateway_with_prod(
+    live: Live, tmp_path: Path, *, allow_prompt_logprobs: bool = False
+) -> Iterator[tuple[str, str]]:
     """A registry of the test's own (the sentiment adapter as NAME@v1 = NAME:prod, loaded) and a
     gateway over it in front of the session's vLLM server: yields (the gateway's URL, NAME)."""
     settings = live.settings.model_copy(update={"home": tmp_path / "state"})
@@ -227,7 +229,11 @@ def gateway_with_prod(live: Live, tmp_path: Path) -> Iterator[tuple[str, str]]:
     register_adapter(settings, copy, name=name, version="v1")
     asyncio.run(promote_adapter(settings, f"{name}@v1", force=True, reason="evals through the gateway"))
     config = GatewayConfig(
-        upstream=live.server.url, home=settings.home, api_keys=(GATEWAY_KEY,), upstream_api_key=API_KEY
+        upstream=live.server.url,
+        home=settings.home,
+        api_keys=(GATEWAY_KEY,),
+        upstream_api_key=API_KEY,
+        allow_prompt_logprobs=allow_prompt_logprobs,
     )
     with serve(create_app(config)) as url:
         yield url, name
@@ -248,11 +254,13 @@ def _evals_run(
 
 
 def test_perplexity_evals_run_through_the_gateway(live: Live, tmp_path: Path) -> None:
-    """`loraplane evals run` against the gateway: /tokenize goes through it, behind the client's key,
-    with the alias resolved; the perplexity equals the one computed on the server directly."""
+    """`loraplane evals run` against a gateway that forwards prompt log-probabilities
+    (``--allow-prompt-logprobs``, for a server an eval has to itself): /tokenize goes through it,
+    behind the client's key, with the alias resolved; the perplexity equals the one computed on the
+    server directly. A gateway without the flag refuses them (test_gateway_e2e.py)."""
     examples = _first_lines(live.eval_sets["sentiment"], 6, tmp_path / "six.jsonl")
     suite = _suite(tmp_path, "sentiment", examples, {"max_score": {"perplexity": 1000.0}})
-    with gateway_with_prod(live, tmp_path) as (url, name):
+    with gateway_with_prod(live, tmp_path, allow_prompt_logprobs=True) as (url, name):
         proc = _evals_run(suite, f"{url}/v1", f"{name}:prod", GATEWAY_KEY, tmp_path / "r")
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(proc.stdout)

@@ -249,6 +249,56 @@ def _vllm_requests_in_flight(live: Live) -> int:
     return int(reply.json()["server_load"])
 
 
+def test_prompt_logprobs_are_refused_while_other_requests_run_and_the_server_stays_up(
+    gw: Gw, live: Live
+) -> None:
+    """echo + logprobs (and vLLM's prompt_logprobs) kill vLLM 0.32's engine when they share a batch on
+    a LoRA server (serving/gateway/refused_params.py): the gateway answers 400 and never forwards them,
+    even while another client's generation is running."""
+    name = gw.name
+    asyncio.run(promote_adapter(gw.settings, f"{name}@v1", force=True, reason="prompt logprobs"))
+    client = gw.client()
+    stop = threading.Event()
+    answered: list[str] = []
+
+    def busy() -> None:  # the other traffic a shared server always has
+        other = gw.client()
+        while not stop.is_set():
+            answered.append(ask(other, name)[1])
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        soon(lambda: len(answered) >= 2, "the other client's answers")
+        echo = functools.partial(
+            client.completions.create, prompt="The movie was", max_tokens=0, echo=True, logprobs=0
+        )
+        asks: list[Callable[[], object]] = [functools.partial(echo, model=m) for m in (BASE, name)]
+        asks.append(
+            functools.partial(
+                client.chat.completions.create,
+                model=name,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=1,
+                extra_body={"prompt_logprobs": 1},
+            )
+        )
+        for refused_request in asks:
+            with pytest.raises(openai.BadRequestError) as refused:
+                refused_request()
+            assert refused.value.code == "unsupported_parameter"
+            assert "vllm-project/vllm#16668" in refused.value.message
+        n = len(answered)
+        soon(lambda: len(answered) >= n + 2, "the other client's answers after the refusals")
+    finally:
+        stop.set()
+        worker.join(DEADLINE_S)
+    assert set(answered) == {"positive"}
+    assert http().get(f"{live.server.url}/health").status_code == 200
+    plain = client.completions.create(model=name, prompt="The movie was", max_tokens=2, logprobs=1)
+    assert plain.choices[0].logprobs is not None, "logprobs of generated tokens still go through"
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_client_disconnect_makes_vllm_abort_the_generation(
     gw: Gw, live: Live, request: pytest.FixtureRequest, stream: bool

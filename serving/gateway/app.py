@@ -125,6 +125,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         keys=KeyChecker(k.get_secret_value() for k in config.api_keys),
         metrics=metrics,
         max_body_bytes=config.max_body_bytes,
+        allow_prompt_logprobs=config.allow_prompt_logprobs,
     )
     if not config.api_keys:
         log.warning("the gateway runs WITHOUT authentication (--allow-unauthenticated): anyone can call it")
@@ -257,6 +258,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-keys-file", type=Path, help="client API keys, one per line (# comments)")
     p.add_argument("--upstream-api-key-file", type=Path, help="vLLM's --api-key (else LORAPLANE_API_KEY)")
     p.add_argument("--allow-unauthenticated", action="store_true", help="run without client API keys")
+    p.add_argument(
+        "--allow-prompt-logprobs",
+        action="store_true",
+        help="forward echo + logprobs and prompt_logprobs requests (refused by default: they kill vLLM "
+        "0.32's engine when they share a batch on a LoRA server; only for a server with no other traffic)",
+    )
     p.add_argument("--host", default=field_default(GatewayConfig, "host"))
     p.add_argument("--port", type=int, default=field_default(GatewayConfig, "port"))
     p.add_argument(

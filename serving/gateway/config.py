@@ -44,6 +44,12 @@ class GatewayConfig(BaseModel):
     api_keys: tuple[SecretStr, ...] = Field(default=(), description="Keys clients may send as Bearer.")
     upstream_api_key: SecretStr | None = Field(default=None, description="vLLM's --api-key.")
     allow_unauthenticated: bool = Field(default=False, description="Required to run without api_keys.")
+    allow_prompt_logprobs: bool = Field(
+        default=False,
+        description="Forward requests for prompt log-probabilities (echo + logprobs, prompt_logprobs). "
+        "vLLM 0.32's engine dies when one shares a batch on a LoRA server (gateway/refused_params.py): "
+        "only for a server that serves nothing else, e.g. one an eval has to itself.",
+    )
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     registry_check_interval_s: Annotated[float, Field(ge=0, le=1)] = Field(
@@ -122,6 +128,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Ga
         "api_keys": api_keys,
         "upstream_api_key": load_upstream_key(args.upstream_api_key_file, environ),
         "allow_unauthenticated": args.allow_unauthenticated,
+        "allow_prompt_logprobs": args.allow_prompt_logprobs,
         "host": args.host,
         "port": args.port,
         "upstream_timeout_s": args.upstream_timeout,

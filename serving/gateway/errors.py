@@ -47,6 +47,10 @@ class BadRequestError(GatewayError):
     error_type = "invalid_request_error"
 
 
+class UnsupportedParameterError(BadRequestError):
+    code = "unsupported_parameter"
+
+
 class BodyTooLargeError(GatewayError):
     status = 413
     error_type = "invalid_request_error"

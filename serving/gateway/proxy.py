@@ -35,6 +35,7 @@ from loraplane.serving.gateway.errors import (
 )
 from loraplane.serving.gateway.metrics import GatewayMetrics
 from loraplane.serving.gateway.models import ModelResolver, Target
+from loraplane.serving.gateway.refused_params import refuse_prompt_logprobs
 from loraplane.serving.gateway.upstream import (
     UPSTREAM_ERRORS,
     UpstreamAnswer,
@@ -184,8 +185,10 @@ class Proxy:
         keys: KeyChecker,
         metrics: GatewayMetrics,
         max_body_bytes: int,
+        allow_prompt_logprobs: bool = False,
     ) -> None:
         self.upstream = upstream
+        self.allow_prompt_logprobs = allow_prompt_logprobs
         self.resolver = resolver
         self.keys = keys
         self.metrics = metrics
@@ -208,6 +211,8 @@ class Proxy:
             requested = body.get("model")
             if not isinstance(requested, str) or not requested:
                 raise BadRequestError("you must provide a model parameter (a string)")
+            if not self.allow_prompt_logprobs:
+                refuse_prompt_logprobs(route, body)
             user = body.get("user")
             target = await self.resolver.resolve(requested, user=user if isinstance(user, str) else None)
             model, served = target.requested, target.served
