@@ -64,6 +64,10 @@ class Settings(BaseModel):
         default_factory=lambda: os.environ.get("LORAPLANE_NAMESPACE", "default"),
         description="Kubernetes namespace (default: default).",
     )
+    release: str = Field(
+        default_factory=lambda: os.environ.get("LORAPLANE_RELEASE", "platform"),
+        description="Helm release whose vLLM pods serve the adapters (default: platform).",
+    )
     kubeconfig: Path | None = Field(default=None, description="Kubeconfig file (default: ~/.kube/config).")
     kube_context: str | None = Field(default=None, description="Kubeconfig context (default: current).")
 

@@ -22,7 +22,6 @@ or a server whose template cannot be known here, is registered with a warning: n
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,7 +70,7 @@ def served_base_model(settings: Settings) -> ServedBase | str:
         from loraplane.serving.launcher import flag_value
         from loraplane.serving.replicas import vllm_container_args
 
-        release = os.environ.get("LORAPLANE_RELEASE", "platform")
+        release = settings.release
         try:
             args = vllm_container_args(settings, release=release)
         except LoraplaneError as exc:

@@ -29,6 +29,7 @@ def _default(field: str) -> Any:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from loraplane.common.settings import Settings
     from loraplane.serving.capacity import DEFAULT_CPU_LORAS
 
     p = argparse.ArgumentParser(prog="python -m loraplane.serving", description=__doc__)
@@ -100,7 +101,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="registry backend to rehydrate from (default: local with --registry-home; kubernetes reads "
         "LoraAdapter objects in --namespace with the pod's service account)",
     )
-    p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
+    p.add_argument("--namespace", default=field_default(Settings, "namespace"))
     p.add_argument("--adapters-root", type=Path, help="adapters root (default: REGISTRY_HOME/adapters)")
     p.add_argument(
         "--state-file",

@@ -13,7 +13,6 @@ When neither is known (a server started by hand), ``settings.max_lora_rank`` app
 from __future__ import annotations
 
 import logging
-import os
 
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.settings import Settings
@@ -57,7 +56,7 @@ def server_limits(settings: Settings, url: str | None = None) -> ServerLimits | 
         from loraplane.serving.replicas import vllm_container_args
 
         try:
-            args = vllm_container_args(settings, release=os.environ.get("LORAPLANE_RELEASE", "platform"))
+            args = vllm_container_args(settings, release=settings.release)
         except LoraplaneError as exc:
             log.info("cannot read the vLLM pods' limits", extra={"why": exc.message})
             return None

@@ -53,13 +53,16 @@ class NotReady(Exception):
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from loraplane.common.config_defaults import field_default
+    from loraplane.common.settings import Settings
+
     p = argparse.ArgumentParser(prog="python -m loraplane.serving.readiness", description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the vLLM server")
     p.add_argument("--api-key-file", type=Path, help="file holding vLLM's API key (default: $VLLM_API_KEY)")
     p.add_argument("--base-model", required=True, help="served name of the base model")
     p.add_argument("--registry-home", type=Path, help="local registry: require its servable adapters")
     p.add_argument("--registry", choices=("local", "kubernetes"), help="registry backend")
-    p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
+    p.add_argument("--namespace", default=field_default(Settings, "namespace"))
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for all checks")
     p.add_argument(
         "--adapters-root",

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loraplane.common.config_defaults import field_default
 from loraplane.common.errors import LoraplaneError
 from loraplane.common.settings import Settings
 from loraplane.registry.kubernetes import (
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     p.add_argument("--url", required=True, help="the vLLM server (its admin routes)")
     p.add_argument("--pod", default=os.environ.get("POD_NAME"), help="this server's name in the reports")
-    p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
+    p.add_argument("--namespace", default=field_default(Settings, "namespace"))
     p.add_argument("--kubeconfig", type=Path, help="default: the pod's service account, else KUBECONFIG")
     p.add_argument("--api-key-file", type=Path, help="file holding vLLM's API key (default: $VLLM_API_KEY)")
     p.add_argument("--adapters-root", type=Path, required=True, help="adapters must live under it")

@@ -32,7 +32,7 @@ def replica_urls(settings: Settings) -> list[str]:
     if settings.server_urls:
         return list(settings.server_urls)
     if settings.registry == "kubernetes" and in_cluster(settings):
-        pods = list_vllm_pods(settings, release=os.environ.get("LORAPLANE_RELEASE", "platform"))
+        pods = list_vllm_pods(settings, release=settings.release)
         if pods:
             return pods
     return [settings.server_url]

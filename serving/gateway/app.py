@@ -251,10 +251,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--registry",
         choices=("local", "kubernetes"),
-        default=os.environ.get("LORAPLANE_REGISTRY", "local"),
+        default=field_default(Settings, "registry"),
         help="local: HOME/registry.json; kubernetes: LoraAdapter objects in --namespace (polled)",
     )
-    p.add_argument("--namespace", default=os.environ.get("LORAPLANE_NAMESPACE", "default"))
+    p.add_argument("--namespace", default=field_default(Settings, "namespace"))
     p.add_argument("--api-keys-file", type=Path, help="client API keys, one per line (# comments)")
     p.add_argument("--upstream-api-key-file", type=Path, help="vLLM's --api-key (else LORAPLANE_API_KEY)")
     p.add_argument("--allow-unauthenticated", action="store_true", help="run without client API keys")
