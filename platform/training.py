@@ -114,3 +114,37 @@ def train(
         settings, published_result(settings, run.job), job=run.job
     )
     return outcome
+
+
+@dataclass
+class RunStatus:
+    """``train status``: the Job's state and, once it succeeded, what was registered from it."""
+
+    status: Any  # training_k8s.TrainingStatus
+    registered: AdapterVersion | None = None
+    created: bool = False
+    register_error: str | None = None  # the status stands; the next call tries again
+
+    def registered_dict(self) -> dict[str, Any] | None:
+        if self.register_error is not None:
+            return {"error": self.register_error}
+        if self.registered is None:
+            return None
+        return {"ref": self.registered.ref, "path": self.registered.path, "new": self.created}
+
+
+def training_run_status(settings: Settings, job: str, *, register: bool = True) -> RunStatus:
+    """The state of the cluster's training Job ``job``; a succeeded run's adapter is registered
+    (once: a later call finds it registered) unless ``register`` is False. A registration that fails
+    leaves the status standing, with the reason in ``register_error``."""
+    from loraplane.platform.training_k8s import published_result, register_published, training_status
+
+    result = RunStatus(training_status(settings, job))
+    if register and result.status.state == "Succeeded":
+        try:
+            result.registered, result.created = register_published(
+                settings, published_result(settings, job), job=job
+            )
+        except LoraplaneError as exc:
+            result.register_error = str(exc)
+    return result

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,15 +17,16 @@ from loraplane.platform.cli.app import (
     _output_option,
     _print_report,
     _progress_bar,
-    _run,
     _settings,
     err,
     evals_app,
+    handled,
     out,
 )
 
 
 @evals_app.command("run")
+@handled
 def evals_run(
     suite: Path = typer.Argument(..., help="Eval suite YAML."),
     endpoint: str | None = typer.Option(
@@ -56,55 +55,41 @@ def evals_run(
       loraplane evals run suite.yaml -e http://127.0.0.1:8000/v1 -m support-bot@v3 --base my-base
     """
 
-    def body() -> None:
-        from datetime import UTC, datetime
+    from loraplane.evals.suite import load_suite
+    from loraplane.platform.suite_runs import run_suite_on_endpoint
 
-        from loraplane.evals.render import write_report
-        from loraplane.evals.runner import SuiteIncompleteError, run_suite
-        from loraplane.evals.suite import load_suite
-
-        loaded = load_suite(suite)
-        key = None
-        if api_key_env is not None:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise InvalidInputError(f"--api-key-env {api_key_env}: that environment variable is not set")
-        models = {
-            "candidate": candidate,
-            **({"prod": prod} if prod else {}),
-            **({"base": base} if base else {}),
-        }
-        stem = f"{loaded.suite.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
-        if endpoint is not None:
-            reach: contextlib.AbstractContextManager[str] = contextlib.nullcontext(endpoint)
-        elif _settings().registry == "kubernetes":
-            from loraplane.platform.portforward import service_url
-
-            reach = service_url(_settings(), "gateway")
-        else:
-            raise InvalidInputError(
-                "--endpoint URL is required", hint="e.g. -e http://127.0.0.1:8000/v1 (vLLM or the gateway)"
-            )
-        try:
-            with reach as url, _progress_bar("requests") as progress:
-                base_url = url if endpoint is not None else f"{url}/v1"
-                report = asyncio.run(run_suite(loaded, base_url, models, api_key=key, on_progress=progress))
-        except SuiteIncompleteError as exc:
-            files = write_report(exc.report, report_dir, stem + "-INCOMPLETE")
-            raise LoraplaneError(str(exc), hint=f"partial report: {files.markdown}") from None
-        files = write_report(report, report_dir, stem)
-        if output == "json":
-            out.print_json(files.json.read_text())
-        else:
-            _print_report(report)
-            out.print(f"report: {files.markdown}, {files.png}, {files.json}")
-        if check and report.gate is not None and not report.gate.passed:
-            raise typer.Exit(ExitCode.REFUSED)
-
-    _run(body)
+    loaded = load_suite(suite)
+    key = None
+    if api_key_env is not None:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise InvalidInputError(f"--api-key-env {api_key_env}: that environment variable is not set")
+    models = {
+        "candidate": candidate,
+        **({"prod": prod} if prod else {}),
+        **({"base": base} if base else {}),
+    }
+    with _progress_bar("requests") as progress:
+        report, files = run_suite_on_endpoint(
+            _settings(),
+            loaded,
+            models,
+            endpoint=endpoint,
+            api_key=key,
+            report_dir=report_dir,
+            on_progress=progress,
+        )
+    if output == "json":
+        out.print_json(files.json.read_text())
+    else:
+        _print_report(report)
+        out.print(f"report: {files.markdown}, {files.png}, {files.json}")
+    if check and report.gate is not None and not report.gate.passed:
+        raise typer.Exit(ExitCode.REFUSED)
 
 
 @evals_app.command("validate")
+@handled
 def evals_validate(
     suite: Path = typer.Argument(..., help="Eval suite YAML."),
     output: str = _output_option(),
@@ -114,32 +99,29 @@ def evals_validate(
     Example: loraplane evals validate evals/support.yaml
     """
 
-    def body() -> None:
-        from loraplane.evals.suite import load_suite
+    from loraplane.evals.suite import load_suite
 
-        loaded = load_suite(suite)
-        gate = loaded.suite.gate
-        if output == "json":
-            datasets = {
-                name: {
-                    "path": str(path),
-                    "examples": len(examples),
-                    "metrics": next(d for d in loaded.suite.datasets if d.name == name).figures(),
-                }
-                for name, (path, examples) in loaded.datasets.items()
+    loaded = load_suite(suite)
+    gate = loaded.suite.gate
+    if output == "json":
+        datasets = {
+            name: {
+                "path": str(path),
+                "examples": len(examples),
+                "metrics": next(d for d in loaded.suite.datasets if d.name == name).figures(),
             }
-            rules = [{"rule": r, "key": k, "threshold": t} for r, k, t in gate.rules()] if gate else []
-            summary = {"suite": loaded.suite.name, "datasets": datasets, "gate": rules}
-            out.print_json(json.dumps(summary))
-            return
-        for name, (path, examples) in loaded.datasets.items():
-            spec = next(d for d in loaded.suite.datasets if d.name == name)
-            out.print(f"{name}: {len(examples)} examples from {path}; metrics: {', '.join(spec.figures())}")
-        out.print(
-            f"gate: {len(gate.rules())} rules" if gate else "gate: none (promote will refuse without --force)"
-        )
-
-    _run(body)
+            for name, (path, examples) in loaded.datasets.items()
+        }
+        rules = [{"rule": r, "key": k, "threshold": t} for r, k, t in gate.rules()] if gate else []
+        summary = {"suite": loaded.suite.name, "datasets": datasets, "gate": rules}
+        out.print_json(json.dumps(summary))
+        return
+    for name, (path, examples) in loaded.datasets.items():
+        spec = next(d for d in loaded.suite.datasets if d.name == name)
+        out.print(f"{name}: {len(examples)} examples from {path}; metrics: {', '.join(spec.figures())}")
+    out.print(
+        f"gate: {len(gate.rules())} rules" if gate else "gate: none (promote will refuse without --force)"
+    )
 
 
 # --- in the cluster: a Job next to vLLM (platform/eval_jobs.py) -------------------------------------
@@ -176,6 +158,7 @@ def _print_verdict(record: Any) -> None:
 
 
 @evals_app.command("submit")
+@handled
 def evals_submit(
     ref: str = typer.Argument(..., help="NAME@VERSION or NAME:ALIAS (resolved now)."),
     suite: Path | None = typer.Option(
@@ -204,41 +187,39 @@ def evals_submit(
       loraplane --registry kubernetes -n ml evals status eval-support-bot-v4-x7k2p
     """
 
-    def body() -> None:
-        from loraplane.platform.eval_jobs import finished_verdict, submit_eval, wait_for_eval
+    from loraplane.platform.eval_jobs import finished_verdict, submit_eval, wait_for_eval
 
-        settings = _settings()
-        run = submit_eval(settings, ref, suite=suite, dataset=dataset, release=release)
-        result: dict[str, Any] = run.to_dict()
-        where = f"loraplane --registry kubernetes -n {run.namespace}"
-        if not wait:
-            if output == "json":
-                out.print_json(json.dumps(result))
-                return
-            out.print(
-                f"submitted {run.job} ({run.ref}, suite {run.suite}) in namespace {run.namespace}",
-                highlight=False,
-            )
-            out.print(f"follow it: {where} evals status {run.job}", highlight=False)
-            out.print(f"its log:   kubectl -n {run.namespace} logs job/{run.job} -f", highlight=False)
-            return
-        if output != "json":
-            err.print(f"submitted {run.job} ({run.ref}); waiting for it to finish", highlight=False)
-        status = wait_for_eval(settings, run.job, timeout=timeout)
-        record = finished_verdict(settings, status)
+    settings = _settings()
+    run = submit_eval(settings, ref, suite=suite, dataset=dataset, release=release)
+    result: dict[str, Any] = run.to_dict()
+    where = f"loraplane --registry kubernetes -n {run.namespace}"
+    if not wait:
         if output == "json":
-            out.print_json(
-                json.dumps({**result, "state": status.state, "verdict": record.model_dump(mode="json")})
-            )
-        else:
-            _print_verdict(record)
-        if record.checks and not record.passed:
-            raise typer.Exit(ExitCode.REFUSED)
-
-    _run(body)
+            out.print_json(json.dumps(result))
+            return
+        out.print(
+            f"submitted {run.job} ({run.ref}, suite {run.suite}) in namespace {run.namespace}",
+            highlight=False,
+        )
+        out.print(f"follow it: {where} evals status {run.job}", highlight=False)
+        out.print(f"its log:   kubectl -n {run.namespace} logs job/{run.job} -f", highlight=False)
+        return
+    if output != "json":
+        err.print(f"submitted {run.job} ({run.ref}); waiting for it to finish", highlight=False)
+    status = wait_for_eval(settings, run.job, timeout=timeout)
+    record = finished_verdict(settings, status)
+    if output == "json":
+        out.print_json(
+            json.dumps({**result, "state": status.state, "verdict": record.model_dump(mode="json")})
+        )
+    else:
+        _print_verdict(record)
+    if record.checks and not record.passed:
+        raise typer.Exit(ExitCode.REFUSED)
 
 
 @evals_app.command("status")
+@handled
 def evals_status(
     job: str = typer.Argument(..., help="Job name printed by evals submit."),
     output: str = _output_option(),
@@ -249,35 +230,32 @@ def evals_status(
     Example: loraplane --registry kubernetes -n ml evals status eval-support-bot-v4-x7k2p
     """
 
-    def body() -> None:
-        from rich.table import Table
+    from rich.table import Table
 
-        from loraplane.platform.eval_jobs import eval_status, finished_verdict
+    from loraplane.platform.eval_jobs import eval_status, finished_verdict
 
-        settings = _settings()
-        status = eval_status(settings, job)
-        record, problem = None, None
-        if status.state != "Running":
-            try:
-                record = finished_verdict(settings, status)
-            except LoraplaneError as exc:
-                problem = str(exc)
-        if output == "json":
-            verdict = record.model_dump(mode="json") if record is not None else None
-            out.print_json(json.dumps({**status.to_dict(), "verdict": verdict, "error": problem}))
-            return
-        why = f": {status.reason}: {status.message}" if status.reason else ""
-        out.print(f"{status.job} ({status.ref}, suite {status.suite}): {status.state}{why}", highlight=False)
-        table = Table()
-        for col in ("pod", "phase", "exit code", "meaning"):
-            table.add_column(col)
-        for pod in status.pods:
-            code = "" if pod.exit_code is None else str(pod.exit_code)
-            table.add_row(pod.name, pod.phase, code, pod.meaning or "")
-        out.print(table)
-        if problem is not None:
-            out.print(_escape(problem), highlight=False)
-        if record is not None:
-            _print_verdict(record)
-
-    _run(body)
+    settings = _settings()
+    status = eval_status(settings, job)
+    record, problem = None, None
+    if status.state != "Running":
+        try:
+            record = finished_verdict(settings, status)
+        except LoraplaneError as exc:
+            problem = str(exc)
+    if output == "json":
+        verdict = record.model_dump(mode="json") if record is not None else None
+        out.print_json(json.dumps({**status.to_dict(), "verdict": verdict, "error": problem}))
+        return
+    why = f": {status.reason}: {status.message}" if status.reason else ""
+    out.print(f"{status.job} ({status.ref}, suite {status.suite}): {status.state}{why}", highlight=False)
+    table = Table()
+    for col in ("pod", "phase", "exit code", "meaning"):
+        table.add_column(col)
+    for pod in status.pods:
+        code = "" if pod.exit_code is None else str(pod.exit_code)
+        table.add_row(pod.name, pod.phase, code, pod.meaning or "")
+    out.print(table)
+    if problem is not None:
+        out.print(_escape(problem), highlight=False)
+    if record is not None:
+        _print_verdict(record)

@@ -15,7 +15,6 @@ from loraplane.platform.cli.app import (
     _duration_option,
     _escape,
     _output_option,
-    _run,
     _settings,
     app,
     err,
@@ -153,6 +152,7 @@ def _render_release(values: list[Path] | None, sets: list[str], release: str, ch
 
 
 @app.command()
+@handled
 def install(
     values: list[Path] | None = typer.Option(None, "--values", "-f", help=_VALUES_HELP),
     sets: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
@@ -194,42 +194,39 @@ def install(
     if dry_run and gpu_operator:
         raise typer.BadParameter("--dry-run renders this chart only; --gpu-operator installs another release")
 
-    def body() -> None:
-        from loraplane.platform.helm_release import GpuOperator, install_gpu_operator
+    from loraplane.platform.helm_release import GpuOperator, install_gpu_operator
 
-        if dry_run:
-            _render_release(values, [*_gpu_mode_sets(gpu_mode, label=False), *(sets or [])], release, chart)
-            return
-        mode_sets = _gpu_mode_sets(gpu_mode)
-        operator_info = None
-        if gpu_operator:
-            operator = GpuOperator(
-                repo=gpu_operator_repo,
-                version=gpu_operator_version or None,
-                namespace=gpu_operator_namespace,
-            )
-            operator_info = install_gpu_operator(_settings(), operator, wait=wait, timeout=timeout)
-            if output != "json":
-                _print_release("installed", operator_info, output)
-        info = _deploy(
-            upgrade=False,
-            values=values,
-            sets=[*mode_sets, *(sets or [])],
-            release=release,
-            chart=chart,
-            wait=wait,
-            timeout=timeout,
+    if dry_run:
+        _render_release(values, [*_gpu_mode_sets(gpu_mode, label=False), *(sets or [])], release, chart)
+        return
+    mode_sets = _gpu_mode_sets(gpu_mode)
+    operator_info = None
+    if gpu_operator:
+        operator = GpuOperator(
+            repo=gpu_operator_repo,
+            version=gpu_operator_version or None,
+            namespace=gpu_operator_namespace,
         )
-        if output == "json":
-            both = {"release": info.to_dict()}
-            if operator_info is not None:
-                both["gpu_operator"] = operator_info.to_dict()
-            out.print_json(json.dumps(both))
-            return
-        _print_release("installed", info, output)
-        out.print(f"next: loraplane -n {info.namespace} status", highlight=False)
-
-    _run(body)
+        operator_info = install_gpu_operator(_settings(), operator, wait=wait, timeout=timeout)
+        if output != "json":
+            _print_release("installed", operator_info, output)
+    info = _deploy(
+        upgrade=False,
+        values=values,
+        sets=[*mode_sets, *(sets or [])],
+        release=release,
+        chart=chart,
+        wait=wait,
+        timeout=timeout,
+    )
+    if output == "json":
+        both = {"release": info.to_dict()}
+        if operator_info is not None:
+            both["gpu_operator"] = operator_info.to_dict()
+        out.print_json(json.dumps(both))
+        return
+    _print_release("installed", info, output)
+    out.print(f"next: loraplane -n {info.namespace} status", highlight=False)
 
 
 @app.command()

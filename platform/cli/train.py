@@ -150,20 +150,14 @@ def train_status(
 
     from rich.table import Table
 
-    from loraplane.platform.training_k8s import training_status
+    from loraplane.platform.training import training_run_status
 
     settings = _cluster_settings()
-    status = training_status(settings, job)
-    registered: dict[str, Any] | None = None
-    manifest: dict[str, Any] | None = None
-    if register and status.state == "Succeeded":
-        try:
-            entry, created = _register_run(settings, job)
-            registered = {"ref": entry.ref, "path": entry.path, "new": created}
-            manifest = entry.manifest
-        except LoraplaneError as exc:  # the status stands; registering is retried by the next call
-            registered = {"error": str(exc)}
-            err.print(f"[yellow]warning:[/] not registered: {_escape(str(exc))}", highlight=False)
+    run = training_run_status(settings, job, register=register)
+    status, registered = run.status, run.registered_dict()
+    manifest = run.registered.manifest if run.registered is not None else None
+    if run.register_error is not None:
+        err.print(f"[yellow]warning:[/] not registered: {_escape(run.register_error)}", highlight=False)
     progress = _training_progress(settings, job)
     cost = _training_cost(settings, job, status.state, manifest)
     if output == "json":
