@@ -37,7 +37,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraplane.common.errors import ConfigError, format_validation_error
+from loraplane.common.errors import ConfigError, InvalidInputError, format_validation_error
 from loraplane.evals.dataset import EvalExample, load_eval_set
 from loraplane.evals.metrics import FIGURES, LATENCY_FIGURES, figures_for
 
@@ -277,6 +277,19 @@ PROMPT_LOGPROBS_HAZARD = (
     "wrong LoRA mapping: its engine dies when another request shares the batch (vllm-project/vllm#16668), "
     "and a server in a cluster always has other requests (every pod's readiness completion, users)"
 )
+
+
+def refuse_perplexity_on_shared_servers(loaded: LoadedSuite, source: str, where: str) -> None:
+    """Raise :class:`InvalidInputError` when ``loaded`` asks for perplexity and runs ``where`` (a server
+    with other traffic: a cluster's vLLM pods)."""
+    with_perplexity = [d.name for d in loaded.suite.datasets if d.wants("perplexity")]
+    if with_perplexity:
+        raise InvalidInputError(
+            f"{source}: datasets {', '.join(with_perplexity)} ask for perplexity, which {where} cannot "
+            f"measure safely: {PROMPT_LOGPROBS_HAZARD}",
+            hint="drop perplexity from the suite's metrics there; measure it with loraplane evals run "
+            "-e URL against a vLLM server that serves nothing else",
+        )
 
 
 def suite_for_dataset(dataset: Path, *, max_tokens: int = 16, perplexity: bool = False) -> LoadedSuite:

@@ -19,7 +19,12 @@ from loraplane.common.errors import ExitCode, InvalidInputError, LoraplaneError
 from loraplane.common.settings import Settings
 from loraplane.evals.render import write_report
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
-from loraplane.evals.suite import LoadedSuite, load_suite, suite_for_dataset
+from loraplane.evals.suite import (
+    LoadedSuite,
+    load_suite,
+    refuse_perplexity_on_shared_servers,
+    suite_for_dataset,
+)
 from loraplane.platform.convergence import (
     DEFAULT_TIMEOUT_S,
     ReplicasDidNotConvergeError,
@@ -336,6 +341,12 @@ async def evaluate_adapter(
         loaded = suite_for_dataset(suite) if suite.suffix in (".jsonl", ".json") else load_suite(suite)
     else:
         loaded = suite
+    if settings.registry == "kubernetes":  # the release's vLLM pods: readiness completions, users
+        refuse_perplexity_on_shared_servers(
+            loaded,
+            str(suite) if isinstance(suite, Path) else loaded.suite.name,
+            f"an eval against release {settings.release!r}",
+        )
     report_dir = report_dir or settings.home / "reports"
     entry = await load_adapter(settings, ref)
     models = {"candidate": entry.served_name}

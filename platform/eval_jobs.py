@@ -32,7 +32,12 @@ import yaml
 from loraplane.common.errors import InvalidInputError, LoraplaneError
 from loraplane.common.kube import KubernetesError, api_client, api_message
 from loraplane.common.settings import Settings
-from loraplane.evals.suite import PROMPT_LOGPROBS_HAZARD, LoadedSuite, load_suite, suite_for_dataset
+from loraplane.evals.suite import (
+    LoadedSuite,
+    load_suite,
+    refuse_perplexity_on_shared_servers,
+    suite_for_dataset,
+)
 from loraplane.platform.job_templates import read_job_template
 from loraplane.registry.backends import open_registry
 from loraplane.registry.model import EvalRecord
@@ -202,14 +207,8 @@ def submit_eval(
     if (suite is None) == (dataset is None):
         raise InvalidInputError("give exactly one of --suite FILE or --dataset FILE")
     loaded = load_suite(suite) if suite is not None else suite_for_dataset(dataset)  # type: ignore[arg-type]
-    with_perplexity = [d.name for d in loaded.suite.datasets if d.wants("perplexity")]
-    if with_perplexity:  # the Job talks to the release's vLLM pods, never a server of its own
-        raise InvalidInputError(
-            f"{suite or dataset}: datasets {', '.join(with_perplexity)} ask for perplexity, which an "
-            f"evaluation Job cannot measure safely: {PROMPT_LOGPROBS_HAZARD}",
-            hint="drop perplexity from the suite's metrics for an in-cluster eval; measure it with "
-            "loraplane evals run against a vLLM server that serves nothing else",
-        )
+    # the Job talks to the release's vLLM pods, never a server of its own
+    refuse_perplexity_on_shared_servers(loaded, str(suite or dataset), "an evaluation Job")
     entry = open_registry(settings).read().resolve(ref)
     transition("eval", entry.state, ref=entry.ref, path=entry.path)  # a retired version: refused here
     bundle = bundle_suite(loaded, str(suite or dataset))

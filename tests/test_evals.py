@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from loraplane.common.errors import ConfigError
+from loraplane.common.errors import ConfigError, InvalidInputError
 from loraplane.common.jsonl import DatasetError
 from loraplane.evals import stats
 from loraplane.evals.dataset import load_eval_set
@@ -25,7 +25,12 @@ from loraplane.evals.metrics import json_schema_scorer, json_valid, regex_scorer
 from loraplane.evals.render import to_markdown
 from loraplane.evals.report import Comparison, DatasetReport, Estimate, ModelRun, SuiteReport
 from loraplane.evals.runner import SuiteIncompleteError, run_suite
-from loraplane.evals.suite import GatePolicy, load_suite
+from loraplane.evals.suite import (
+    GatePolicy,
+    load_suite,
+    refuse_perplexity_on_shared_servers,
+    suite_for_dataset,
+)
 
 # --- suites -----------------------------------------------------------------------------------------
 
@@ -302,3 +307,19 @@ def test_a_failed_request_is_counted_and_too_many_make_the_suite_an_error(tmp_pa
         _run(path, _openai(lambda p: "a" + p[1:], bad_two))
     assert not info.value.report.complete
     assert "**INCOMPLETE**" in to_markdown(info.value.report)
+
+
+def test_perplexity_is_left_out_of_the_default_suite_and_refused_where_the_server_is_shared(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "faq.jsonl"
+    data.write_text('{"prompt": "q", "reference": "a"}\n')
+    assert "perplexity" not in suite_for_dataset(data).suite.datasets[0].figures()
+    assert "perplexity" in suite_for_dataset(data, perplexity=True).suite.datasets[0].figures()
+    refuse_perplexity_on_shared_servers(suite_for_dataset(data), "faq.jsonl", "an evaluation Job")
+    path = _write_suite(tmp_path, _suite(["exact_match", "perplexity"]))
+    with pytest.raises(InvalidInputError) as refused:
+        refuse_perplexity_on_shared_servers(load_suite(path), str(path), "an evaluation Job")
+    said = refused.value.message
+    assert said.startswith(f"{path}: datasets qa ask for perplexity, which an evaluation Job cannot")
+    assert "vllm-project/vllm#16668" in said and refused.value.hint and "evals run" in refused.value.hint
