@@ -84,7 +84,7 @@ def load_spec(
 ) -> PipelineSpec:
     """Read and check both files (the same checks as ``train submit`` and ``evals run``) and the values
     that go into the steps' scripts (names, a URL: nothing a shell would read as more than a word)."""
-    from loraplane.evals.suite import load_suite
+    from loraplane.evals.suite import load_suite, refuse_perplexity_on_shared_servers
     from loraplane.platform.training_k8s import check_cluster_paths
     from loraplane.trainer.config import load_config
 
@@ -118,7 +118,9 @@ def load_spec(
             f"{train_config}: output.name is not set",
             hint="name the adapter the pipeline trains (output.name)",
         )
-    load_suite(suite)  # its datasets too: every line checked, errors name file and line
+    loaded = load_suite(suite)  # its datasets too: every line checked, errors name file and line
+    # the evaluate step runs adapters eval against the release's vLLM pods, which refuses perplexity
+    refuse_perplexity_on_shared_servers(loaded, str(suite), "a pipeline's evaluate step")
     return PipelineSpec(
         # one line of JSON (YAML reads it): kfp copies defaults into a comment header line by line
         train_config=json.dumps(yaml.safe_load(train_config.read_text()), separators=(",", ":")),

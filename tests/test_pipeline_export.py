@@ -204,6 +204,7 @@ def test_the_kfp_file_compiles_with_the_real_kfp_compiler(tmp_path: Path) -> Non
         ({"train": {"dataset": {"path": "data/train.jsonl"}}}, "dataset.path: 'data/train.jsonl'"),
         ({"args": ["--alias", "$(id)"]}, "--alias '$(id)': not a Kubernetes name"),
         ({"args": ["--vllm-url", "http://x;id"]}, "--vllm-url 'http://x;id': not an http(s) URL"),
+        ({"metrics": ["exact_match", "perplexity"]}, "ask for perplexity, which a pipeline's evaluate step"),
     ],
 )
 def test_bad_inputs_are_refused_and_nothing_is_written(
@@ -216,6 +217,10 @@ def test_bad_inputs_are_refused_and_nothing_is_written(
         train.write_text(yaml.safe_dump(config))
     if "eval" in edit:
         (tmp_path / "eval.jsonl").write_text(edit["eval"])
+    if "metrics" in edit:
+        raw = yaml.safe_load(suite.read_text())
+        raw["datasets"][0]["metrics"] = edit["metrics"]
+        suite.write_text(yaml.safe_dump(raw))
     out = tmp_path / "wf.yaml"
     argv = [
         sys.executable,
