@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key-file", type=Path, help="file holding vLLM's API key (default: $VLLM_API_KEY)")
     p.add_argument("--adapters-root", type=Path, required=True, help="adapters must live under it")
     p.add_argument("--max-lora-rank", type=int, required=True, help="the server's --max-lora-rank")
+    p.add_argument("--max-loras", type=int, default=1, help="the server's --max-loras")
+    p.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        help="the server's --max-cpu-loras (default: loraplane's, serving/capacity.py); no more are loaded",
+    )
     p.add_argument("--state-file", type=Path, required=True, help="where to write what this server serves")
     p.add_argument("--resync", type=int, default=RESYNC_S, help="seconds between full lists")
     p.add_argument(
@@ -274,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         url=args.url,
         model="",
         served_model_name="",
-        limits=ServerLimits(max_lora_rank=args.max_lora_rank, max_loras=1, max_model_len=0),
+        limits=ServerLimits(
+            max_lora_rank=args.max_lora_rank,
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            max_model_len=0,
+        ),
         adapters_root=str(settings.adapters_dir),
         phase="loading",
     )

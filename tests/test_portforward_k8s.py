@@ -48,6 +48,9 @@ def platform_ns(k8s_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) 
         "tolerations": TOLERATE_GPU,
         "apiKeySecret": {"name": "vllm-key", "key": "api-key"},
         "rehydrate": False,
+        # The session's vLLM server behind these pods holds every test's adapters (conftest): the
+        # chart's args are how the CLI knows a server's cache, so they must describe that server.
+        "maxCpuLoras": 256,
     }
     # One gateway pod (the chart's default is 2): the tests below name the pod a port-forward reaches.
     values.write_text(yaml.safe_dump({"serving": serving, "gateway": {"replicas": 1}}))

@@ -127,6 +127,8 @@ def watched(
                 str(live.settings.adapters_dir),
                 "--max-lora-rank",
                 "8",
+                "--max-cpu-loras",  # the session server's (conftest): it holds every test's adapters
+                "256",
                 "--state-file",
                 str(states[pod]),
                 "--keep-unknown",
